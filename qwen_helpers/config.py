@@ -1,0 +1,145 @@
+"""Argument dataclasses for every command and notebook, ready for ``HfArgumentParser``.
+
+Each field carries its help text; ``__post_init__`` rejects bad combinations with a sentence that
+says what to do. The training arguments subclass ``transformers.TrainingArguments``, so every
+Trainer flag works on the command line, with the seed's defaults and the kit's precision policy.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class ModelArguments:
+    """Which base model to load, and how (precision is decided by the training arguments)."""
+
+    model_path: str = field(
+        default="tiny",
+        metadata={"help": "A local Qwen folder or hub id (Qwen1.5/2/2.5/3), or 'tiny' for the embedded tiny Qwen."},
+    )
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base in 4-bit with bitsandbytes (QLoRA)."})
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(
+        default="nf4", metadata={"help": "4-bit data type: nf4 (normal float, QLoRA's choice) or fp4."}
+    )
+    bnb_4bit_use_double_quant: bool = field(
+        default=True, metadata={"help": "Quantise the quantisation constants too (saves ~0.4 bit per weight)."}
+    )
+    bnb_4bit_compute_dtype: Literal["auto", "float16", "bfloat16", "float32"] = field(
+        default="auto", metadata={"help": "dtype of 4-bit matmuls; auto follows --fp16/--bf16 (fp32 on CPU)."}
+    )
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "Attention kernel: sdpa (PyTorch's fused attention), eager, or flash_attention_2."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the training data is and how it becomes tokens."""
+
+    data_path: str = field(default="data/train.json", metadata={"help": "Training data: JSON array or JSONL of records."})
+    eval_data_path: str | None = field(default=None, metadata={"help": "Optional evaluation data in the same format."})
+    max_length: int = field(default=512, metadata={"help": "Longest example in tokens (prompt + answer)."})
+    overflow: Literal["drop", "truncate_prompt"] = field(
+        default="drop",
+        metadata={"help": "What to do with longer examples: drop them, or cut the start of the prompt. Counted either way."},
+    )
+    instruction_field: str = field(default="instruction", metadata={"help": "Record key holding the instruction."})
+    input_field: str = field(default="input", metadata={"help": "Record key holding the optional input."})
+    output_field: str = field(default="output", metadata={"help": "Record key holding the answer."})
+    system_field: str = field(default="system", metadata={"help": "Record key holding an optional system prompt."})
+
+    def __post_init__(self):
+        if self.max_length < 16:
+            raise ValueError(f"--max_length {self.max_length} is too small for a chat-formatted example; use 128 or more.")
+
+    def field_map(self):
+        from .data import FieldMap
+
+        return FieldMap(self.instruction_field, self.input_field, self.output_field, self.system_field)
+
+
+@dataclass
+class LoraArguments:
+    """LoRA hyperparameters, with the seed's defaults (r=8, alpha=32, dropout 0.05 on q/k/v)."""
+
+    lora_r: int = field(default=8, metadata={"help": "Rank of the update matrices: capacity of the adapter."})
+    lora_alpha: int = field(default=32, metadata={"help": "Scale of the update is alpha / r (here 4)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input; 0.05-0.1 for small data."})
+    target_modules: str = field(
+        default="q_proj,k_proj,v_proj",
+        metadata={"help": "Comma-separated module names to adapt, or 'all-linear' (every linear layer but lm_head)."},
+    )
+
+    def __post_init__(self):
+        if self.lora_r < 1:
+            raise ValueError(f"--lora_r must be at least 1, got {self.lora_r}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+
+    def target_module_list(self) -> list[str] | str:
+        if self.target_modules.strip() == "all-linear":
+            return "all-linear"
+        return [name.strip() for name in self.target_modules.split(",") if name.strip()]
+
+
+@dataclass
+class PromptTuningArguments:
+    """Soft prompt hyperparameters, with the seed's defaults (20 virtual tokens initialised from "分类任务：")."""
+
+    num_virtual_tokens: int = field(default=20, metadata={"help": "Length of the learned soft prompt."})
+    prompt_tuning_init: Literal["TEXT", "RANDOM"] = field(
+        default="TEXT", metadata={"help": "Start from the embeddings of --prompt_init_text (TEXT) or at random."}
+    )
+    prompt_init_text: str = field(default="分类任务：", metadata={"help": "Text whose token embeddings initialise the prompt."})
+    task: Literal["auto", "generation", "classification"] = field(
+        default="auto", metadata={"help": "classification evaluates by label scoring; auto detects it from the data."}
+    )
+    labels: str | None = field(default=None, metadata={"help": "Comma-separated label set; default: the training outputs."})
+
+    def __post_init__(self):
+        if self.num_virtual_tokens < 1:
+            raise ValueError(f"--num_virtual_tokens must be at least 1, got {self.num_virtual_tokens}.")
+        if self.prompt_tuning_init == "TEXT" and not self.prompt_init_text.strip():
+            raise ValueError("--prompt_tuning_init TEXT needs a non-empty --prompt_init_text (or use RANDOM).")
+
+
+@dataclass
+class KitTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with the kit's defaults and its precision policy applied before validation."""
+
+    output_dir: str = field(default="outputs/lora", metadata={"help": "Where the adapter and run files go."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into a non-empty output folder (its old files are replaced)."}
+    )
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate (seed: 3e-4 for LoRA)."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Passes over the training data."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Examples per step per device."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Examples per evaluation step per device."})
+    warmup_steps: float = field(default=0.03, metadata={"help": "Warm-up: a fraction of the steps (<1) or a count."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    logging_steps: float = field(default=1, metadata={"help": "Log the loss every N steps."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to write resumable checkpoints (adapter only)."})
+    save_total_limit: int | None = field(default=1, metadata={"help": "Keep only the last N checkpoints."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping; lower it if the loss spikes."})
+    precision_notice: str = field(default="", init=False, repr=False)
+
+    def __post_init__(self):
+        from .modeling import apply_precision_policy
+
+        self.precision_notice = apply_precision_policy(self)
+        super().__post_init__()
+
+
+def to_json_dict(*configs) -> dict:
+    """Merge dataclass configs into one JSON-ready dict (the effective configuration saved with each adapter)."""
+    merged = {}
+    for config in configs:
+        values = config.to_dict() if isinstance(config, TrainingArguments) else asdict(config)
+        merged.update({key: value for key, value in values.items() if not key.startswith("_")})
+    merged["cwd"] = os.getcwd()
+    return merged

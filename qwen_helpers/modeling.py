@@ -1,0 +1,221 @@
+"""Load the base model and tokenizer, decide precision in one place, quantise to 4-bit, check target modules."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .tiny import resolve_model_path
+
+MIN_BITSANDBYTES = "0.48.0"  # first release whose 4-bit quantisation and Linear4bit run on a CPU
+
+
+def device_type() -> str:
+    """'cuda' when a CUDA GPU is visible, else 'cpu' (the kit's two supported devices)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def apply_precision_policy(args) -> str:
+    """Decide fp16 / bf16 / fp32 for a TrainingArguments-like object, in place; return a notice for the log.
+
+    - CUDA + fp16: base weights fp16, trainable weights fp32 (peft upcasts adapters), autocast + loss scaling.
+    - CUDA + bf16: needs a GPU with bf16 (Ampere or newer); otherwise a clear error.
+    - CPU: fp16/bf16 fall back to fp32 (fp16 matmuls on CPU are slow and the Trainer refuses bf16 there).
+    """
+    if not (args.fp16 or args.bf16):
+        return "precision: fp32"
+    if args.fp16 and args.bf16:
+        raise ValueError("Pass only one of --fp16 True and --bf16 True.")
+    asked = "fp16" if args.fp16 else "bf16"
+    if device_type() != "cuda" or getattr(args, "use_cpu", False):
+        args.fp16 = args.bf16 = False
+        return f"precision: fp32 (--{asked} True asked, but there is no CUDA GPU: mixed precision needs one, so training runs in fp32)"
+    if args.bf16 and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"--bf16 True: {torch.cuda.get_device_name()} has no bf16 support (it needs an Ampere or newer GPU). "
+            "Use --fp16 True instead (and keep --max_grad_norm 1.0)."
+        )
+    return f"precision: {asked} mixed (base weights {asked}, trainable weights fp32, autocast{' + loss scaling' if args.fp16 else ''}) on {torch.cuda.get_device_name()}"
+
+
+def base_dtype(args) -> torch.dtype:
+    """dtype of the frozen base weights under the precision policy (call after :func:`apply_precision_policy`)."""
+    if args.fp16:
+        return torch.float16
+    if args.bf16:
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(model_path: str = "tiny"):
+    """Load the tokenizer, with a pad token and right padding for training (left padding is set for generation)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_path))
+    if tokenizer.pad_token is None:  # Qwen1.5 base checkpoints ship without one
+        tokenizer.pad_token = "<|endoftext|>"
+    if tokenizer.chat_template is None:  # base (non-instruct) Qwen checkpoints
+        from .tiny import chat_template
+
+        tokenizer.chat_template = chat_template()
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def check_bitsandbytes(quant_type: str = "nf4") -> None:
+    """Raise a clear error when 4-bit loading cannot work here: bitsandbytes missing, too old, or fp4 on CPU."""
+    from packaging.version import Version
+
+    try:
+        version = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        raise ImportError(
+            "4-bit loading (--load_in_4bit / train_qlora) needs bitsandbytes, which is not installed. "
+            f"Install it with `pip install 'bitsandbytes>={MIN_BITSANDBYTES}'` (it runs on CPU and CUDA)."
+        ) from None
+    if Version(version) < Version(MIN_BITSANDBYTES):
+        raise ImportError(
+            f"4-bit loading needs bitsandbytes >= {MIN_BITSANDBYTES} (CPU support); found {version}. "
+            f"Upgrade with `pip install -U 'bitsandbytes>={MIN_BITSANDBYTES}'`."
+        )
+    if quant_type == "fp4" and device_type() == "cpu":
+        raise ValueError(
+            "--bnb_4bit_quant_type fp4 is not implemented by bitsandbytes' CPU backend; use nf4 on a CPU "
+            "(it is also the better choice for normally distributed weights)."
+        )
+
+
+def build_quantization_config(model_args, compute_dtype: torch.dtype):
+    """The ``BitsAndBytesConfig`` for 4-bit loading; ``compute_dtype`` follows the precision policy unless set."""
+    from transformers import BitsAndBytesConfig
+
+    check_bitsandbytes(model_args.bnb_4bit_quant_type)
+    if model_args.bnb_4bit_compute_dtype != "auto":
+        compute_dtype = getattr(torch, model_args.bnb_4bit_compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model_args.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def load_base_model(model_path: str = "tiny", dtype: torch.dtype = torch.float32, quantization_config=None,
+                    attn_implementation: str = "sdpa", device_map=None):
+    """Load a causal LM for training or inference: ``AutoModelForCausalLM`` with dtype, optional 4-bit, on the device."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(model_path)
+    if quantization_config is not None and device_map is None:
+        device_map = {"": _local_device()}
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, quantization_config=quantization_config, attn_implementation=attn_implementation, device_map=device_map
+    )
+    if quantization_config is None and device_map is None:
+        model.to(_local_device())
+    if device_type() == "cpu":
+        tune_cpu_allocator()
+    return model
+
+
+def tune_cpu_allocator() -> None:
+    """Keep freed memory in glibc's heap instead of returning it to the OS after every step.
+
+    CPU training of a 151,936-word vocabulary allocates and frees logits of hundreds of MB per step;
+    by default glibc maps and unmaps each one, and the page faults cost about a third of the step time.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl or another libc: nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1))
+    libc.mallopt(m_mmap_threshold, ctypes.c_int(2**31 - 1))
+
+
+def _local_device() -> str:
+    """This process's device: its own GPU under torchrun/accelerate (LOCAL_RANK), else cuda:0 or cpu."""
+    if device_type() == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def linear_module_names(model) -> list[str]:
+    """Sorted short names of the model's linear layers (``q_proj``, ``gate_proj``, ...), lm_head excluded."""
+    linear_types = (torch.nn.Linear,)
+    try:
+        import bitsandbytes as bnb
+
+        linear_types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    except ImportError:
+        pass
+    names = {name.split(".")[-1] for name, module in model.named_modules() if isinstance(module, linear_types)}
+    return sorted(names - {"lm_head", "score"})
+
+
+def check_target_modules(model, target_modules) -> None:
+    """Raise a clear error when a requested LoRA target is not a linear layer of this model."""
+    if target_modules == "all-linear":
+        return
+    available = linear_module_names(model)
+    unknown = [name for name in target_modules if name not in available]
+    if unknown:
+        hint = " (c_attn is Qwen1's fused attention; Qwen1.5 and later use q_proj,k_proj,v_proj)" if "c_attn" in unknown else ""
+        raise ValueError(
+            f"--target_modules: {', '.join(unknown)} not found in {type(model).__name__}{hint}. "
+            f"Its linear layers are: {', '.join(available)}. Use some of these, or 'all-linear'."
+        )
+
+
+@dataclass
+class ParameterCount:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+
+
+def count_parameters(model) -> ParameterCount:
+    """Trainable and total parameters, counting 4-bit packed weights at their real (unpacked) size."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+        return ParameterCount(trainable, total)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
+    return ParameterCount(trainable, total)
+
+
+def folder_size(path: str | os.PathLike, pattern: str = "*") -> int:
+    """Bytes on disk of the files matching ``pattern`` directly inside ``path``."""
+    return sum(file.stat().st_size for file in Path(path).glob(pattern) if file.is_file())
+
+
+def base_weights_size(model_path: str) -> int | None:
+    """Bytes of a local checkpoint's weight files (None for a hub id not in a local folder)."""
+    path = Path(resolve_model_path(model_path))
+    if not path.is_dir():
+        return None
+    return folder_size(path, "*.safetensors") + folder_size(path, "*.bin")
+
+
+def human_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{size:.1f} GiB"

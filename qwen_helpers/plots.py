@@ -1,0 +1,67 @@
+"""Matplotlib figures for the notebooks and commands. Each function returns a Figure; nothing here calls show()."""
+
+from __future__ import annotations
+
+import matplotlib
+
+if matplotlib.get_backend().lower() not in {"module://matplotlib_inline.backend_inline", "inline"}:
+    matplotlib.use("Agg")  # headless commands and CI; notebooks keep their inline backend
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+
+def plot_loss(history: list[dict], title: str = "Training loss") -> Figure:
+    """Training (and, when logged, evaluation) loss against the optimiser step."""
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    train = [(record["step"], record["loss"]) for record in history if "loss" in record]
+    evaluation = [(record["step"], record["eval_loss"]) for record in history if "eval_loss" in record]
+    if train:
+        axes.plot(*zip(*train), label="train", marker=".")
+    if evaluation:
+        axes.plot(*zip(*evaluation), label="eval", marker="o")
+    axes.set(xlabel="step", ylabel="loss (nats per trained token)", title=title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+def plot_length_histogram(lengths_by_name: dict[str, list[int]], max_length: int | None = None) -> Figure:
+    """Histogram of token lengths per dataset, with the max_length cut-off marked."""
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    for name, lengths in lengths_by_name.items():
+        axes.hist(lengths, bins=30, alpha=0.6, label=f"{name} (n={len(lengths)})")
+    if max_length:
+        axes.axvline(max_length, color="red", linestyle="--", label=f"max_length={max_length}")
+    axes.set(xlabel="tokens per example (prompt + answer)", ylabel="examples", title="Token lengths")
+    axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+def plot_confusion_matrix(matrix, labels: list[str], title: str = "Confusion matrix") -> Figure:
+    """A labelled confusion matrix (rows: true label, columns: predicted)."""
+    plt.rcParams["font.sans-serif"] = ["Noto Sans CJK SC", "WenQuanYi Zen Hei", "SimHei", "DejaVu Sans"]
+    figure, axes = plt.subplots(figsize=(4, 3.5))
+    image = axes.imshow(matrix, cmap="Blues")
+    axes.set_xticks(range(len(labels)), labels=labels)
+    axes.set_yticks(range(len(labels)), labels=labels)
+    for row in range(len(labels)):
+        for column in range(len(labels)):
+            axes.text(column, row, int(matrix[row][column]), ha="center", va="center")
+    axes.set(xlabel="predicted", ylabel="true", title=title)
+    figure.colorbar(image, ax=axes)
+    figure.tight_layout()
+    return figure
+
+
+def plot_bars(values_by_name: dict[str, float], ylabel: str, title: str) -> Figure:
+    """A simple bar chart (benchmark memory/throughput, metric comparisons)."""
+    figure, axes = plt.subplots(figsize=(max(4, 1.2 * len(values_by_name)), 3.5))
+    names = list(values_by_name)
+    bars = axes.bar(names, [values_by_name[name] for name in names])
+    axes.bar_label(bars, fmt="%.3g")
+    axes.set(ylabel=ylabel, title=title)
+    axes.tick_params(axis="x", rotation=30)
+    figure.tight_layout()
+    return figure
