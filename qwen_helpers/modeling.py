@@ -26,12 +26,15 @@ def apply_precision_policy(args) -> str:
     - CUDA + bf16: needs a GPU with bf16 (Ampere or newer); otherwise a clear error.
     - CPU: fp16/bf16 fall back to fp32 (fp16 matmuls on CPU are slow and the Trainer refuses bf16 there).
     """
+    on_cpu = device_type() != "cuda" or getattr(args, "use_cpu", False)
+    if on_cpu:
+        args.dataloader_pin_memory = False  # pinned memory only helps copies to a GPU
     if not (args.fp16 or args.bf16):
         return "precision: fp32"
     if args.fp16 and args.bf16:
         raise ValueError("Pass only one of --fp16 True and --bf16 True.")
     asked = "fp16" if args.fp16 else "bf16"
-    if device_type() != "cuda" or getattr(args, "use_cpu", False):
+    if on_cpu:
         args.fp16 = args.bf16 = False
         return f"precision: fp32 (--{asked} True asked, but there is no CUDA GPU: mixed precision needs one, so training runs in fp32)"
     if args.bf16 and not torch.cuda.is_bf16_supported():

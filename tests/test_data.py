@@ -1,0 +1,121 @@
+"""Loading, validation, chat formatting, label masks and collation."""
+
+import json
+
+import pytest
+
+from qwen_helpers.data import (
+    IGNORE_INDEX,
+    DataValidationError,
+    FieldMap,
+    format_prompt,
+    label_set,
+    length_stats,
+    load_records,
+    make_collator,
+    tokenize_example,
+    tokenize_records,
+)
+
+RECORD = {"instruction": "翻译为英文", "input": "你好", "output": "Hello"}
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_labels_mask_exactly_the_prompt(tokenizer):
+    example = tokenize_example(tokenizer, RECORD)
+    prompt_ids = tokenizer(format_prompt(tokenizer, RECORD), add_special_tokens=False)["input_ids"]
+    ids, labels = example["input_ids"], example["labels"]
+    assert ids[: len(prompt_ids)] == prompt_ids
+    assert labels[: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
+    trained = labels[len(prompt_ids) :]
+    assert trained == ids[len(prompt_ids) :] and IGNORE_INDEX not in trained
+    assert tokenizer.decode(trained) == "Hello<|im_end|>"
+
+
+def test_im_end_is_trained_although_pad_is_another_end_token(tokenizer):
+    labels = tokenize_example(tokenizer, RECORD)["labels"]
+    assert labels[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>") == 151645
+    assert tokenizer.pad_token_id == 151643 and 151643 not in labels
+
+
+def test_masking_is_by_position_when_the_answer_repeats_the_prompt(tokenizer):
+    record = {"instruction": "Repeat: Hello", "input": "", "output": "Hello"}
+    example = tokenize_example(tokenizer, record)
+    trained = [token for token in example["labels"] if token != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == "Hello<|im_end|>"  # the prompt's "Hello" stays masked
+
+
+def test_system_field_is_honoured_and_extra_fields_kept(tokenizer):
+    (record,) = load_records([{**RECORD, "system": "Be brief.", "task": "translate"}])
+    assert record["task"] == "translate"
+    assert format_prompt(tokenizer, record).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+
+
+def test_other_schemas_map_by_field_names():
+    fields = FieldMap(instruction="question", input="context", output="answer")
+    (record,) = load_records([{"question": "2+2?", "answer": "4"}], fields)
+    assert (record["instruction"], record["input"], record["output"]) == ("2+2?", "", "4")
+
+
+def test_jsonl_is_read(tmp_path):
+    path = _write(tmp_path, "d.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in [RECORD, RECORD]))
+    assert len(load_records(path)) == 2
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[{"instruction": "a", "output": "b"},', r"bad\.json: malformed JSON at line 1"),
+        ('[{"instruction": "a"}]', r"record 0: missing field 'output'"),
+        ('[{"instruction": "a", "output": 3}]', r"record 0, field 'output': expected a string, found int"),
+        ('[{"instruction": "a", "output": "b"}, {"instruction": "a", "output": "  "}]', r"record 1, field 'output': the output is empty"),
+        ('{"instruction": "a", "output": "b"}\n{"instruction": ', r"malformed JSON on line 2"),
+        ('{"rows": []}', r"record 0: missing field 'instruction'. Found fields \['rows'\]"),
+        ('[]', r"no records found"),
+        ('["text"]', r"record 0: expected an object, found str"),
+    ],
+)
+def test_bad_files_get_specific_errors(tmp_path, text, message):
+    with pytest.raises(DataValidationError, match=message):
+        load_records(_write(tmp_path, "bad.json", text))
+
+
+def test_missing_file_names_the_flag(tmp_path):
+    with pytest.raises(DataValidationError, match="no such data file.*--data_path"):
+        load_records(tmp_path / "nope.json")
+
+
+def test_long_records_are_dropped_or_truncated_and_counted(tokenizer):
+    long = {"instruction": "Summarise: " + "很长的文本。" * 80, "input": "", "output": "短"}
+    records = [RECORD, long]
+    dropped = tokenize_records(tokenizer, records, max_length=64, overflow="drop")
+    assert dropped.kept == 1 and dropped.dropped == [1] and "dropped" in dropped.summary()
+    truncated = tokenize_records(tokenizer, records, max_length=64, overflow="truncate_prompt")
+    assert truncated.kept == 2 and truncated.truncated == 1
+    row = truncated.dataset[1]
+    assert len(row["input_ids"]) == 64
+    assert tokenizer.decode([t for t in row["labels"] if t != IGNORE_INDEX]) == "短<|im_end|>"
+
+
+def test_collator_pads_to_the_longest_in_the_batch_not_max_length(tokenizer):
+    data = tokenize_records(tokenizer, load_records([RECORD, {**RECORD, "input": "今天天气很好，我们去公园散步吧。"}]), max_length=512)
+    batch = make_collator(tokenizer)([data.dataset[0], data.dataset[1]])
+    longest = max(len(ids) for ids in data.dataset["input_ids"])
+    assert batch["input_ids"].shape == (2, longest) < (2, 512)
+    short = len(data.dataset[0]["input_ids"])
+    assert (batch["input_ids"][0, short:] == tokenizer.pad_token_id).all()
+    assert (batch["labels"][0, short:] == IGNORE_INDEX).all() and (batch["attention_mask"][0, short:] == 0).all()
+
+
+def test_length_stats_and_label_set(tokenizer):
+    records = load_records("data/classify_train.json")
+    stats = length_stats(tokenize_records(tokenizer, records, 512).dataset)
+    assert stats["examples"] == len(records) and stats["min"] <= stats["median"] <= stats["max"]
+    assert 0 < stats["trained_tokens"] < stats["total_tokens"]
+    assert label_set(records) == ["中性", "正面", "负面"]
+    assert label_set(load_records("data/train.json")) is None
