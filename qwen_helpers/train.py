@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, set_seed
 
 from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments, to_json_dict
 from .data import load_dataset_for_training, make_collator
@@ -50,6 +50,47 @@ def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
         )
 
 
+def check_output_dir_on_main_process(training_args: KitTrainingArguments, resuming: bool) -> None:
+    """Check the output folder on the main process only and share its verdict, so every rank stops with the same error or none does."""
+    verdict = [None]
+    if training_args.process_index == 0:
+        try:
+            check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, resuming)
+        except OutputDirExistsError as error:
+            verdict = [str(error)]
+    if training_args.world_size > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(verdict, from_process=0)
+    if verdict[0] is not None:
+        raise OutputDirExistsError(verdict[0])
+
+
+def check_distributed_launch(training_args: KitTrainingArguments) -> None:
+    """Refuse several launched processes that did not join one run: each would train alone and overwrite the same folder."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size == 1:
+        raise RuntimeError(
+            f"This command was launched as {launched} processes (WORLD_SIZE={launched}), but training did not become "
+            "distributed, so each process would train alone and write the same --output_dir. Without a GPU, add "
+            "--use_cpu True (the processes then talk over gloo); with GPUs, check that PyTorch sees them "
+            "(python -c 'import torch; print(torch.cuda.device_count())')."
+        )
+
+
+def describe_distributed(trainer: Trainer) -> str:
+    """One line for the main process: the strategy, the number of processes and the global batch they make together."""
+    args, state = trainer.args, trainer.accelerator.state
+    strategy = state.distributed_type.value
+    if state.deepspeed_plugin is not None:
+        strategy += f" ZeRO-{state.deepspeed_plugin.zero_stage}"
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return (
+        f"distributed: {strategy}, world size {args.world_size}; global batch {args.per_device_train_batch_size} per device "
+        f"x {args.gradient_accumulation_steps} accumulation x {args.world_size} processes = {global_batch}"
+    )
+
+
 def build_lora_config(lora_args: LoraArguments):
     """``LoraConfig`` for a causal LM from the kit's LoRA arguments."""
     from peft import LoraConfig, TaskType
@@ -79,13 +120,13 @@ def build_prompt_tuning_config(prompt_args: PromptTuningArguments, model_path: s
 
 
 def describe_text_init(tokenizer, prompt_args: PromptTuningArguments) -> str:
-    """Say how peft fits the init text to num_virtual_tokens: it repeats the tokens, then cuts to length."""
+    """Say how peft 0.21 fits the init text to num_virtual_tokens (PromptEmbedding.__init__): it cuts or repeats the tokens."""
     if prompt_args.prompt_tuning_init != "TEXT":
-        return f"prompt init: RANDOM, {prompt_args.num_virtual_tokens} virtual tokens"
-    ids = tokenizer(prompt_args.prompt_init_text, add_special_tokens=False)["input_ids"]
+        return f"prompt init: RANDOM, {prompt_args.num_virtual_tokens} virtual tokens with N(0, 1) entries (torch.nn.Embedding's default; peft does not rescale them)"
+    ids = tokenizer(prompt_args.prompt_init_text)["input_ids"]  # peft's own call, special tokens included
     n = prompt_args.num_virtual_tokens
     how = "used as is" if len(ids) == n else (f"repeated {math.ceil(n / len(ids))}x and cut to {n}" if len(ids) < n else f"cut to its first {n} tokens")
-    return f"prompt init: TEXT {prompt_args.prompt_init_text!r} = {len(ids)} tokens {tokenizer.convert_ids_to_tokens(ids)}, {how}"
+    return f"prompt init: TEXT {prompt_args.prompt_init_text!r} = {len(ids)} tokens {[tokenizer.decode([token]) for token in ids]}, {how}"
 
 
 def attach_adapter(model, method: Method, model_path: str, lora_args=None, prompt_args=None):
@@ -141,6 +182,8 @@ class NanGuardCallback(TrainerCallback):
 
     The trainable weights are small for adapters, so a copy is kept at every good log; after
     ``patience`` bad logs in a row the run stops and that copy is restored before saving.
+    Under DDP, FSDP and DeepSpeed every rank logs the same values (the loss is averaged over all
+    ranks before logging, the gradient norm is the global one), so all ranks stop at the same step.
     """
 
     ADVICE = (
@@ -228,11 +271,10 @@ def train(
     save: bool = True,
 ) -> TrainResult:
     """Train one adapter end to end and save it (adapter weights, tokenizer, run config, loss history) to output_dir."""
+    check_distributed_launch(training_args)
     resume = resolve_resume(training_args)
-    check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, resume is not None)
+    check_output_dir_on_main_process(training_args, resume is not None)
     notes = [training_args.precision_notice, f"device: {device_type()}"]
-    if training_args.world_size > 1:
-        notes.append(f"distributed: world size {training_args.world_size}, this is rank {training_args.process_index}")
 
     tokenizer = load_tokenizer(model_args.model_path)
     with training_args.main_process_first(desc="tokenising"):
@@ -246,12 +288,10 @@ def train(
     if method == "prompt_tuning":
         notes.append(describe_text_init(tokenizer, prompt_args))
 
+    set_seed(training_args.seed)  # the adapter's initial weights are reproducible, and the same on every rank
     model = attach_adapter(load_model_for_training(model_args, training_args), method, model_args.model_path, lora_args, prompt_args)
     parameters = count_parameters(model)
     notes.append(str(parameters))
-    if training_args.should_log:
-        for note in notes:
-            print(note, flush=True)
 
     history, nan_guard = LossHistoryCallback(), NanGuardCallback()
     trainer = Trainer(
@@ -263,6 +303,12 @@ def train(
         processing_class=tokenizer,
         callbacks=[history, nan_guard, *(callbacks or [])],
     )
+    if training_args.world_size > 1:
+        notes.append(describe_distributed(trainer))
+        print(f"rank {training_args.process_index}/{training_args.world_size} ready on {training_args.device}", flush=True)
+    if training_args.should_log:
+        for note in notes:
+            print(note, flush=True)
     trainer.train(resume_from_checkpoint=resume)
     result = TrainResult(
         model=model,
@@ -292,6 +338,11 @@ def save_run(result: TrainResult, model_args, data_args, training_args, method_a
     configs = [model_args, data_args, training_args] + ([method_args] if method_args is not None else [])
     run_config = {"method": method, "load_in_4bit": model_args.load_in_4bit, **to_json_dict(*configs)}
     run_config["stopped_by_nan_guard"] = result.stopped_by_nan_guard
-    output = Path(result.output_dir)
+    write_run_files(result.output_dir, run_config, result.history)
+
+
+def write_run_files(output_dir: str, run_config: dict, history: list[dict]) -> None:
+    """Save the effective configuration and the loss history as JSON beside the adapter."""
+    output = Path(output_dir)
     (output / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    (output / LOSS_HISTORY).write_text(json.dumps(result.history, indent=2), encoding="utf-8")
+    (output / LOSS_HISTORY).write_text(json.dumps(history, indent=2), encoding="utf-8")
