@@ -7,6 +7,7 @@ Trainer flag works on the command line, with the seed's defaults and the kit's p
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -131,8 +132,18 @@ class KitTrainingArguments(TrainingArguments):
     def __post_init__(self):
         from .modeling import apply_precision_policy
 
+        check_deepspeed_installed(self.deepspeed)
         self.precision_notice = apply_precision_policy(self)
         super().__post_init__()
+
+
+def check_deepspeed_installed(deepspeed_config) -> None:
+    """Fail early with the install command when --deepspeed is given but DeepSpeed, an optional extra, is missing."""
+    if deepspeed_config and importlib.util.find_spec("deepspeed") is None:
+        raise ImportError(
+            f"--deepspeed {deepspeed_config} needs DeepSpeed, an optional extra of this kit: run "
+            "pip install -e '.[deepspeed]' on the GPU machine, or drop --deepspeed to train with plain DDP."
+        )
 
 
 def to_json_dict(*configs) -> dict:
