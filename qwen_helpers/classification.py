@@ -1,0 +1,207 @@
+"""Classification as a first-class task: the label set, label scoring, metrics, and a sequence-classification route.
+
+A causal LM classifies by answering with a label. The kit evaluates it two ways:
+
+- label scoring (the prediction): for each test prompt, the log-likelihood of every label's tokens
+  followed by ``<|im_end|>`` given the prompt, exactly the tokens training teaches; the best sum wins.
+  It always yields a valid label, so it measures what the model knows, not whether it stops cleanly.
+- free generation: greedy answers compared with the label as text (exact match), what a user would see.
+
+Any model works: a base alone (the baseline row), a LoRA adapter, or a soft prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .data import IGNORE_INDEX, label_set, load_records, make_collator, tokenize_example
+
+METRICS_FILE = "classification_metrics.json"
+
+
+def resolve_labels(train_records: list[dict], labels: str | list[str] | None = None) -> list[str]:
+    """The label set: ``labels`` (a list or "a,b,c") when given, else every distinct training output, sorted."""
+    if isinstance(labels, str):
+        labels = [label.strip() for label in labels.split(",") if label.strip()]
+    if labels:
+        unknown = sorted({record["output"].strip() for record in train_records} - set(labels))
+        if unknown:
+            raise ValueError(f"--labels {','.join(labels)}: the training data also answers {unknown[:5]}; add them to --labels or fix the data.")
+        return list(labels)
+    return sorted({record["output"].strip() for record in train_records})
+
+
+def detect_task(train_records: list[dict], task: str = "auto") -> str:
+    """'classification' or 'generation': the --task flag, or with 'auto' whether every output is one of a few repeated labels."""
+    if task != "auto":
+        return task
+    return "classification" if label_set(train_records) is not None else "generation"
+
+
+def check_labels_known(records: list[dict], labels: list[str], where: str) -> None:
+    """Refuse evaluation records whose answer is not in the label set (they could never be predicted)."""
+    for index, record in enumerate(records):
+        if record["output"].strip() not in labels:
+            raise ValueError(
+                f"{where}, record {index}: the answer {record['output']!r} is not in the label set {labels}. "
+                "Pass it in --labels or fix the record."
+            )
+
+
+def label_pairs(tokenizer, records: list[dict], labels: list[str]) -> list[dict]:
+    """Every (record, label) pair tokenised as a training example whose answer is the label: prompt masked, label + <|im_end|> kept."""
+    return [tokenize_example(tokenizer, {**record, "output": label}) for record in records for label in labels]
+
+
+def virtual_token_count(model) -> int:
+    """How many soft-prompt positions a prompt-tuned model puts in front of the input (0 for any other model)."""
+    from .inference import uses_soft_prompt
+
+    return model.active_peft_config.num_virtual_tokens if uses_soft_prompt(model) else 0
+
+
+def sequence_log_likelihoods(model, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Sum of log p(token | everything before it) over the positions whose label is not -100, one value per row.
+
+    Only the positions that predict a scored token go through the LM head (``logits_to_keep``): with
+    Qwen's 151,936-token vocabulary the full logits would cost more than the rest of the model.
+    """
+    rows, positions = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # the logit at p predicts token p + 1
+    kept = torch.unique(positions)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=kept + virtual_token_count(model)).logits
+    log_probs = torch.log_softmax(logits[rows, torch.searchsorted(kept, positions)].float(), dim=-1)
+    token_scores = log_probs.gather(-1, labels[rows, positions + 1].unsqueeze(-1)).squeeze(-1)
+    return torch.zeros(input_ids.shape[0], device=token_scores.device).index_add(0, rows, token_scores)
+
+
+@torch.no_grad()
+def score_labels(model, tokenizer, records: list[dict], labels: list[str], batch_size: int = 16) -> torch.Tensor:
+    """Log-likelihood of each label (its tokens then ``<|im_end|>``) after each record's prompt: a (records, labels) tensor."""
+    was_training = model.training
+    model.eval()
+    collator = make_collator(tokenizer)
+    pairs = label_pairs(tokenizer, records, labels)
+    scores = []
+    try:
+        for start in range(0, len(pairs), batch_size):
+            batch = collator(pairs[start : start + batch_size]).to(model.device)
+            scores.append(sequence_log_likelihoods(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(scores).view(len(records), len(labels))
+
+
+def predict_by_scoring(model, tokenizer, records: list[dict], labels: list[str], batch_size: int = 16) -> list[str]:
+    """The most likely label for each record (sum of log-probabilities of its tokens)."""
+    best = score_labels(model, tokenizer, records, labels, batch_size).argmax(dim=1)
+    return [labels[index] for index in best.tolist()]
+
+
+def classification_metrics(true: list[str], predicted: list[str], labels: list[str]) -> dict:
+    """Accuracy, macro-F1, per-label precision/recall/F1/support and the confusion matrix (rows true, columns predicted), via scikit-learn."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    precision, recall, f1, support = precision_recall_fscore_support(true, predicted, labels=labels, zero_division=0)
+    return {
+        "examples": len(true),
+        "accuracy": float(accuracy_score(true, predicted)),
+        "macro_f1": float(f1_score(true, predicted, labels=labels, average="macro", zero_division=0)),
+        "per_label": {
+            label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for label, p, r, f, s in zip(labels, precision, recall, f1, support)
+        },
+        "labels": list(labels),
+        "confusion_matrix": confusion_matrix(true, predicted, labels=labels).tolist(),
+    }
+
+
+def evaluate_classification(model, tokenizer, records: list[dict], labels: list[str], batch_size: int = 16, generation: bool = True) -> dict:
+    """Label-scoring metrics for any model (base, LoRA, soft prompt), plus free generation's exact-match rate.
+
+    Returns the metrics of :func:`classification_metrics` with ``predictions`` and, when ``generation``,
+    ``generation_exact_match``, ``generation_outside_labels`` (answers that are no label at all) and ``generated``.
+    """
+    from .inference import generate
+
+    true = [record["output"].strip() for record in records]
+    predicted = predict_by_scoring(model, tokenizer, records, labels, batch_size)
+    metrics = {"method": "label scoring: sum of log-probabilities of the label's tokens and <|im_end|>", **classification_metrics(true, predicted, labels)}
+    metrics["predictions"] = predicted
+    if generation:
+        longest_label = max(len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels)
+        answers = generate(model, tokenizer, records, max_new_tokens=longest_label + 2, batch_size=batch_size)
+        metrics["generation_exact_match"] = sum(answer == label for answer, label in zip(answers, true)) / len(true)
+        metrics["generation_outside_labels"] = sum(answer not in labels for answer in answers)
+        metrics["generated"] = answers
+    return metrics
+
+
+def write_metrics(metrics: dict, output_dir: str, file_name: str = METRICS_FILE) -> Path:
+    """Write the metrics as JSON next to the adapter; returns the file's path."""
+    path = Path(output_dir) / file_name
+    path.write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def summary_line(metrics: dict) -> str:
+    """One line for a log: accuracy, macro-F1 and, when measured, free generation's exact match."""
+    line = f"label scoring on {metrics['examples']} examples: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}"
+    if "generation_exact_match" in metrics:
+        line += f"; free generation exact match {metrics['generation_exact_match']:.3f} ({metrics['generation_outside_labels']} answers outside the label set)"
+    return line
+
+
+def evaluate_run(result, data_args, prompt_args) -> str | None:
+    """After a training command: for classification data, evaluate on --eval_data_path and write the metrics JSON next to the adapter.
+
+    Returns a line for the report, or None for generation data.
+    """
+    fields = data_args.field_map()
+    train_records = load_records(data_args.data_path, fields)
+    if detect_task(train_records, prompt_args.task) != "classification":
+        return None
+    labels = resolve_labels(train_records, prompt_args.labels)
+    if not data_args.eval_data_path:
+        return f"classification data (labels {labels}); pass --eval_data_path to measure accuracy and write {METRICS_FILE}"
+    eval_records = load_records(data_args.eval_data_path, fields)
+    check_labels_known(eval_records, labels, data_args.eval_data_path)
+    metrics = evaluate_classification(result.model, result.tokenizer, eval_records, labels, batch_size=result.trainer.args.per_device_eval_batch_size)
+    metrics["eval_data_path"] = data_args.eval_data_path
+    path = write_metrics(metrics, result.output_dir)
+    return f"{summary_line(metrics)}\nclassification metrics: {path}"
+
+
+def build_sequence_classifier(model_path: str, labels: list[str], lora_args, dtype: torch.dtype = torch.float32):
+    """The second route: ``AutoModelForSequenceClassification`` (a ``score`` head over the last token) + LoRA.
+
+    The head is new and random, so it is trained in full and saved with the adapter (``modules_to_save``);
+    otherwise a reload would start from a fresh random head. ``pad_token_id`` tells the model which
+    token is padding, so it reads the last real token of each row.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from .modeling import load_tokenizer
+    from .tiny import resolve_model_path
+
+    tokenizer = load_tokenizer(model_path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(model_path),
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: index for index, label in enumerate(labels)},
+        pad_token_id=tokenizer.pad_token_id,
+        dtype=dtype,
+    )
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=lora_args.target_module_list(),
+        modules_to_save=["score"],
+    )
+    return get_peft_model(model, config), tokenizer
