@@ -65,3 +65,39 @@ def plot_bars(values_by_name: dict[str, float], ylabel: str, title: str) -> Figu
     axes.tick_params(axis="x", rotation=30)
     figure.tight_layout()
     return figure
+
+
+def plot_grouped_bars(series_by_name: dict[str, dict[str, float]], ylabel: str, title: str) -> Figure:
+    """Side-by-side bars per category for several series (benchmark: measured vs estimated memory)."""
+    import numpy as np
+
+    categories = list(dict.fromkeys(category for series in series_by_name.values() for category in series))
+    width = 0.8 / max(1, len(series_by_name))
+    figure, axes = plt.subplots(figsize=(max(5, 1.1 * len(categories)), 3.8))
+    for index, (name, series) in enumerate(series_by_name.items()):
+        positions = np.arange(len(categories)) + (index - (len(series_by_name) - 1) / 2) * width
+        bars = axes.bar(positions, [series.get(category, 0.0) for category in categories], width, label=name)
+        axes.bar_label(bars, fmt="%.3g", fontsize=7)
+    axes.set_xticks(np.arange(len(categories)), labels=categories, rotation=30, ha="right")
+    axes.set(ylabel=ylabel, title=title)
+    axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+def plot_memory_footprint(parts_by_model: dict[str, dict[str, float]], title: str = "Model memory footprint") -> Figure:
+    """Stacked bars of bytes per model (e.g. 4-bit vs 16-bit), one colour per part, labelled in MiB."""
+    figure, axes = plt.subplots(figsize=(max(4, 1.6 * len(parts_by_model)), 3.5))
+    names = list(parts_by_model)
+    bottoms = [0.0] * len(names)
+    for part in dict.fromkeys(part for parts in parts_by_model.values() for part in parts):
+        heights = [parts_by_model[name].get(part, 0) / 2**20 for name in names]
+        bars = axes.bar(names, heights, bottom=bottoms, label=part)
+        axes.bar_label(bars, labels=[f"{height:.1f}" if height else "" for height in heights], label_type="center")
+        bottoms = [bottom + height for bottom, height in zip(bottoms, heights)]
+    for position, total in enumerate(bottoms):
+        axes.text(position, total, f"{total:.1f} MiB", ha="center", va="bottom")
+    axes.set(ylabel="MiB", title=title, ylim=(0, 1.15 * max(bottoms)))
+    axes.legend(loc="lower right", fontsize="small")
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,168 @@
+"""The benchmark: preset shapes, exact trainable counts, the memory estimator, OOM rows and the command's files."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qwen_helpers.benchmark import (
+    GIB,
+    METHODS,
+    add_baseline,
+    add_speed_relative_to_full,
+    estimate_memory,
+    is_out_of_memory,
+    parse_methods,
+    BenchmarkArguments,
+)
+from qwen_helpers.presets import (
+    check_preset_fits_device,
+    count_preset_parameters,
+    lora_trainable_parameters,
+    meta_model,
+    preset_config,
+)
+
+PUBLIC_PARAMETER_COUNTS = {"qwen2.5-0.5b": 494_032_768, "qwen2.5-7b": 7_615_616_512, "qwen3-8b": 8_190_735_360}
+
+# Peak GiB measured with plain transformers + peft on one H200, seq 512 x batch 8
+# (/work/shared/benchmarks/plain_hf_h200_2026-11-28.json and plain_hf_plus_liger_h200_2026-11-28.json).
+H200_PEAKS = [
+    # preset, method, dtype, gradient checkpointing, liger, measured peak GiB
+    ("qwen2.5-0.5b", "lora_bf16", "bf16", False, False, 12.39),
+    ("qwen2.5-0.5b", "prompt_tuning", "fp16", False, False, 12.12),
+    ("qwen2.5-0.5b", "qlora_nf4", "bf16", False, False, 15.08),
+    ("qwen2.5-0.5b", "full", "bf16", False, False, 19.61),
+    ("qwen2.5-7b", "lora_bf16", "bf16", False, False, 41.63),
+    ("qwen2.5-7b", "lora_bf16", "bf16", True, False, 22.07),
+    ("qwen2.5-7b", "qlora_nf4", "bf16", False, False, 47.81),
+    ("qwen2.5-7b", "qlora_nf4", "bf16", True, False, 16.88),
+    ("qwen2.5-0.5b", "lora_bf16", "bf16", False, True, 4.27),
+    ("qwen2.5-7b", "lora_bf16", "bf16", True, True, 15.76),
+]
+
+
+@pytest.mark.parametrize("name", list(PUBLIC_PARAMETER_COUNTS))
+def test_preset_parameter_counts_equal_public_figures(name):
+    assert count_preset_parameters(preset_config(name)) == PUBLIC_PARAMETER_COUNTS[name]
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen3-8b"])
+def test_meta_instantiation_has_the_public_parameter_count(name):
+    model = meta_model(preset_config(name))
+    assert next(model.parameters()).device.type == "meta"  # no memory was allocated
+    assert sum(parameter.numel() for parameter in model.parameters()) == PUBLIC_PARAMETER_COUNTS[name]
+
+
+def test_trainable_counts_per_method_are_exact():
+    from qwen_helpers.config import LoraArguments, PromptTuningArguments
+    from qwen_helpers.modeling import count_parameters
+    from qwen_helpers.train import attach_adapter
+
+    config = preset_config("qwen2.5-0.5b")
+    lora = attach_adapter(meta_model(config), "lora", "qwen2.5-0.5b", lora_args=LoraArguments(lora_r=8))
+    prompt = attach_adapter(meta_model(config), "prompt_tuning", "qwen2.5-0.5b",
+                            prompt_args=PromptTuningArguments(num_virtual_tokens=20, prompt_tuning_init="RANDOM"))
+    assert count_parameters(lora).trainable == 737_280
+    assert count_parameters(prompt).trainable == 20 * config.hidden_size == 17_920
+    assert lora_trainable_parameters(config, ["q_proj", "k_proj", "v_proj"], 8) == 737_280
+    assert estimate_memory(config, "lora_bf16", 512, 8, False)["trainable_parameters"] == 737_280
+    assert estimate_memory(config, "prompt_tuning", 512, 8, False)["trainable_parameters"] == 17_920
+    assert estimate_memory(config, "full", 512, 8, False)["trainable_parameters"] == 494_032_768
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_estimate_parts_add_up_to_the_total(method, checkpointing):
+    estimate = estimate_memory(preset_config("qwen2.5-7b"), method, 512, 8, checkpointing, "bf16")
+    assert sum(estimate["parts"].values()) == estimate["total_bytes"]
+    assert all(value >= 0 for value in estimate["parts"].values())
+
+
+def test_estimate_orders_methods_and_checkpointing_sensibly():
+    config = preset_config("qwen2.5-7b")
+    lora = estimate_memory(config, "lora_bf16", 512, 8, False)
+    lora_checkpointed = estimate_memory(config, "lora_bf16", 512, 8, True)
+    qlora_checkpointed = estimate_memory(config, "qlora_nf4", 512, 8, True)
+    full = estimate_memory(config, "full", 512, 8, False)
+    assert lora_checkpointed["total_bytes"] < lora["total_bytes"] < full["total_bytes"]
+    assert qlora_checkpointed["total_bytes"] < lora_checkpointed["total_bytes"]
+    assert full["parts"]["AdamW moments (2 x fp32)"] == 8 * 7_615_616_512
+
+
+@pytest.mark.parametrize("preset, method, dtype, checkpointing, liger, measured", H200_PEAKS)
+def test_estimate_within_20_percent_of_h200_measurements(preset, method, dtype, checkpointing, liger, measured):
+    estimate = estimate_memory(preset_config(preset), method, 512, 8, checkpointing, dtype, use_liger=liger)
+    assert estimate["total_bytes"] / GIB == pytest.approx(measured, rel=0.2)
+
+
+def test_parse_methods_and_oom_detection():
+    assert len(parse_methods("all", "both")) == 2 * len(METHODS)
+    assert parse_methods("lora_bf16,full", "on") == [("lora_bf16", True), ("full", True)]
+    with pytest.raises(ValueError, match="lora_fp32"):
+        parse_methods("lora_fp32")
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_out_of_memory(ValueError("shape mismatch"))
+
+
+def test_big_presets_are_refused_on_cpu():
+    with pytest.raises(ValueError, match="GPU"):
+        check_preset_fits_device("qwen2.5-7b", "cpu")
+    check_preset_fits_device("qwen2.5-7b", "cuda")
+
+
+def test_baseline_figures_sit_beside_matching_rows(tmp_path):
+    baseline = [{"method": "lora_bf16", "grad_ckpt": False, "peak_gib": 12.0, "tok_s": 30000.0, "size": "0.5B"},
+                {"method": "full_bf16_amp", "grad_ckpt": False, "peak_gib": 20.0, "tok_s": 40000.0, "size": "0.5B"}]
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps(baseline))
+    rows = [{"run": "lora_bf16", "method": "lora_bf16", "gradient_checkpointing": False, "status": "ok", "peak_bytes": 6 * GIB, "tokens_per_second": 45000.0},
+            {"run": "full", "method": "full", "gradient_checkpointing": False, "status": "ok", "peak_bytes": 20 * GIB, "tokens_per_second": 30000.0}]
+    add_speed_relative_to_full(rows)
+    add_baseline(rows, BenchmarkArguments(preset="qwen2.5-0.5b", compare_baseline=str(path)))
+    assert rows[0]["memory_vs_baseline"] == pytest.approx(0.5)
+    assert rows[0]["speed_vs_baseline"] == pytest.approx(1.5)
+    assert rows[1]["baseline_tokens_per_second"] == 40000.0
+    assert rows[0]["speed_vs_full"] == pytest.approx(1.5)
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One CPU run of the command on the tiny model, every method, with an OOM simulated for prompt tuning."""
+    output = tmp_path_factory.mktemp("benchmark")
+    command = [sys.executable, "-m", "qwen_helpers.benchmark", "--preset", "tiny", "--methods", "all", "--checkpointing", "off",
+               "--steps", "2", "--warmup_steps", "0", "--seq_len", "16", "--batch_size", "1", "--output_dir", str(output),
+               "--_simulate_oom", "prompt_tuning"]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    (folder,) = output.iterdir()
+    return folder, process.stdout
+
+
+def test_simulated_oom_becomes_an_oom_row(cli_run):
+    folder, _ = cli_run
+    rows = {row["run"]: row for row in json.loads((folder / "results.json").read_text())["rows"]}
+    assert rows["prompt_tuning"]["status"] == "OOM"
+    assert "out of memory" in rows["prompt_tuning"]["error"]
+    assert all(rows[name]["status"] == "ok" for name in ("full", "lora_fp16", "lora_bf16", "qlora_nf4"))
+
+
+def test_command_writes_results_on_cpu(cli_run):
+    folder, stdout = cli_run
+    for name in ("results.json", "results.csv", "results.md", "memory.png", "throughput.png"):
+        assert (folder / name).stat().st_size > 0, name
+    payload = json.loads((folder / "results.json").read_text())
+    rows = {row["run"]: row for row in payload["rows"]}
+    assert payload["environment"]["device"] == "cpu" and payload["environment"]["torch"]
+    assert rows["full"]["trainable"] == rows["full"]["total"] and rows["full"]["speed_vs_full"] == pytest.approx(1.0)
+    assert rows["lora_bf16"]["trainable"] < rows["full"]["trainable"]
+    assert rows["lora_bf16"]["precision"].startswith("fp32 (CPU fallback")
+    assert all(rows[name]["loss_finite"] and rows[name]["tokens_per_second"] > 0 for name in ("full", "lora_bf16", "qlora_nf4"))
+    assert rows["lora_bf16"]["real_tokens_per_step"] == 16
+    with open(folder / "results.csv", encoding="utf-8") as handle:
+        assert len(list(csv.DictReader(handle))) == len(METHODS)
+    markdown = (folder / "results.md").read_text()
+    assert "| method |" in markdown and "not GPU figures" in markdown
+    assert "Memory estimate before training" in stdout
