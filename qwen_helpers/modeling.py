@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ def load_tokenizer(model_path: str = "tiny"):
 
 
 def check_bitsandbytes(quant_type: str = "nf4") -> None:
-    """Raise a clear error when 4-bit loading cannot work here: bitsandbytes missing, too old, or fp4 on CPU."""
+    """Raise a clear error when 4-bit loading cannot work here: bitsandbytes missing, too old, or ``quant_type`` unsupported."""
     from packaging.version import Version
 
     try:
@@ -85,11 +86,31 @@ def check_bitsandbytes(quant_type: str = "nf4") -> None:
             f"4-bit loading needs bitsandbytes >= {MIN_BITSANDBYTES} (CPU support); found {version}. "
             f"Upgrade with `pip install -U 'bitsandbytes>={MIN_BITSANDBYTES}'`."
         )
-    if quant_type == "fp4" and device_type() == "cpu":
-        raise ValueError(
-            "--bnb_4bit_quant_type fp4 is not implemented by bitsandbytes' CPU backend; use nf4 on a CPU "
-            "(it is also the better choice for normally distributed weights)."
+    device = _local_device()
+    problem = quantisation_problem(quant_type, device)
+    if problem:
+        fix = (
+            "Use --bnb_4bit_quant_type nf4 (QLoRA's choice for normally distributed weights)."
+            if quant_type != "nf4"
+            else f"Reinstall bitsandbytes for this device: `pip install -U 'bitsandbytes>={MIN_BITSANDBYTES}'`."
         )
+        raise ValueError(f"--bnb_4bit_quant_type {quant_type}: bitsandbytes {version} cannot quantise to {quant_type} on {device} ({problem}). {fix}")
+
+
+@functools.lru_cache
+def quantisation_problem(quant_type: str, device: str) -> str | None:
+    """Why bitsandbytes cannot 4-bit quantise and dequantise on ``device`` (None when it can): a real round trip, not a version table.
+
+    Which quant types a backend implements changes between releases (fp4 on CPU, for one), so the kit tries it.
+    """
+    try:
+        import bitsandbytes.functional as functional
+
+        packed, state = functional.quantize_4bit(torch.linspace(-1, 1, 128, device=device), quant_type=quant_type)
+        functional.dequantize_4bit(packed, state)
+    except Exception as error:  # any failure means this backend cannot do it; the message says which
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def build_quantization_config(model_args, compute_dtype: torch.dtype):
@@ -121,9 +142,23 @@ def load_base_model(model_path: str = "tiny", dtype: torch.dtype = torch.float32
     )
     if quantization_config is None and device_map is None:
         model.to(_local_device())
+    if quantization_config is not None:
+        keep_4bit_weights_trainable(model)
     if device_type() == "cpu":
         tune_cpu_allocator()
     return model
+
+
+def keep_4bit_weights_trainable(model) -> None:
+    """Stop bitsandbytes repacking 4-bit weights into its CPU inference-only layout, so the model can still train.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit``'s weights the first time it runs
+    without gradients (an evaluation, ``generate``); training after that fails with "a view of a leaf
+    Variable that requires grad is being used in an in-place operation". The kit evaluates and trains the same model.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def tune_cpu_allocator() -> None:
