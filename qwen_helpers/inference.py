@@ -541,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_for_command(args)
         if args.instruction:
             record = {"instruction": args.instruction, "input": args.input, **({"system": args.system} if args.system else {})}
-            print(generate(model, tokenizer, [record], args.max_new_tokens, 1, **args.generation_kwargs())[0])
+            answer = generate(model, tokenizer, [record], args.max_new_tokens, 1, **args.generation_kwargs())[0]
+            print(answer if answer else "(empty answer: the model ended its turn with <|im_end|> at once)")
             return 0
         run_evaluation(args, model, tokenizer)
         return 0
