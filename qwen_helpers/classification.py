@@ -155,23 +155,26 @@ def summary_line(metrics: dict) -> str:
 
 
 def evaluate_run(result, data_args, prompt_args) -> str | None:
-    """After a training command: for classification data, evaluate on --eval_data_path and write the metrics JSON next to the adapter.
+    """After a training command: for classification data, evaluate by label scoring and write the metrics JSON next to the adapter.
 
+    Uses --eval_data_path; without one, the training data (in-sample figures, labelled as such).
+    ``prompt_args`` may be None (a LoRA run): the task is then detected from the data.
     Returns a line for the report, or None for generation data.
     """
     fields = data_args.field_map()
     train_records = load_records(data_args.data_path, fields)
-    if detect_task(train_records, prompt_args.task) != "classification":
+    task, label_flag = (prompt_args.task, prompt_args.labels) if prompt_args is not None else ("auto", None)
+    if detect_task(train_records, task) != "classification":
         return None
-    labels = resolve_labels(train_records, prompt_args.labels)
-    if not data_args.eval_data_path:
-        return f"classification data (labels {labels}); pass --eval_data_path to measure accuracy and write {METRICS_FILE}"
-    eval_records = load_records(data_args.eval_data_path, fields)
-    check_labels_known(eval_records, labels, data_args.eval_data_path)
+    labels = resolve_labels(train_records, label_flag)
+    eval_path = data_args.eval_data_path or data_args.data_path
+    eval_records = load_records(eval_path, fields) if data_args.eval_data_path else train_records
+    check_labels_known(eval_records, labels, eval_path)
     metrics = evaluate_classification(result.model, result.tokenizer, eval_records, labels, batch_size=result.trainer.args.per_device_eval_batch_size)
-    metrics["eval_data_path"] = data_args.eval_data_path
+    metrics["eval_data_path"] = eval_path
+    metrics["split"] = "held-out" if data_args.eval_data_path else "training data (in-sample; pass --eval_data_path for held-out figures)"
     path = write_metrics(metrics, result.output_dir)
-    return f"{summary_line(metrics)}\nclassification metrics: {path}"
+    return f"{summary_line(metrics)} on {metrics['split']}\nclassification metrics: {path}"
 
 
 def build_sequence_classifier(model_path: str, labels: list[str], lora_args, dtype: torch.dtype = torch.float32):

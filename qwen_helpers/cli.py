@@ -53,12 +53,11 @@ def run_training_command(method: str, argv: list[str] | None = None, **defaults)
         return 0
     plot_loss(result.history, title=f"{method} on {model_args.model_path}").savefig(Path(result.output_dir) / "loss_plot.png", dpi=100)
     print(report(result, model_args.model_path), flush=True)
-    if method == "prompt_tuning":
-        from .classification import evaluate_run
+    from .classification import evaluate_run
 
-        evaluation = evaluate_run(result, data_args, method_args)  # classification data: label-scoring metrics JSON
-        if evaluation:
-            print(evaluation, flush=True)
+    evaluation = evaluate_run(result, data_args, method_args if method == "prompt_tuning" else None)  # classification data only
+    if evaluation:
+        print(evaluation, flush=True)
     if result.stopped_by_nan_guard:
         print(NanGuardCallback.ADVICE, file=sys.stderr)
         return 2
