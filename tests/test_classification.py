@@ -135,3 +135,25 @@ def test_sequence_classifier_head_survives_save_and_reload(tmp_path, tiny_path, 
     torch.testing.assert_close(reloaded.base_model.model.score.modules_to_save["default"].weight, head.weight, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, logits)
+
+
+def test_evaluate_run_after_any_method_labels_in_sample_figures(tmp_path, tiny_path, tokenizer):
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from qwen_helpers.classification import evaluate_run
+    from qwen_helpers.config import DataArguments
+
+    records = json.loads((DATA / "classify_train.json").read_text(encoding="utf-8"))[:15]
+    data_file = tmp_path / "few.json"
+    data_file.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    result = SimpleNamespace(
+        model=AutoModelForCausalLM.from_pretrained(tiny_path).eval(), tokenizer=tokenizer,
+        trainer=SimpleNamespace(args=SimpleNamespace(per_device_eval_batch_size=8)), output_dir=str(tmp_path),
+    )
+    line = evaluate_run(result, DataArguments(data_path=str(data_file)), prompt_args=None)  # a LoRA run: task detected
+    written = json.loads((tmp_path / "classification_metrics.json").read_text(encoding="utf-8"))
+    assert written["examples"] == 15 and written["split"].startswith("training data (in-sample")
+    assert "in-sample" in line
+    assert evaluate_run(result, DataArguments(data_path=str(DATA / "train.json")), prompt_args=None) is None
