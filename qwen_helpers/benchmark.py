@@ -729,7 +729,7 @@ def _finish_row(row: dict, name: str, checkpointing: bool, estimate: dict, confi
 def _status_line(row: dict) -> str:
     if row["status"] != "ok":
         return f"{row['status']}: {row.get('error', '')[:200]}"
-    return (f"peak {row['peak_bytes'] / GIB:.2f} GiB, {row['tokens_per_second']:,.0f} tokens/s, "
+    return (f"peak {row.get('peak_above_start_bytes', row['peak_bytes']) / GIB:.2f} GiB, {row['tokens_per_second']:,.0f} tokens/s, "
             f"trainable {row['trainable']:,} ({row['trainable_percent']:.3f}%), {row['precision']}")
 
 
