@@ -139,6 +139,11 @@ def tokenize_example(tokenizer, record: dict, max_length: int | None = None, ove
     gets label -100, the response tokens and the closing ``<|im_end|>`` keep theirs, and the template's
     trailing newline is dropped. Returns None when the record is too long and ``overflow="drop"``.
     """
+    example = _encode_with_labels(tokenizer, record)
+    return example if max_length is None else _fit_to_length(example, max_length, overflow)
+
+
+def _encode_with_labels(tokenizer, record: dict) -> dict:
     prompt = format_prompt(tokenizer, record)
     full = tokenizer.apply_chat_template(build_messages(record), tokenize=False)
     if not full.startswith(prompt):
@@ -147,15 +152,20 @@ def tokenize_example(tokenizer, record: dict, max_length: int | None = None, ove
     encoding = tokenizer(full[:response_end], add_special_tokens=False, return_offsets_mapping=True)
     input_ids = encoding["input_ids"]
     labels = [IGNORE_INDEX if start < len(prompt) else token for token, (start, _) in zip(input_ids, encoding["offset_mapping"])]
-    if max_length is not None and len(input_ids) > max_length:
-        prompt_length = labels.count(IGNORE_INDEX)
-        response_length = len(input_ids) - prompt_length
-        if overflow == "drop" or response_length >= max_length:
-            return None
-        # Keep the end of the prompt (it ends with "<|im_start|>assistant\n", which the answer must follow).
-        cut = len(input_ids) - max_length
-        input_ids, labels = input_ids[cut:], labels[cut:]
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def _fit_to_length(example: dict, max_length: int, overflow: OverflowPolicy) -> dict | None:
+    """Apply the overflow policy: the example as is, its prompt cut from the start, or None (dropped)."""
+    input_ids, labels = example["input_ids"], example["labels"]
+    if len(input_ids) <= max_length:
+        return example
+    response_length = len(input_ids) - labels.count(IGNORE_INDEX)
+    if overflow == "drop" or response_length >= max_length:
+        return None
+    # Keep the end of the prompt (it ends with "<|im_start|>assistant\n", which the answer must follow).
+    cut = len(input_ids) - max_length
+    return {"input_ids": input_ids[cut:], "attention_mask": [1] * max_length, "labels": labels[cut:]}
 
 
 @dataclass
@@ -182,12 +192,12 @@ def tokenize_records(tokenizer, records: list[dict], max_length: int, overflow: 
 
     rows, dropped, truncated = [], [], 0
     for index, record in enumerate(records):
-        example = tokenize_example(tokenizer, record, max_length, overflow)
+        full = _encode_with_labels(tokenizer, record)
+        example = _fit_to_length(full, max_length, overflow)
         if example is None:
             dropped.append(index)
             continue
-        untruncated = tokenize_example(tokenizer, record) if overflow == "truncate_prompt" else example
-        truncated += len(untruncated["input_ids"]) > len(example["input_ids"])
+        truncated += example is not full
         rows.append(example)
     if not rows:
         raise DataValidationError(
