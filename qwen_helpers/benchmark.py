@@ -357,7 +357,7 @@ def load_benchmark_model(spec: dict, method: Method, precision: str):
     args = spec["args"]
     half = precision != "fp32" and not method.fp32_master_weights  # full FT keeps fp32 weights and autocasts
     training_args = KitTrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="qwen-benchmark-"),
+        output_dir=str(Path(spec["result_path"]).parent),  # the parent's temporary folder, removed after the run
         fp16=half and precision == "fp16",
         bf16=half and precision == "bf16",
         activation_checkpointing=spec["gradient_checkpointing"],

@@ -35,6 +35,14 @@ def report(result, model_path: str) -> str:
     return "\n".join(lines)
 
 
+def weights_are_sharded(trainer) -> bool:
+    """True under FSDP or DeepSpeed ZeRO-3, where no single process holds the whole model."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return True
+    plugin = trainer.accelerator.state.deepspeed_plugin if getattr(trainer, "is_deepspeed_enabled", False) else None
+    return plugin is not None and plugin.zero_stage == 3
+
+
 def run_training_command(method: str, argv: list[str] | None = None, **defaults) -> int:
     """Entry point body of train_lora / train_qlora / train_prompt_tuning."""
     from .plots import plot_loss
@@ -49,15 +57,20 @@ def run_training_command(method: str, argv: list[str] | None = None, **defaults)
         lora_args=method_args if method == "lora" else None,
         prompt_args=method_args if method == "prompt_tuning" else None,
     )
+    sharded = weights_are_sharded(result.trainer)
     if not result.trainer.is_world_process_zero():
         return 0
     plot_loss(result.history, title=f"{method} on {model_args.model_path}").savefig(Path(result.output_dir) / "loss_plot.png", dpi=100)
     print(report(result, model_args.model_path), flush=True)
-    from .classification import evaluate_run
+    if sharded:  # rank 0 alone cannot run the model: the other ranks hold parts of its weights
+        print(f"evaluation skipped under FSDP/ZeRO-3; evaluate the saved adapter on one GPU: "
+              f"python -m qwen_helpers.inference --adapter_path {result.output_dir} --data_path YOUR_TEST.json", flush=True)
+    else:
+        from .classification import evaluate_run
 
-    evaluation = evaluate_run(result, data_args, method_args if method == "prompt_tuning" else None)  # classification data only
-    if evaluation:
-        print(evaluation, flush=True)
+        evaluation = evaluate_run(result, data_args, method_args if method == "prompt_tuning" else None)  # classification data only
+        if evaluation:
+            print(evaluation, flush=True)
     if result.stopped_by_nan_guard:
         print(NanGuardCallback.ADVICE, file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .data import format_prompt
-from .inference import PROMPT_TUNING_CANNOT_MERGE, AdapterError, inference_dtype, load_model_with_adapter, read_adapter_info
+from .inference import PROMPT_TUNING_CANNOT_MERGE, AdapterError, load_model_with_adapter, read_adapter_info
 from .modeling import folder_size, human_bytes
 
 DEFAULT_PROMPTS = [
@@ -150,11 +150,12 @@ def merge_and_export(adapter_path: str, output_dir: str, model_path: str | None 
     merged = model.merge_and_unload(safe_merge=True)
     merged_logits = prompt_logits(merged, tokenizer, prompts)
     difference = largest_difference(adapter_logits, merged_logits)
-    tolerance = merge_tolerance(inference_dtype(), adapter_logits)
+    dtype = merged.dtype
+    tolerance = merge_tolerance(dtype, adapter_logits)
     if difference > tolerance:
         raise MergeMismatchError(
             f"Merging {adapter_path} changed the logits by {difference:.3g} (more than {tolerance:.3g} allowed in "
-            f"{inference_dtype()}); nothing was saved. That points to a numerical problem such as fp16 overflow in the merged "
+            f"{dtype}); nothing was saved. That points to a numerical problem such as fp16 overflow in the merged "
             "weights: merge on the CPU in fp32 instead (CUDA_VISIBLE_DEVICES= python -m qwen_helpers.inference --merge True ...)."
         )
     merged.save_pretrained(output_dir)
@@ -164,13 +165,13 @@ def merge_and_export(adapter_path: str, output_dir: str, model_path: str | None 
         max_abs_diff_vs_16bit_adapter=difference,
         max_abs_diff_vs_4bit_adapter=None if four_bit_logits is None else largest_difference(four_bit_logits, merged_logits),
         merged_size_bytes=folder_size(output_dir, "*.safetensors"),
-        notes=export_notes(output_dir, four_bit_logits is not None),
+        notes=export_notes(output_dir, four_bit_logits is not None, dtype),
     )
 
 
-def export_notes(output_dir: str, trained_on_4bit: bool) -> list[str]:
+def export_notes(output_dir: str, trained_on_4bit: bool, merged_dtype: torch.dtype) -> list[str]:
     """What the numbers mean and how to load the result."""
-    dtype = str(inference_dtype()).removeprefix("torch.")
+    dtype = str(merged_dtype).removeprefix("torch.")
     if trained_on_4bit:
         notes = [
             f"merged in {dtype} into the unquantised base: merging into 4-bit weights would round the LoRA update away",

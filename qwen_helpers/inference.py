@@ -97,9 +97,13 @@ def _same_base(recorded: str, model_path: str) -> bool:
     return recorded == model_path or resolve_model_path(recorded) == resolve_model_path(model_path)
 
 
-def inference_dtype() -> torch.dtype:
-    """fp16 on a GPU (as the seed's ``model.half()``), fp32 on a CPU."""
-    return torch.float16 if device_type() == "cuda" else torch.float32
+def inference_dtype(run_config: dict | None = None) -> torch.dtype:
+    """fp32 on a CPU; on a GPU bf16 when the run trained in bf16 (and the card has it), else fp16 as the seed's ``model.half()``."""
+    if device_type() != "cuda":
+        return torch.float32
+    if (run_config or {}).get("bf16") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16  # a bf16-trained Qwen2.5+ can overflow fp16
+    return torch.float16
 
 
 def load_base_for_inference(model_path: str = "tiny", load_in_4bit: bool = False, run_config: dict | None = None):
@@ -115,9 +119,10 @@ def load_base_for_inference(model_path: str = "tiny", load_in_4bit: bool = False
             load_in_4bit=True,
             bnb_4bit_quant_type=run.get("bnb_4bit_quant_type", "nf4"),
             bnb_4bit_use_double_quant=run.get("bnb_4bit_use_double_quant", True),
+            bnb_4bit_compute_dtype=run.get("bnb_4bit_compute_dtype", "auto"),
         )
-        quantization_config = build_quantization_config(model_args, inference_dtype())
-    model = load_base_model(model_path, inference_dtype(), quantization_config=quantization_config)
+        quantization_config = build_quantization_config(model_args, inference_dtype(run_config))
+    model = load_base_model(model_path, inference_dtype(run_config), quantization_config=quantization_config)
     model.eval()
     return model, load_tokenizer(model_path)
 

@@ -130,21 +130,26 @@ def build_quantization_config(model_args, compute_dtype: torch.dtype):
 
 
 def load_base_model(model_path: str = "tiny", dtype: torch.dtype = torch.float32, quantization_config=None,
-                    attn_implementation: str = "sdpa", device_map=None):
-    """Load a causal LM for training or inference: ``AutoModelForCausalLM`` with dtype, optional 4-bit, on the device."""
+                    attn_implementation: str = "sdpa", device_map=None, device: str | None = None):
+    """Load a causal LM for training or inference: ``AutoModelForCausalLM`` with dtype, optional 4-bit, on the device.
+
+    ``device`` defaults to this process's GPU (LOCAL_RANK) or the CPU; training passes the Trainer's
+    device, so ``--use_cpu True`` keeps the model on the CPU even where a GPU is visible.
+    """
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(model_path)
+    device = device or _local_device()
     if quantization_config is not None and device_map is None:
-        device_map = {"": _local_device()}
+        device_map = {"": device}  # bitsandbytes quantises while loading, on the device it will run on
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, quantization_config=quantization_config, attn_implementation=attn_implementation, device_map=device_map
     )
     if quantization_config is None and device_map is None:
-        model.to(_local_device())
+        model.to(device)
     if quantization_config is not None:
         keep_4bit_weights_trainable(model)
-    if device_type() == "cpu":
+    if str(device).startswith("cpu"):
         tune_cpu_allocator()
     return model
 
@@ -190,14 +195,8 @@ def _local_device() -> str:
 
 def linear_module_names(model) -> list[str]:
     """Sorted short names of the model's linear layers (``q_proj``, ``gate_proj``, ...), lm_head excluded."""
-    linear_types = (torch.nn.Linear,)
-    try:
-        import bitsandbytes as bnb
-
-        linear_types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-    except ImportError:
-        pass
-    names = {name.split(".")[-1] for name, module in model.named_modules() if isinstance(module, linear_types)}
+    # bitsandbytes' Linear4bit and Linear8bitLt subclass torch.nn.Linear, so 4-bit models are covered too
+    names = {name.split(".")[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     return sorted(names - {"lm_head", "score"})
 
 
@@ -252,8 +251,10 @@ def base_weights_size(model_path: str) -> int | None:
 
 
 def human_bytes(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+    """``83.0 KiB``, ``1.2 GiB``: sizes for people."""
+    if size < 1024:
+        return f"{int(size)} B"
+    for unit in ("KiB", "MiB", "GiB"):
         size /= 1024
-    return f"{size:.1f} GiB"
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}"

@@ -24,7 +24,6 @@ from .modeling import (
     build_quantization_config,
     check_target_modules,
     count_parameters,
-    device_type,
     load_base_model,
     load_tokenizer,
 )
@@ -145,8 +144,9 @@ def attach_adapter(model, method: Method, model_path: str, lora_args=None, promp
 
 def load_model_for_training(model_args: ModelArguments, training_args: KitTrainingArguments):
     """The base under the precision policy: fp16/bf16/fp32, or 4-bit prepared for k-bit training."""
+    device = str(training_args.device)  # the Trainer's device: honours --use_cpu and LOCAL_RANK
     if not model_args.load_in_4bit:
-        return load_base_model(model_args.model_path, base_dtype(training_args), attn_implementation=model_args.attn_implementation)
+        return load_base_model(model_args.model_path, base_dtype(training_args), attn_implementation=model_args.attn_implementation, device=device)
     from peft import prepare_model_for_kbit_training
 
     compute_dtype = base_dtype(training_args)
@@ -155,6 +155,7 @@ def load_model_for_training(model_args: ModelArguments, training_args: KitTraini
         dtype=compute_dtype,
         quantization_config=build_quantization_config(model_args, compute_dtype),
         attn_implementation=model_args.attn_implementation,
+        device=device,
     )
     return prepare_model_for_kbit_training(
         model,
@@ -199,7 +200,10 @@ class NanGuardCallback(TrainerCallback):
         self.last_good: dict[str, torch.Tensor] | None = None
 
     def on_log(self, args, state, control, model=None, logs=None, **kwargs):
-        values = [logs.get(key) for key in ("loss", "grad_norm") if logs and logs.get(key) is not None]
+        # Under fp16 loss scaling an inf gradient norm is the scaler's normal overflow signal (the step is
+        # skipped and the scale halved), so only the loss counts there.
+        keys = ("loss",) if args.fp16 else ("loss", "grad_norm")
+        values = [logs.get(key) for key in keys if logs and logs.get(key) is not None]
         if not values:
             return
         if all(math.isfinite(value) for value in values):
@@ -274,7 +278,7 @@ def train(
     check_distributed_launch(training_args)
     resume = resolve_resume(training_args)
     check_output_dir_on_main_process(training_args, resume is not None)
-    notes = [training_args.precision_notice, f"device: {device_type()}"]
+    notes = [training_args.precision_notice, f"device: {training_args.device}"]
 
     tokenizer = load_tokenizer(model_args.model_path)
     with training_args.main_process_first(desc="tokenising"):

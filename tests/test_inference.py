@@ -333,3 +333,17 @@ def test_command_merges_into_a_model_that_loads_without_peft(lora_adapter, lora_
 def test_command_refuses_to_merge_a_prompt_tuning_adapter(prompt_adapter, tmp_path, capsys):
     assert inference.main(["--merge", "True", "--adapter_path", prompt_adapter, "--output_dir", str(tmp_path / "merged")]) == 2
     assert "soft prompt is an input" in capsys.readouterr().err
+
+
+def test_inference_dtype_follows_the_runs_precision_on_a_gpu(monkeypatch):
+    import qwen_helpers.inference as inference
+
+    monkeypatch.setattr(inference, "device_type", lambda: "cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert inference.inference_dtype({"bf16": True, "fp16": False}) == torch.bfloat16
+    assert inference.inference_dtype({"bf16": False, "fp16": True}) == torch.float16
+    assert inference.inference_dtype(None) == torch.float16  # the seed's model.half()
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert inference.inference_dtype({"bf16": True}) == torch.float16
+    monkeypatch.setattr(inference, "device_type", lambda: "cpu")
+    assert inference.inference_dtype({"bf16": True}) == torch.float32

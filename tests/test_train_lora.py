@@ -142,3 +142,27 @@ def test_nan_guard_stops_and_keeps_the_last_good_adapter(tmp_path, small_train_f
     for name, tensor in _lora_state(result.model).items():
         assert torch.equal(tensor, poison.good[name])
     assert json.loads((output / "run_config.json").read_text())["stopped_by_nan_guard"] is True
+
+
+def test_nan_guard_ignores_fp16_overflow_steps_but_not_a_nan_loss():
+    from types import SimpleNamespace
+
+    def stopped_after(fp16: bool, logs: dict) -> bool:
+        guard, control = NanGuardCallback(), SimpleNamespace(should_training_stop=False, should_save=True)
+        for _ in range(guard.patience):
+            guard.on_log(SimpleNamespace(fp16=fp16), None, control, logs=logs)
+        return control.should_training_stop
+
+    overflow = {"loss": 2.0, "grad_norm": float("inf")}  # the loss scaler skipped the step and halved its scale
+    assert not stopped_after(fp16=True, logs=overflow)
+    assert stopped_after(fp16=False, logs=overflow)
+    assert stopped_after(fp16=True, logs={"loss": float("nan"), "grad_norm": float("inf")})
+
+
+def test_use_cpu_keeps_the_model_on_the_cpu_where_a_gpu_is_visible(tmp_path, monkeypatch):
+    from qwen_helpers.train import load_model_for_training
+
+    monkeypatch.setattr(modeling, "_local_device", lambda: "cuda:0")  # what a GPU machine would pick by default
+    training_args = KitTrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    model = load_model_for_training(ModelArguments(), training_args)
+    assert model.device.type == "cpu"
