@@ -184,10 +184,11 @@ def build_sequence_classifier(model_path: str, labels: list[str], lora_args, dty
     otherwise a reload would start from a fresh random head. ``pad_token_id`` tells the model which
     token is padding, so it reads the last real token of each row.
     """
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from .modeling import load_tokenizer
+    from .modeling import check_target_modules, load_tokenizer
+    from .train import build_lora_config
     from .tiny import resolve_model_path
 
     tokenizer = load_tokenizer(model_path)
@@ -199,12 +200,6 @@ def build_sequence_classifier(model_path: str, labels: list[str], lora_args, dty
         pad_token_id=tokenizer.pad_token_id,
         dtype=dtype,
     )
-    config = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=lora_args.lora_r,
-        lora_alpha=lora_args.lora_alpha,
-        lora_dropout=lora_args.lora_dropout,
-        target_modules=lora_args.target_module_list(),
-        modules_to_save=["score"],
-    )
+    check_target_modules(model, lora_args.target_module_list())
+    config = build_lora_config(lora_args, task_type=TaskType.SEQ_CLS, modules_to_save=["score"])
     return get_peft_model(model, config), tokenizer

@@ -65,11 +65,15 @@ def base_model_path_of(adapter_path: str, model_path: str | None = None) -> str:
     """The base an adapter was trained on: ``model_path`` if given, else the kit's record, else peft's."""
     if model_path:
         return model_path
-    info = read_adapter_info(adapter_path)
-    recorded = info.get("kit_model_path") or info.get("base_model_name_or_path")
+    recorded = recorded_base(read_adapter_info(adapter_path))
     if not recorded:
         raise AdapterError(f"{adapter_path}: the adapter does not record its base model; pass --model_path.")
     return recorded
+
+
+def recorded_base(info: dict) -> str | None:
+    """The base an adapter records: the kit's run config first (it keeps aliases such as "tiny"), else peft's."""
+    return info.get("kit_model_path") or info.get("base_model_name_or_path")
 
 
 def adapter_kind(info: dict) -> str:
@@ -86,8 +90,7 @@ def find_adapter_folders(root: str = "outputs", model_path: str | None = None) -
     for folder in sorted(Path(root).iterdir()) if Path(root).is_dir() else []:
         if not (folder / ADAPTER_CONFIG).is_file():
             continue
-        info = read_adapter_info(str(folder))
-        recorded = info.get("kit_model_path") or info.get("base_model_name_or_path")
+        recorded = recorded_base(read_adapter_info(str(folder)))
         if model_path is None or (recorded and _same_base(recorded, model_path)):
             folders[folder.name] = str(folder)
     return folders
@@ -129,7 +132,7 @@ def load_base_for_inference(model_path: str = "tiny", load_in_4bit: bool = False
 
 def _recorded_base_config(info: dict) -> tuple[str | None, dict | None]:
     """The base the adapter records and that base's config.json, when it is a local folder (no downloads)."""
-    recorded = info.get("kit_model_path") or info.get("base_model_name_or_path")
+    recorded = recorded_base(info)
     if not recorded:
         return None, None
     config_file = Path(resolve_model_path(recorded)) / "config.json"

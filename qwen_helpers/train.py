@@ -90,16 +90,17 @@ def describe_distributed(trainer: Trainer) -> str:
     )
 
 
-def build_lora_config(lora_args: LoraArguments):
-    """``LoraConfig`` for a causal LM from the kit's LoRA arguments."""
-    from peft import LoraConfig, TaskType
+def build_lora_config(lora_args: LoraArguments, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+    """``LoraConfig`` from the kit's LoRA arguments (a causal LM unless ``task_type`` says otherwise)."""
+    from peft import LoraConfig
 
     return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
+        task_type=task_type,
         r=lora_args.lora_r,
         lora_alpha=lora_args.lora_alpha,
         lora_dropout=lora_args.lora_dropout,
         target_modules=lora_args.target_module_list(),
+        modules_to_save=modules_to_save,
         bias="none",
     )
 
@@ -275,6 +276,8 @@ def train(
     save: bool = True,
 ) -> TrainResult:
     """Train one adapter end to end and save it (adapter weights, tokenizer, run config, loss history) to output_dir."""
+    if method == "full" and save:
+        raise ValueError("Full fine-tuning is the benchmark's baseline only; the kit saves adapters, never full weights.")
     check_distributed_launch(training_args)
     resume = resolve_resume(training_args)
     check_output_dir_on_main_process(training_args, resume is not None)
@@ -334,8 +337,6 @@ def train(
 def save_run(result: TrainResult, model_args, data_args, training_args, method_args, method: Method) -> None:
     """Write the adapter (never the full model), tokenizer, effective config and loss history to the output folder."""
     trainer = result.trainer
-    if method == "full":
-        raise ValueError("Full fine-tuning is the benchmark's baseline only; the kit saves adapters, never full weights.")
     trainer.save_model(result.output_dir)  # a PeftModel saves only adapter_model.safetensors + adapter_config.json
     if not trainer.is_world_process_zero():
         return
