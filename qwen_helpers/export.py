@@ -12,7 +12,6 @@ the merged model is from what was trained (the 4-bit base + adapter).
 
 from __future__ import annotations
 
-import gc
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,8 @@ from pathlib import Path
 import torch
 
 from .data import format_prompt
-from .inference import PROMPT_TUNING_CANNOT_MERGE, AdapterError, load_model_with_adapter, read_adapter_info
-from .modeling import folder_size, human_bytes
+from .inference import AdapterError, load_model_with_adapter, merge_problem, read_adapter_info
+from .modeling import folder_size, human_bytes, release_memory
 
 DEFAULT_PROMPTS = [
     "把下面的句子翻译成英文。今天天气很好，我们去公园散步吧。",
@@ -97,11 +96,9 @@ def max_logits_difference(model_a, model_b, tokenizer, prompts: list[str]) -> fl
 def check_mergeable_adapter(adapter_path: str) -> dict:
     """The adapter's info, or an :class:`AdapterError` when it is not a LoRA adapter (the only kind that merges into weights)."""
     info = read_adapter_info(adapter_path)
-    peft_type = str(info.get("peft_type", "")).upper()
-    if peft_type == "PROMPT_TUNING":
-        raise AdapterError(f"{adapter_path}: {PROMPT_TUNING_CANNOT_MERGE}")
-    if peft_type != "LORA":
-        raise AdapterError(f"{adapter_path} is a {peft_type or 'unknown'} adapter; merge_and_export merges LoRA adapters only.")
+    problem = merge_problem(str(info.get("peft_type", "")))
+    if problem:
+        raise AdapterError(f"{adapter_path}: {problem}")
     return info
 
 
@@ -127,13 +124,6 @@ def trained_on_4bit_logits(adapter_path: str, model_path: str | None, prompts: l
     """Logits of the model as it was trained (the 4-bit base with the adapter on top); the model is freed on return."""
     model, tokenizer = load_model_with_adapter(adapter_path, model_path, load_in_4bit=True)
     return prompt_logits(model, tokenizer, prompts)
-
-
-def release_memory() -> None:
-    """Give freed models' memory back before the next one loads (matters for a 7B base on one GPU)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def merge_and_export(adapter_path: str, output_dir: str, model_path: str | None = None, prompts: list[str] | None = None,

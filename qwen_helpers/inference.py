@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 
 from .data import DataValidationError, format_prompt, load_records
-from .modeling import device_type, load_base_model, load_tokenizer
+from .modeling import device_type, load_base_model, load_tokenizer, release_memory
 from .tiny import resolve_model_path
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -386,35 +386,49 @@ class Comparison:
         ]
 
 
-def load_each(adapter_paths: dict[str, str], model_path: str | None = None, include_base: bool = True) -> Iterator[tuple[str, object, object]]:
-    """Yield (name, model, tokenizer) for the base ("base") and then each adapter, each loaded on its own base in turn.
+def for_each_model(adapter_paths: dict[str, str], function, model_path: str | None = None, include_base: bool = True) -> dict:
+    """Call ``function(name, model, tokenizer)`` for the base ("base") and then each adapter; returns name -> result.
 
-    One at a time, because peft keeps one adapter kind per model (LoRA and a soft prompt cannot share one)
-    and a QLoRA adapter needs a 4-bit base.
+    One model at a time, freed before the next loads (two 7B models do not fit one GPU), because peft
+    keeps one adapter kind per model (LoRA and a soft prompt cannot share one) and QLoRA needs a 4-bit base.
     """
     base = model_path or (base_model_path_of(next(iter(adapter_paths.values()))) if adapter_paths else "tiny")
+    results = {}
     for name, path in (({"base": None} if include_base else {}) | adapter_paths).items():
         model, tokenizer = load_base_for_inference(base) if path is None else load_model_with_adapter(path, model_path)
-        yield name, model, tokenizer
+        results[name] = function(name, model, tokenizer)
         del model
+        release_memory()
+    return results
 
 
 def evaluate_adapters(adapter_paths: dict[str, str], records: list[dict], model_path: str | None = None, include_base: bool = True,
                       max_new_tokens: int = 64, batch_size: int = 8, **generate_kwargs) -> Comparison:
     """Generate with the base and each adapter and score them per task: the base-vs-adapters table."""
     comparison = Comparison(records)
-    for name, model, tokenizer in load_each(adapter_paths, model_path, include_base):
+
+    def answer(name, model, tokenizer):
         comparison.add(name, generate(model, tokenizer, records, max_new_tokens, batch_size, **generate_kwargs))
+
+    for_each_model(adapter_paths, answer, model_path, include_base)
     return comparison
+
+
+def merge_problem(peft_type: str) -> str | None:
+    """Why an adapter of this peft type cannot be merged into the base's weights (None for LoRA, the kind that can)."""
+    peft_type = peft_type.lower()
+    if peft_type == "prompt_tuning":
+        return PROMPT_TUNING_CANNOT_MERGE
+    if peft_type != "lora":
+        return f"merging is supported for LoRA adapters only; this one is {peft_type or 'of an unknown type'}."
+    return None
 
 
 def check_mergeable(model) -> None:
     """Raise :class:`AdapterError` unless ``model`` is a LoRA model on a 16/32-bit base (what merge_and_unload supports exactly)."""
-    peft_type = model.active_peft_config.peft_type.value.lower()
-    if peft_type == "prompt_tuning":
-        raise AdapterError(f"This model's adapter: {PROMPT_TUNING_CANNOT_MERGE}")
-    if peft_type != "lora":
-        raise AdapterError(f"Merging is supported here for LoRA adapters only; this one is {peft_type}.")
+    problem = merge_problem(model.active_peft_config.peft_type.value)
+    if problem:
+        raise AdapterError(f"This model's adapter: {problem}")
     if getattr(model.get_base_model(), "is_loaded_in_4bit", False):
         raise AdapterError(
             "This LoRA adapter sits on a 4-bit base: merging into 4-bit weights rounds the result. "

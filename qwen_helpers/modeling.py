@@ -166,6 +166,15 @@ def keep_4bit_weights_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def release_memory() -> None:
+    """Give freed models' memory back before the next one loads (matters for a 7B base on one GPU)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def tune_cpu_allocator() -> None:
     """Keep freed memory in glibc's heap instead of returning it to the OS after every step.
 
