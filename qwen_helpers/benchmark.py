@@ -518,6 +518,8 @@ def train_steps(model, batches: list[dict], warmup_steps: int, steps: int, autoc
     """Warm-up steps, then timed steps; tokens per second count real (non-pad) tokens only."""
     import torch
 
+    from .modeling import synchronize
+
     autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, None: None}[autocast]
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device == "cuda")
@@ -526,7 +528,7 @@ def train_steps(model, batches: list[dict], warmup_steps: int, steps: int, autoc
     losses, seconds, real_tokens, computed_tokens, sequences = [], [], 0, 0, 0
     for step in range(warmup_steps + steps):
         batch = {key: value.to(device) for key, value in batches[step % len(batches)].items()}
-        _synchronize(device)
+        synchronize()
         started = time.perf_counter()
         with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = model(**batch).loss
@@ -536,7 +538,7 @@ def train_steps(model, batches: list[dict], warmup_steps: int, steps: int, autoc
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        _synchronize(device)
+        synchronize()
         losses.append(float(loss.detach()))
         if step >= warmup_steps:
             seconds.append(time.perf_counter() - started)
@@ -553,13 +555,6 @@ def train_steps(model, batches: list[dict], warmup_steps: int, steps: int, autoc
         "loss_last": losses[-1],
         "loss_finite": all(math.isfinite(value) for value in losses),
     }
-
-
-def _synchronize(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------- the parent: plan, run, report

@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 
 from .data import DataValidationError, format_prompt, load_records
-from .modeling import device_type, load_base_model, load_tokenizer, release_memory
+from .modeling import device_type, load_base_model, load_tokenizer, release_memory, synchronize
 from .tiny import resolve_model_path
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -282,11 +282,6 @@ def generate_ids(model, tokenizer, records: list[dict], max_new_tokens: int = 64
     return [cut_at_stop(row, stops) for row in output.tolist()]
 
 
-def _synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def generate_timed(model, tokenizer, records: list[dict], max_new_tokens: int = 64, batch_size: int = 8, progress: bool = False, **generate_kwargs) -> list[dict]:
     """Answer every record in batches; per record: prediction, new tokens (EOS included) and its batch's time."""
     from tqdm.auto import tqdm
@@ -295,10 +290,10 @@ def generate_timed(model, tokenizer, records: list[dict], max_new_tokens: int = 
     with tqdm(total=len(records), desc="generating", unit="record", disable=not progress) as bar:
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
-            _synchronize()
+            synchronize()
             began = time.perf_counter()
             rows = generate_ids(model, tokenizer, chunk, max_new_tokens, **generate_kwargs)
-            _synchronize()
+            synchronize()
             seconds = time.perf_counter() - began
             for ids in rows:
                 text = tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -166,6 +166,12 @@ def keep_4bit_weights_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so a wall-clock timer measures the work itself (a no-op on a CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def release_memory() -> None:
     """Give freed models' memory back before the next one loads (matters for a 7B base on one GPU)."""
     import gc

@@ -176,7 +176,12 @@ class LossHistoryCallback(TrainerCallback):
             self.history.append({"step": state.global_step, "epoch": state.epoch, **logs})
 
     def train_losses(self) -> list[float]:
-        return [record["loss"] for record in self.history if "loss" in record]
+        return train_losses(self.history)
+
+
+def train_losses(history: list[dict]) -> list[float]:
+    """The training losses of a logged history, in order (evaluation records carry eval_loss instead)."""
+    return [record["loss"] for record in history if "loss" in record]
 
 
 class NanGuardCallback(TrainerCallback):
@@ -242,7 +247,7 @@ class TrainResult:
 
     @property
     def train_losses(self) -> list[float]:
-        return [record["loss"] for record in self.history if "loss" in record]
+        return train_losses(self.history)
 
 
 def resolve_resume(training_args: KitTrainingArguments):
