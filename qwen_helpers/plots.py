@@ -39,10 +39,35 @@ def plot_length_histogram(lengths_by_name: dict[str, list[int]], max_length: int
     return figure
 
 
+CJK_FONTS = ["Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "SimHei", "Microsoft YaHei", "PingFang SC"]
+ENGLISH_LABELS = {"正面": "positive", "负面": "negative", "中性": "neutral"}  # the sample data's sentiment labels
+
+
+def cjk_font() -> str | None:
+    """The first installed font that can draw Chinese, or None (then Chinese text would show as empty boxes)."""
+    from matplotlib import font_manager
+
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    return next((name for name in CJK_FONTS if name in installed), None)
+
+
+def displayable_labels(labels: list[str]) -> tuple[list[str], str]:
+    """Labels the installed fonts can draw, and a note when some had to be replaced (no CJK font here)."""
+    if all(label.isascii() for label in labels) or cjk_font():
+        return labels, ""
+    shown = [label if label.isascii() else ENGLISH_LABELS.get(label, f"label {index}") for index, label in enumerate(labels)]
+    return shown, "Chinese labels shown in English: no CJK font installed (e.g. apt install fonts-noto-cjk)"
+
+
 def plot_confusion_matrix(matrix, labels: list[str], title: str = "Confusion matrix") -> Figure:
     """A labelled confusion matrix (rows: true label, columns: predicted)."""
-    plt.rcParams["font.sans-serif"] = ["Noto Sans CJK SC", "WenQuanYi Zen Hei", "SimHei", "DejaVu Sans"]
+    font = cjk_font()
+    if font and plt.rcParams["font.sans-serif"][:1] != [font]:
+        plt.rcParams["font.sans-serif"] = [font, *plt.rcParams["font.sans-serif"]]
+    labels, note = displayable_labels(labels)
     figure, axes = plt.subplots(figsize=(4, 3.5))
+    if note:
+        figure.text(0.01, 0.01, note.strip(" ()"), fontsize=6, color="gray")
     image = axes.imshow(matrix, cmap="Blues")
     axes.set_xticks(range(len(labels)), labels=labels)
     axes.set_yticks(range(len(labels)), labels=labels)
