@@ -6,3 +6,9 @@ import warnings
 # every model load and are not something a user of this kit can act on.
 for _old_name in ("is_gradient_checkpointing", "gradient_checkpointing_enable"):
     warnings.filterwarnings("ignore", message=f"`{_old_name}` is deprecated", category=FutureWarning)
+
+# On AVX512-BF16 CPUs bitsandbytes tries to fetch an optional kernel from the Hugging Face hub and logs a
+# warning when it cannot; its own CPU kernels are used instead, so there is nothing for a user to fix.
+import logging
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
