@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .data import IGNORE_INDEX, label_set, load_records, make_collator, tokenize_example
+from .modeling import evaluation_mode
 
 METRICS_FILE = "classification_metrics.json"
 
@@ -80,17 +81,13 @@ def sequence_log_likelihoods(model, input_ids, attention_mask, labels) -> torch.
 @torch.no_grad()
 def score_labels(model, tokenizer, records: list[dict], labels: list[str], batch_size: int = 16) -> torch.Tensor:
     """Log-likelihood of each label (its tokens then ``<|im_end|>``) after each record's prompt: a (records, labels) tensor."""
-    was_training = model.training
-    model.eval()
     collator = make_collator(tokenizer)
     pairs = label_pairs(tokenizer, records, labels)
     scores = []
-    try:
+    with evaluation_mode(model):
         for start in range(0, len(pairs), batch_size):
             batch = collator(pairs[start : start + batch_size]).to(model.device)
             scores.append(sequence_log_likelihoods(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(scores).view(len(records), len(labels))
 
 

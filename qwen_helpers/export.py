@@ -12,7 +12,6 @@ the merged model is from what was trained (the 4-bit base + adapter).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 
 from .data import format_prompt
 from .inference import AdapterError, load_model_with_adapter, merge_problem, read_adapter_info
-from .modeling import folder_size, human_bytes, release_memory
+from .modeling import evaluation_mode, folder_size, human_bytes, release_memory
 
 DEFAULT_PROMPTS = [
     "把下面的句子翻译成英文。今天天气很好，我们去公园散步吧。",
@@ -60,22 +59,11 @@ class ExportReport:
         return "\n".join(lines + self.notes)
 
 
-@contextmanager
-def _evaluation_mode(model):
-    """Put ``model`` in eval mode (no dropout) for the block, then back to the mode it was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
 @torch.no_grad()
 def prompt_logits(model, tokenizer, prompts: list[str]) -> list[torch.Tensor]:
     """Logits at every position of each prompt, chat-formatted as in training, one prompt at a time (fp32, on the CPU)."""
     rows = []
-    with _evaluation_mode(model):
+    with evaluation_mode(model):
         for prompt in prompts:
             text = format_prompt(tokenizer, {"instruction": prompt})
             inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
