@@ -302,6 +302,15 @@ def generate_timed(model, tokenizer, records: list[dict], max_new_tokens: int = 
     return results
 
 
+def total_seconds(rows: list[dict]) -> float:
+    """Wall time of a :func:`generate_timed` run: each batch counted once (its records all carry its time)."""
+    seconds, index = 0.0, 0
+    while index < len(rows):
+        seconds += rows[index]["batch_seconds"]
+        index += rows[index]["batch_size"]
+    return seconds
+
+
 def generate(model, tokenizer, records: list[dict], max_new_tokens: int = 64, batch_size: int = 8, **generate_kwargs) -> list[str]:
     """Answer each record (instruction/input) with the model: left-padded batches, stop at ``<|im_end|>``, greedy by default."""
     return [row["prediction"] for row in generate_timed(model, tokenizer, records, max_new_tokens, batch_size, **generate_kwargs)]
@@ -441,8 +450,7 @@ def measure_throughput(model, tokenizer, records: list[dict], batch_size: int, m
     """New tokens per second of greedy generation over ``records`` at ``batch_size`` (tokens counted until EOS)."""
     generate_ids(model, tokenizer, records[:1], max_new_tokens=2)  # warm-up: first-call allocations and kernels
     rows = generate_timed(model, tokenizer, records, max_new_tokens, batch_size)
-    batch_seconds = {index // batch_size: row["batch_seconds"] for index, row in enumerate(rows)}
-    seconds = sum(batch_seconds.values())
+    seconds = total_seconds(rows)
     new_tokens = sum(row["new_tokens"] for row in rows)
     return {"batch_size": min(batch_size, len(records)), "records": len(records), "new_tokens": new_tokens, "seconds": seconds, "tokens_per_second": new_tokens / seconds}
 
@@ -535,7 +543,7 @@ def run_evaluation(args: InferenceArguments, model, tokenizer) -> None:
     with output.open("w", encoding="utf-8") as file:
         for record, row in zip(records, rows):
             file.write(json.dumps({**record, **row}, ensure_ascii=False) + "\n")
-    seconds = sum(row["batch_seconds"] for row in rows[:: args.batch_size])
+    seconds = total_seconds(rows)
     new_tokens = sum(row["new_tokens"] for row in rows)
     print(format_table(scores_by_task(records, [row["prediction"] for row in rows])))
     print(f"{len(records)} predictions written to {output}; {new_tokens} new tokens in {seconds:.1f} s ({new_tokens / seconds:.1f} tokens/s at batch {args.batch_size})")
