@@ -711,7 +711,7 @@ def _finish_row(row: dict, name: str, checkpointing: bool, estimate: dict, confi
     row = {"run": _run_id(name, checkpointing), "method": name, "label": method.label, "gradient_checkpointing": checkpointing,
            "precision": device_precision(method, environment["device"], environment.get("bf16_supported", False))[1], **row}
     row["estimate_bytes"] = estimate["total_bytes"]
-    measured = row.get("peak_above_start_bytes", row.get("peak_bytes"))
+    measured = measured_peak(row)
     row["estimate_ratio"] = estimate["total_bytes"] / measured if measured else None
     row["mfu"] = None
     if row.get("status") == "ok" and environment.get("peak_flops"):
@@ -721,10 +721,15 @@ def _finish_row(row: dict, name: str, checkpointing: bool, estimate: dict, confi
     return row
 
 
+def measured_peak(row: dict) -> int | None:
+    """The peak the tables report: above the process's start on a CPU (RSS), max_memory_allocated on CUDA."""
+    return row.get("peak_above_start_bytes", row.get("peak_bytes"))
+
+
 def _status_line(row: dict) -> str:
     if row["status"] != "ok":
         return f"{row['status']}: {row.get('error', '')[:200]}"
-    return (f"peak {row.get('peak_above_start_bytes', row['peak_bytes']) / GIB:.2f} GiB, {row['tokens_per_second']:,.0f} tokens/s, "
+    return (f"peak {measured_peak(row) / GIB:.2f} GiB, {row['tokens_per_second']:,.0f} tokens/s, "
             f"trainable {row['trainable']:,} ({row['trainable_percent']:.3f}%), {row['precision']}")
 
 
@@ -784,7 +789,7 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         ok = row["status"] == "ok"
-        measured = row.get("peak_above_start_bytes", row.get("peak_bytes"))
+        measured = measured_peak(row)
         cells = [
             row["label"] + ("" if ok else f" ({row['status']})"),
             row.get("precision", ""),
@@ -860,7 +865,7 @@ def write_results(result: BenchmarkResult) -> None:
         writer.writerows(result.rows)
     (folder / "results.md").write_text(results_markdown(result), encoding="utf-8")
     ok = [row for row in result.rows if row["status"] == "ok"]
-    measured = {row["run"]: row.get("peak_above_start_bytes", row["peak_bytes"]) / GIB for row in ok}
+    measured = {row["run"]: measured_peak(row) / GIB for row in ok}
     memory = {"measured": measured, "estimate": {row["run"]: row["estimate_bytes"] / GIB for row in ok}}
     plot_grouped_bars(memory, "peak memory (GiB)", "Peak memory per method").savefig(folder / "memory.png", dpi=100)
     throughput = {row["run"]: row["tokens_per_second"] for row in ok}
