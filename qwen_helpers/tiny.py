@@ -11,6 +11,7 @@ The tokenizer is rebuilt from the BPE ranks Alibaba ships in the ``dashscope`` p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -187,10 +188,23 @@ def cache_root() -> Path:
     return Path.home() / ".cache" / "qwen_helpers"
 
 
+def _file_signature(folder: Path) -> tuple:
+    """Name, size and modification time of each file: a cheap stat that changes whenever a file does."""
+    if not folder.is_dir():
+        return ()
+    return tuple((path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in sorted(folder.iterdir()) if path.is_file())
+
+
+@functools.lru_cache(maxsize=16)
+def _verified_build(folder: Path, signature: tuple) -> bool:
+    """:func:`is_complete_build`, hashed once per process for as long as the files' stat signature is unchanged."""
+    return is_complete_build(folder)
+
+
 def tiny_model_path(arch: str = "qwen2") -> Path:
     """Return the cached tiny checkpoint's folder, building it first if it is missing or damaged."""
     folder = cache_root() / f"tiny-{arch}"
-    if is_complete_build(folder):
+    if _verified_build(folder, _file_signature(folder)):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename, so concurrent notebooks never see a half-written folder.
