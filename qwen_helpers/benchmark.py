@@ -254,12 +254,12 @@ def parse_methods(methods: str, checkpointing: str = "both") -> list[tuple[str, 
 
 
 def device_precision(method: Method, device: str, bf16_supported: bool = True) -> tuple[str, str]:
-    """The precision a method really runs in here, and a note when it differs from what it asks for."""
-    if device != "cuda":
-        return "fp32", f"fp32 (CPU fallback from {method.precision})"
-    if method.precision == "bf16" and not bf16_supported:
-        return "fp16", "fp16 (no bf16 on this GPU)"
-    return method.precision, method.precision
+    """The precision a method really runs in here, and a note when it differs from what it asks for (the kit's one policy)."""
+    from .precision import decide_precision
+
+    precision = decide_precision(method.precision == "fp16", method.precision == "bf16", device=device,
+                                 bf16_supported=bf16_supported, missing_bf16="fp16")
+    return precision.effective, precision.label
 
 
 def peak_flops(device_name: str) -> float | None:

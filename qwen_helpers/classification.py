@@ -18,7 +18,10 @@ from pathlib import Path
 import torch
 
 from .data import IGNORE_INDEX, label_set, load_records, make_collator, tokenize_example
-from .modeling import evaluation_mode
+from .generation import generate, uses_soft_prompt
+from .methods import build_lora_config
+from .modeling import check_target_modules, evaluation_mode, load_tokenizer
+from .tiny import resolve_model_path
 
 METRICS_FILE = "classification_metrics.json"
 
@@ -59,8 +62,6 @@ def label_pairs(tokenizer, records: list[dict], labels: list[str]) -> list[dict]
 
 def virtual_token_count(model) -> int:
     """How many soft-prompt positions a prompt-tuned model puts in front of the input (0 for any other model)."""
-    from .inference import uses_soft_prompt
-
     return model.active_peft_config.num_virtual_tokens if uses_soft_prompt(model) else 0
 
 
@@ -121,8 +122,6 @@ def evaluate_classification(model, tokenizer, records: list[dict], labels: list[
     Returns the metrics of :func:`classification_metrics` with ``predictions`` and, when ``generation``,
     ``generation_exact_match``, ``generation_outside_labels`` (answers that are no label at all) and ``generated``.
     """
-    from .inference import generate
-
     true = [record["output"].strip() for record in records]
     predicted = predict_by_scoring(model, tokenizer, records, labels, batch_size)
     metrics = {"method": "label scoring: sum of log-probabilities of the label's tokens and <|im_end|>", **classification_metrics(true, predicted, labels)}
@@ -183,10 +182,6 @@ def build_sequence_classifier(model_path: str, labels: list[str], lora_args, dty
     """
     from peft import TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification
-
-    from .modeling import check_target_modules, load_tokenizer
-    from .train import build_lora_config
-    from .tiny import resolve_model_path
 
     tokenizer = load_tokenizer(model_path)
     model = AutoModelForSequenceClassification.from_pretrained(

@@ -7,32 +7,21 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments
-from .modeling import base_weights_size, folder_size, human_bytes
-
-METHOD_ARGUMENTS = {"lora": LoraArguments, "prompt_tuning": PromptTuningArguments}
+from .config import DataArguments, KitTrainingArguments, ModelArguments
+from .methods import get_method
 
 
 def parse_training_args(method: str, argv: list[str] | None = None, **defaults):
-    """Parse model, data, method and TrainingArguments flags; ``defaults`` override the dataclass defaults."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, METHOD_ARGUMENTS[method], KitTrainingArguments))
-    parser.set_defaults(**defaults)
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    """Parse model, data, method and TrainingArguments flags; ``defaults`` override the method's and the dataclasses' defaults.
 
-
-def report(result, model_path: str) -> str:
-    """The closing lines of a run: where the adapter went, its size against the base, the loss curve."""
-    output = Path(result.output_dir)
-    adapter = folder_size(output, "adapter_model.*")
-    base = base_weights_size(model_path)
-    losses = result.train_losses
-    lines = [
-        f"loss: {losses[0]:.3f} (first log) -> {losses[-1]:.3f} (last log) over {len(losses)} logs" if losses else "loss: nothing logged",
-        f"adapter saved to {output}/ ({human_bytes(adapter)}"
-        + (f"; the base model's weights are {human_bytes(base)}, {base / max(adapter, 1):,.0f}x larger)" if base else ")"),
-        f"loss curve: {output / 'loss_plot.png'}",
-    ]
-    return "\n".join(lines)
+    Returns (model, data, method, training) arguments; the method's is None for full fine-tuning (it has no flags).
+    """
+    kind = get_method(method)
+    groups = (ModelArguments, DataArguments, *([kind.arguments] if kind.arguments else []), KitTrainingArguments)
+    parser = HfArgumentParser(groups)
+    parser.set_defaults(**{**kind.command_defaults, **defaults})
+    parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return parsed if kind.arguments else (parsed[0], parsed[1], None, parsed[2])
 
 
 def weights_are_sharded(trainer) -> bool:
@@ -46,17 +35,12 @@ def weights_are_sharded(trainer) -> bool:
 def run_training_command(method: str, argv: list[str] | None = None, **defaults) -> int:
     """Entry point body of train_lora / train_qlora / train_prompt_tuning."""
     from .plots import plot_loss
-    from .train import NanGuardCallback, train
+    from .train import NanGuardCallback, report, train
 
     model_args, data_args, method_args, training_args = parse_training_args(method, argv, **defaults)
-    result = train(
-        model_args,
-        data_args,
-        training_args,
-        method=method,
-        lora_args=method_args if method == "lora" else None,
-        prompt_args=method_args if method == "prompt_tuning" else None,
-    )
+    prompt_args = method_args if get_method(method).adapter == "prompt_tuning" else None
+    lora_args = method_args if get_method(method).adapter == "lora" else None
+    result = train(model_args, data_args, training_args, method=method, lora_args=lora_args, prompt_args=prompt_args)
     sharded = weights_are_sharded(result.trainer)
     if not result.trainer.is_world_process_zero():
         return 0
@@ -68,7 +52,7 @@ def run_training_command(method: str, argv: list[str] | None = None, **defaults)
     else:
         from .classification import evaluate_run
 
-        evaluation = evaluate_run(result, data_args, method_args if method == "prompt_tuning" else None)  # classification data only
+        evaluation = evaluate_run(result, data_args, prompt_args)  # classification data only
         if evaluation:
             print(evaluation, flush=True)
     if result.stopped_by_nan_guard:

@@ -8,11 +8,19 @@ Trainer flag works on the command line, with the seed's defaults and the kit's p
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from transformers import TrainingArguments
+
+from .data import FieldMap
+from .precision import Precision, apply_precision_policy
+
+RUN_CONFIG = "run_config.json"  # the effective configuration, beside every adapter
+LOSS_HISTORY = "loss_history.json"
 
 
 @dataclass
@@ -58,9 +66,7 @@ class DataArguments:
         if self.max_length < 16:
             raise ValueError(f"--max_length {self.max_length} is too small for a chat-formatted example; use 128 or more.")
 
-    def field_map(self):
-        from .data import FieldMap
-
+    def field_map(self) -> FieldMap:
         return FieldMap(self.instruction_field, self.input_field, self.output_field, self.system_field)
 
 
@@ -111,7 +117,13 @@ class PromptTuningArguments:
 
 @dataclass
 class KitTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` with the kit's defaults and its precision policy applied before validation."""
+    """``TrainingArguments`` with the kit's defaults and its precision policy (:mod:`qwen_helpers.precision`) applied before validation.
+
+    ``fp16=True`` is the default, the seed's recipe; on a CPU the run trains in fp32 and says so in
+    ``precision_notice``, and bf16 is used only when asked (``--bf16 True``), on a GPU that has it.
+    ``precision`` keeps the decision (``precision.requested`` is the flag as given); ``fp16``/``bf16``
+    hold what the Trainer runs, since it refuses mixed precision on a CPU.
+    """
 
     output_dir: str = field(default="outputs/lora", metadata={"help": "Where the adapter and run files go."})
     overwrite_output_dir: bool = field(
@@ -127,12 +139,16 @@ class KitTrainingArguments(TrainingArguments):
     save_strategy: str = field(default="epoch", metadata={"help": "When to write resumable checkpoints (adapter only)."})
     save_total_limit: int | None = field(default=1, metadata={"help": "Keep only the last N checkpoints."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping; lower it if the loss spikes."})
+    fp16: bool = field(
+        default=True, metadata={"help": "FP16 mixed precision (the seed's recipe; fp32 with a notice on a CPU). --bf16 True asks for bf16 instead."}
+    )
+    precision: Precision | None = field(default=None, init=False, repr=False)
     precision_notice: str = field(default="", init=False, repr=False)
 
     def __post_init__(self):
-        from .modeling import apply_precision_policy
-
         check_deepspeed_installed(self.deepspeed)
+        if self.bf16:
+            self.fp16 = False  # --bf16 True replaces the default fp16 request
         self.precision_notice = apply_precision_policy(self)
         super().__post_init__()
 
@@ -154,3 +170,27 @@ def to_json_dict(*configs) -> dict:
         merged.update({key: value for key, value in values.items() if not key.startswith("_")})
     merged["cwd"] = os.getcwd()
     return merged
+
+
+def write_run_config(output_dir: str | os.PathLike, *configs, method: str, history: list[dict] | None = None, **extra) -> Path:
+    """Save a run's effective configuration as run_config.json beside the adapter (and its loss history): the one writer.
+
+    ``configs`` are the run's argument dataclasses; ``extra`` adds keys such as ``model_path`` when no
+    ``ModelArguments`` is passed. The precision request is kept beside the effective flags, so a CPU run
+    asked for fp16 still loads in fp16 for inference on a GPU.
+    """
+    run_config = {"method": method, "load_in_4bit": False, **to_json_dict(*configs), **extra}
+    precision = next((config.precision for config in configs if isinstance(getattr(config, "precision", None), Precision)), None)
+    if precision is not None:
+        run_config.update(requested_precision=precision.requested, effective_precision=precision.effective)
+    return write_run_files(output_dir, run_config, history)
+
+
+def write_run_files(output_dir: str | os.PathLike, run_config: dict, history: list[dict] | None = None) -> Path:
+    """Write ``run_config`` (and, when given, the loss history) as JSON in ``output_dir``; returns the run config's path."""
+    output = Path(output_dir)
+    path = output / RUN_CONFIG
+    path.write_text(json.dumps(run_config, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    if history is not None:
+        (output / LOSS_HISTORY).write_text(json.dumps(history, indent=2), encoding="utf-8")
+    return path

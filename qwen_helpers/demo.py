@@ -23,11 +23,10 @@ def main(argv=None) -> int:
 
     from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
     from .data import load_records
-    from .inference import generate
+    from .generation import generate
     from .modeling import load_base_model, load_tokenizer
-    from .cli import report
     from .plots import plot_loss
-    from .train import train
+    from .train import report, train
 
     output_dir = REPO / "outputs" / time.strftime("demo-lora-%Y%m%d-%H%M%S")
     prompts = load_records(REPO / "data" / "test.json")[:2]

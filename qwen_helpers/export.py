@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .data import format_prompt
-from .inference import AdapterError, load_model_with_adapter, merge_problem, read_adapter_info
+from .adapters import AdapterError, load_model_with_adapter, merge_problem, read_adapter_info
 from .modeling import evaluation_mode, folder_size, human_bytes, release_memory
 
 DEFAULT_PROMPTS = [

@@ -1,4 +1,4 @@
-"""Load the base model and tokenizer, decide precision in one place, quantise to 4-bit, check target modules."""
+"""Load the base model and tokenizer (precision comes from :mod:`qwen_helpers.precision`), quantise to 4-bit, check target modules."""
 
 from __future__ import annotations
 
@@ -11,49 +11,11 @@ from pathlib import Path
 
 import torch
 
-from .tiny import resolve_model_path
+from .allocator import tune_cpu_allocator
+from .precision import device_type, quantization_compute_dtype
+from .tiny import chat_template, resolve_model_path
 
 MIN_BITSANDBYTES = "0.48.0"  # first release whose 4-bit quantisation and Linear4bit run on a CPU
-
-
-def device_type() -> str:
-    """'cuda' when a CUDA GPU is visible, else 'cpu' (the kit's two supported devices)."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def apply_precision_policy(args) -> str:
-    """Decide fp16 / bf16 / fp32 for a TrainingArguments-like object, in place; return a notice for the log.
-
-    - CUDA + fp16: base weights fp16, trainable weights fp32 (peft upcasts adapters), autocast + loss scaling.
-    - CUDA + bf16: needs a GPU with bf16 (Ampere or newer); otherwise a clear error.
-    - CPU: fp16/bf16 fall back to fp32 (fp16 matmuls on CPU are slow and the Trainer refuses bf16 there).
-    """
-    on_cpu = device_type() != "cuda" or getattr(args, "use_cpu", False)
-    if on_cpu:
-        args.dataloader_pin_memory = False  # pinned memory only helps copies to a GPU
-    if not (args.fp16 or args.bf16):
-        return "precision: fp32"
-    if args.fp16 and args.bf16:
-        raise ValueError("Pass only one of --fp16 True and --bf16 True.")
-    asked = "fp16" if args.fp16 else "bf16"
-    if on_cpu:
-        args.fp16 = args.bf16 = False
-        return f"precision: fp32 (--{asked} True asked, but there is no CUDA GPU: mixed precision needs one, so training runs in fp32)"
-    if args.bf16 and not torch.cuda.is_bf16_supported():
-        raise ValueError(
-            f"--bf16 True: {torch.cuda.get_device_name()} has no bf16 support (it needs an Ampere or newer GPU). "
-            "Use --fp16 True instead (and keep --max_grad_norm 1.0)."
-        )
-    return f"precision: {asked} mixed (base weights {asked}, trainable weights fp32, autocast{' + loss scaling' if args.fp16 else ''}) on {torch.cuda.get_device_name()}"
-
-
-def base_dtype(args) -> torch.dtype:
-    """dtype of the frozen base weights under the precision policy (call after :func:`apply_precision_policy`)."""
-    if args.fp16:
-        return torch.float16
-    if args.bf16:
-        return torch.bfloat16
-    return torch.float32
 
 
 def load_tokenizer(model_path: str = "tiny"):
@@ -64,8 +26,6 @@ def load_tokenizer(model_path: str = "tiny"):
     if tokenizer.pad_token is None:  # Qwen1.5 base checkpoints ship without one
         tokenizer.pad_token = "<|endoftext|>"
     if tokenizer.chat_template is None:  # base (non-instruct) Qwen checkpoints
-        from .tiny import chat_template
-
         tokenizer.chat_template = chat_template()
     tokenizer.padding_side = "right"
     return tokenizer
@@ -119,8 +79,7 @@ def build_quantization_config(model_args, compute_dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     check_bitsandbytes(model_args.bnb_4bit_quant_type)
-    if model_args.bnb_4bit_compute_dtype != "auto":
-        compute_dtype = getattr(torch, model_args.bnb_4bit_compute_dtype)
+    compute_dtype = quantization_compute_dtype(model_args.bnb_4bit_compute_dtype, compute_dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
@@ -191,26 +150,6 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def tune_cpu_allocator() -> None:
-    """Keep freed memory in glibc's heap instead of returning it to the OS after every step.
-
-    CPU training of a 151,936-word vocabulary allocates and frees logits of hundreds of MB per step;
-    by default glibc maps and unmaps each one, and the page faults cost about a third of the step time.
-    """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # musl or another libc: nothing to tune
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1))
-    libc.mallopt(m_mmap_threshold, ctypes.c_int(2**31 - 1))
 
 
 def _local_device() -> str:

@@ -144,9 +144,7 @@ def preset_checkpoint(name: str, device: str) -> str:
 
 def _build_random_checkpoint(name: str, folder: Path, device: str) -> Path:
     import torch
-    from transformers import AutoModelForCausalLM
-
-    from .modeling import load_tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = preset_config(name)
     if config.vocab_size < VOCAB_SIZE:
@@ -156,7 +154,7 @@ def _build_random_checkpoint(name: str, folder: Path, device: str) -> Path:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     staging = folder.with_name(f".{folder.name}-{os.getpid()}")
     model.save_pretrained(staging)
-    load_tokenizer("tiny").save_pretrained(staging)
+    AutoTokenizer.from_pretrained(resolve_model_path("tiny")).save_pretrained(staging)  # the Qwen tokenizer, as shipped
     del model
     if device == "cuda":
         torch.cuda.empty_cache()

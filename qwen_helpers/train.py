@@ -6,33 +6,31 @@ which peft config wraps it; full fine-tuning (the benchmark's baseline) is the s
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
-from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments, to_json_dict
+from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments, write_run_config
 from .data import load_dataset_for_training, make_collator
+from .methods import get_method
 from .modeling import (
-    base_dtype,
+    base_weights_size,
     build_quantization_config,
     check_target_modules,
     count_parameters,
+    folder_size,
+    human_bytes,
     load_base_model,
     load_tokenizer,
 )
-from .tiny import resolve_model_path
+from .precision import base_dtype
 
 logger = logging.getLogger("qwen_helpers")
-Method = Literal["lora", "prompt_tuning", "full"]
-RUN_CONFIG = "run_config.json"
-LOSS_HISTORY = "loss_history.json"
 
 
 class OutputDirExistsError(FileExistsError):
@@ -90,35 +88,6 @@ def describe_distributed(trainer: Trainer) -> str:
     )
 
 
-def build_lora_config(lora_args: LoraArguments, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
-    """``LoraConfig`` from the kit's LoRA arguments (a causal LM unless ``task_type`` says otherwise)."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        task_type=task_type,
-        r=lora_args.lora_r,
-        lora_alpha=lora_args.lora_alpha,
-        lora_dropout=lora_args.lora_dropout,
-        target_modules=lora_args.target_module_list(),
-        modules_to_save=modules_to_save,
-        bias="none",
-    )
-
-
-def build_prompt_tuning_config(prompt_args: PromptTuningArguments, model_path: str):
-    """``PromptTuningConfig``; with TEXT init, peft tokenises the init text with the base's own tokenizer."""
-    from peft import PromptTuningConfig, PromptTuningInit, TaskType
-
-    text_init = prompt_args.prompt_tuning_init == "TEXT"
-    return PromptTuningConfig(
-        task_type=TaskType.CAUSAL_LM,
-        num_virtual_tokens=prompt_args.num_virtual_tokens,
-        prompt_tuning_init=PromptTuningInit.TEXT if text_init else PromptTuningInit.RANDOM,
-        prompt_tuning_init_text=prompt_args.prompt_init_text if text_init else None,
-        tokenizer_name_or_path=resolve_model_path(model_path) if text_init else None,
-    )
-
-
 def describe_text_init(tokenizer, prompt_args: PromptTuningArguments) -> str:
     """Say how peft 0.21 fits the init text to num_virtual_tokens (PromptEmbedding.__init__): it cuts or repeats the tokens."""
     if prompt_args.prompt_tuning_init != "TEXT":
@@ -129,18 +98,16 @@ def describe_text_init(tokenizer, prompt_args: PromptTuningArguments) -> str:
     return f"prompt init: TEXT {prompt_args.prompt_init_text!r} = {len(ids)} tokens {[tokenizer.decode([token]) for token in ids]}, {how}"
 
 
-def attach_adapter(model, method: Method, model_path: str, lora_args=None, prompt_args=None):
-    """Wrap the base with a peft adapter (or, for full fine-tuning, leave every weight trainable)."""
+def attach_adapter(model, method: str, model_path: str, lora_args=None, prompt_args=None):
+    """Wrap the base with the method's peft adapter (see :mod:`qwen_helpers.methods`); full fine-tuning leaves every weight trainable."""
     from peft import get_peft_model
 
-    if method == "full":
+    kind = get_method(method)
+    if kind.adapter == "full":
         return model
-    if method == "lora":
+    if kind.adapter == "lora":
         check_target_modules(model, lora_args.target_module_list())
-        return get_peft_model(model, build_lora_config(lora_args))
-    if method == "prompt_tuning":
-        return get_peft_model(model, build_prompt_tuning_config(prompt_args, model_path))
-    raise ValueError(f"Unknown method {method!r}: use 'lora', 'prompt_tuning' or 'full'.")
+    return get_peft_model(model, kind.peft_config(lora_args if kind.adapter == "lora" else prompt_args, model_path))
 
 
 def load_model_for_training(model_args: ModelArguments, training_args: KitTrainingArguments):
@@ -274,14 +241,20 @@ def train(
     model_args: ModelArguments,
     data_args: DataArguments,
     training_args: KitTrainingArguments,
-    method: Method = "lora",
+    method: str = "lora",
     lora_args: LoraArguments | None = None,
     prompt_args: PromptTuningArguments | None = None,
     callbacks: list | None = None,
     save: bool = True,
 ) -> TrainResult:
-    """Train one adapter end to end and save it (adapter weights, tokenizer, run config, loss history) to output_dir."""
-    if method == "full" and save:
+    """Train one adapter end to end and save it (adapter weights, tokenizer, run config, loss history) to output_dir.
+
+    ``method`` is a name of :data:`qwen_helpers.methods.METHODS` ("lora", "prompt_tuning", "qlora", "full").
+    """
+    adapter = get_method(method).adapter
+    if get_method(method).load_in_4bit and not model_args.load_in_4bit:
+        raise ValueError(f"method {method!r} trains on a 4-bit base: pass ModelArguments(load_in_4bit=True) (--load_in_4bit True).")
+    if adapter == "full" and save:
         raise ValueError("Full fine-tuning is the benchmark's baseline only; the kit saves adapters, never full weights.")
     check_distributed_launch(training_args)
     resume = resolve_resume(training_args)
@@ -297,7 +270,7 @@ def train(
             else None
         )
     notes.append(f"data: {data_args.data_path}: {train_data.summary()}")
-    if method == "prompt_tuning":
+    if adapter == "prompt_tuning":
         notes.append(describe_text_init(tokenizer, prompt_args))
 
     set_seed(training_args.seed)  # the adapter's initial weights are reproducible, and the same on every rank
@@ -335,24 +308,30 @@ def train(
         notes=notes,
     )
     if save:
-        save_run(result, model_args, data_args, training_args, lora_args if method == "lora" else prompt_args, method)
+        save_run(result, model_args, data_args, training_args, lora_args if adapter == "lora" else prompt_args, method)
     return result
 
 
-def save_run(result: TrainResult, model_args, data_args, training_args, method_args, method: Method) -> None:
+def save_run(result: TrainResult, model_args, data_args, training_args, method_args, method: str) -> None:
     """Write the adapter (never the full model), tokenizer, effective config and loss history to the output folder."""
     trainer = result.trainer
     trainer.save_model(result.output_dir)  # a PeftModel saves only adapter_model.safetensors + adapter_config.json
     if not trainer.is_world_process_zero():
         return
     configs = [model_args, data_args, training_args] + ([method_args] if method_args is not None else [])
-    run_config = {"method": method, "load_in_4bit": model_args.load_in_4bit, **to_json_dict(*configs)}
-    run_config["stopped_by_nan_guard"] = result.stopped_by_nan_guard
-    write_run_files(result.output_dir, run_config, result.history)
+    write_run_config(result.output_dir, *configs, method=method, history=result.history, stopped_by_nan_guard=result.stopped_by_nan_guard)
 
 
-def write_run_files(output_dir: str, run_config: dict, history: list[dict]) -> None:
-    """Save the effective configuration and the loss history as JSON beside the adapter."""
-    output = Path(output_dir)
-    (output / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    (output / LOSS_HISTORY).write_text(json.dumps(history, indent=2), encoding="utf-8")
+def report(result, model_path: str) -> str:
+    """The closing lines of a run: where the adapter went, its size against the base, the loss curve."""
+    output = Path(result.output_dir)
+    adapter = folder_size(output, "adapter_model.*")
+    base = base_weights_size(model_path)
+    losses = result.train_losses
+    lines = [
+        f"loss: {losses[0]:.3f} (first log) -> {losses[-1]:.3f} (last log) over {len(losses)} logs" if losses else "loss: nothing logged",
+        f"adapter saved to {output}/ ({human_bytes(adapter)}"
+        + (f"; the base model's weights are {human_bytes(base)}, {base / max(adapter, 1):,.0f}x larger)" if base else ")"),
+        f"loss curve: {output / 'loss_plot.png'}",
+    ]
+    return "\n".join(lines)

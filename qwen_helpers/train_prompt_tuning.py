@@ -10,7 +10,7 @@ from .cli import run_training_command
 
 
 def main(argv=None) -> int:
-    return run_training_command("prompt_tuning", argv, learning_rate=3e-2, output_dir="outputs/prompt_tuning")
+    return run_training_command("prompt_tuning", argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from .cli import run_training_command
 
 
 def main(argv=None) -> int:
-    return run_training_command("lora", argv, load_in_4bit=True, activation_checkpointing=True, output_dir="outputs/qlora")
+    return run_training_command("qlora", argv)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ import pytest
 import sacrebleu
 import torch
 
-from qwen_helpers import inference
-from qwen_helpers.inference import AdapterError
+from qwen_helpers import adapters, data, evaluation, generation, inference, methods, precision
+from qwen_helpers.adapters import AdapterError
 from qwen_helpers.metrics import corpus_bleu, corpus_chrf, exact_match, generation_scores, scores_by_task
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -39,13 +39,13 @@ def lora_adapter(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_model(lora_adapter):
-    return inference.load_model_with_adapter(lora_adapter)
+    return adapters.load_model_with_adapter(lora_adapter)
 
 
 @pytest.fixture(scope="module")
 def base_model():
     """The tiny base, loaded once; tests that change it work on a deep copy."""
-    model, _ = inference.load_base_for_inference("tiny")
+    model, _ = adapters.load_base_for_inference("tiny")
     return model
 
 
@@ -88,10 +88,10 @@ def logits(model, tokenizer, texts):
 def test_left_padded_batch_equals_one_by_one(lora_model, test_records):
     model, tokenizer = lora_model
     records = [test_records[index] for index in (0, 2, 9)]
-    lengths = {len(tokenizer(inference.format_prompt(tokenizer, record))["input_ids"]) for record in records}
+    lengths = {len(tokenizer(data.format_prompt(tokenizer, record))["input_ids"]) for record in records}
     assert len(lengths) > 1, "the records must differ in length, or no padding happens"
-    batched = inference.generate_ids(model, tokenizer, records, max_new_tokens=8)
-    one_by_one = [inference.generate_ids(model, tokenizer, [record], max_new_tokens=8)[0] for record in records]
+    batched = generation.generate_ids(model, tokenizer, records, max_new_tokens=8)
+    one_by_one = [generation.generate_ids(model, tokenizer, [record], max_new_tokens=8)[0] for record in records]
     assert batched == one_by_one
     assert tokenizer.padding_side == "right", "generation must restore the training padding side"
 
@@ -113,9 +113,9 @@ def test_generation_stops_at_im_end(base_model, tokenizer, test_records):
 
     handle = model.lm_head.register_forward_hook(force_im_end)
     try:
-        rows = inference.generate_timed(model, tokenizer, test_records[:2], max_new_tokens=12, batch_size=2)
+        rows = generation.generate_timed(model, tokenizer, test_records[:2], max_new_tokens=12, batch_size=2)
         calls.clear()
-        ids = inference.generate_ids(model, tokenizer, test_records[:2], max_new_tokens=12)
+        ids = generation.generate_ids(model, tokenizer, test_records[:2], max_new_tokens=12)
     finally:
         handle.remove()
     assert len(calls) == 6, "generate must stop once every row has produced <|im_end|>, not run to max_new_tokens"
@@ -128,8 +128,8 @@ def test_generation_stops_at_im_end(base_model, tokenizer, test_records):
 
 def test_stream_yields_the_greedy_answer(lora_model, test_records):
     model, tokenizer = lora_model
-    pieces = list(inference.stream(model, tokenizer, test_records[3], max_new_tokens=10))
-    assert "".join(pieces).strip() == inference.generate(model, tokenizer, [test_records[3]], max_new_tokens=10)[0]
+    pieces = list(generation.stream(model, tokenizer, test_records[3], max_new_tokens=10))
+    assert "".join(pieces).strip() == generation.generate(model, tokenizer, [test_records[3]], max_new_tokens=10)[0]
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -151,9 +151,9 @@ def test_several_adapters_on_one_base(lora_adapter, base_model, tmp_path, test_r
     from peft import LoraConfig
 
     identity = saved_adapter(copy.deepcopy(base_model), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]), tmp_path / "identity")
-    model, tokenizer = inference.load_adapters({"trained": lora_adapter, "identity": identity})
+    model, tokenizer = adapters.load_adapters({"trained": lora_adapter, "identity": identity})
     assert set(model.peft_config) == {"trained", "identity"}
-    table = inference.compare_adapters(model, tokenizer, test_records[:2], max_new_tokens=4)
+    table = evaluation.compare_adapters(model, tokenizer, test_records[:2], max_new_tokens=4)
     assert len(table) == 2
     assert {"instruction", "input", "reference", "base", "trained", "identity"} <= set(table[0])
     assert [row["identity"] for row in table] == [row["base"] for row in table]
@@ -161,12 +161,12 @@ def test_several_adapters_on_one_base(lora_adapter, base_model, tmp_path, test_r
 
 def test_prompt_tuning_adapter_loads_and_cannot_merge(prompt_adapter, base_model, tokenizer, test_records):
     """A soft-prompt model answers; with its adapter disabled it answers exactly as the base; it refuses to merge."""
-    model, _ = inference.load_model_with_adapter(prompt_adapter)
-    table = inference.compare_adapters(model, tokenizer, test_records[:2], max_new_tokens=4)
-    assert [row["base"] for row in table] == inference.generate(base_model, tokenizer, test_records[:2], max_new_tokens=4)
+    model, _ = adapters.load_model_with_adapter(prompt_adapter)
+    table = evaluation.compare_adapters(model, tokenizer, test_records[:2], max_new_tokens=4)
+    assert [row["base"] for row in table] == generation.generate(base_model, tokenizer, test_records[:2], max_new_tokens=4)
     assert all(isinstance(row["default"], str) for row in table)
     with pytest.raises(AdapterError, match="soft prompt is an input"):
-        inference.merged_copy(model)
+        adapters.merged_copy(model)
 
 
 def test_qlora_adapter_loads_on_a_4bit_base(base_model, tmp_path, test_records):
@@ -176,23 +176,23 @@ def test_qlora_adapter_loads_on_a_4bit_base(base_model, tmp_path, test_records):
 
     path = saved_adapter(copy.deepcopy(base_model), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]), tmp_path / "qlora")
     (tmp_path / "qlora" / "run_config.json").write_text(json.dumps({"model_path": "tiny", "load_in_4bit": True}))
-    model, tokenizer = inference.load_model_with_adapter(path)
-    assert inference.adapter_kind(inference.read_adapter_info(path)) == "qlora"
+    model, tokenizer = adapters.load_model_with_adapter(path)
+    assert methods.adapter_kind(adapters.read_adapter_info(path)) == "qlora"
     assert isinstance(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
-    assert len(inference.generate_ids(model, tokenizer, test_records[:1], max_new_tokens=3)[0]) <= 3
+    assert len(generation.generate_ids(model, tokenizer, test_records[:1], max_new_tokens=3)[0]) <= 3
     with pytest.raises(AdapterError, match="4-bit base"):
-        inference.merged_copy(model)
+        adapters.merged_copy(model)
 
 
 def test_missing_adapter_folder(tmp_path):
     with pytest.raises(AdapterError, match=f"{tmp_path / 'nowhere'} does not exist"):
-        inference.load_model_with_adapter(str(tmp_path / "nowhere"))
+        adapters.load_model_with_adapter(str(tmp_path / "nowhere"))
 
 
 def test_folder_without_adapter_config(tmp_path, tiny_path):
     (tmp_path / "config.json").write_text((Path(tiny_path) / "config.json").read_text())
     with pytest.raises(AdapterError, match="no adapter_config.json.*full model folder"):
-        inference.load_model_with_adapter(str(tmp_path))
+        adapters.load_model_with_adapter(str(tmp_path))
 
 
 def test_lora_of_another_width_is_rejected(base_model, tmp_path):
@@ -201,7 +201,7 @@ def test_lora_of_another_width_is_rejected(base_model, tmp_path):
 
     path = saved_adapter(small_qwen2(), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]), tmp_path / "narrow")
     with pytest.raises(AdapterError, match=f"{path} does not fit this base model"):
-        inference.load_adapter(copy.deepcopy(base_model), path)
+        adapters.load_adapter(copy.deepcopy(base_model), path)
 
 
 def test_soft_prompt_of_another_width_is_rejected(base_model, tmp_path):
@@ -210,7 +210,7 @@ def test_soft_prompt_of_another_width_is_rejected(base_model, tmp_path):
 
     path = saved_adapter(small_qwen2(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), tmp_path / "narrow_prompt")
     with pytest.raises(AdapterError, match="soft prompt vectors have 64 dimensions"):
-        inference.load_adapter(copy.deepcopy(base_model), path)
+        adapters.load_adapter(copy.deepcopy(base_model), path)
 
 
 def test_adapter_of_another_architecture_is_rejected(base_model, tmp_path):
@@ -226,7 +226,7 @@ def test_adapter_of_another_architecture_is_rejected(base_model, tmp_path):
     lora = LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"])
     path = saved_adapter(qwen3, lora, tmp_path / "qwen3_lora", base_model_path=str(tmp_path / "qwen3_base"))
     with pytest.raises(AdapterError, match="model_type is qwen3 in its base, qwen2 here"):
-        inference.load_adapter(copy.deepcopy(base_model), path)
+        adapters.load_adapter(copy.deepcopy(base_model), path)
 
 
 # ------------------------------------------------------------------------------------------ merging and speed
@@ -238,7 +238,7 @@ def test_merged_copy_has_the_logits_of_base_plus_adapter(lora_model):
     with model.disable_adapter():
         base_logits = logits(model, tokenizer, texts)
     adapter_logits = logits(model, tokenizer, texts)
-    merged = inference.merged_copy(model)
+    merged = adapters.merged_copy(model)
     assert not hasattr(merged, "peft_config"), "merge_and_unload must leave a plain transformers model"
     assert (adapter_logits - base_logits).abs().max() > 1e-4, "the trained adapter must change the logits"
     torch.testing.assert_close(logits(merged, tokenizer, texts), adapter_logits, atol=1e-4, rtol=1e-4)
@@ -247,7 +247,7 @@ def test_merged_copy_has_the_logits_of_base_plus_adapter(lora_model):
 
 def test_throughput_table_rows(lora_model, test_records):
     model, tokenizer = lora_model
-    rows = inference.throughput_table(model, tokenizer, test_records[:2], batch_sizes=(1, 2), max_new_tokens=3)
+    rows = evaluation.throughput_table(model, tokenizer, test_records[:2], batch_sizes=(1, 2), max_new_tokens=3)
     assert [(row["model"], row["batch_size"]) for row in rows] == [(name, size) for name in ("base", "adapter", "merged") for size in (1, 2)]
     assert all(0 < row["new_tokens"] <= 2 * 3 and row["tokens_per_second"] > 0 for row in rows)
 
@@ -267,7 +267,7 @@ def test_metrics_match_sacrebleu_called_directly():
 
 def test_comparison_scores_each_model_per_task():
     records = [{"instruction": "q", "output": "东京。", "task": "qa"}, {"instruction": "t", "output": "Good morning.", "task": "translate_zh_en"}]
-    comparison = inference.Comparison(records)
+    comparison = evaluation.Comparison(records)
     comparison.add("base", ["北京。", "Good evening."])
     comparison.add("lora", ["东京。", "Good morning."])
     assert [(row["model"], row["task"]) for row in comparison.overall()] == [("base", "all"), ("lora", "all")]
@@ -336,14 +336,12 @@ def test_command_refuses_to_merge_a_prompt_tuning_adapter(prompt_adapter, tmp_pa
 
 
 def test_inference_dtype_follows_the_runs_precision_on_a_gpu(monkeypatch):
-    import qwen_helpers.inference as inference
-
-    monkeypatch.setattr(inference, "device_type", lambda: "cuda")
+    monkeypatch.setattr(precision, "device_type", lambda: "cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert inference.inference_dtype({"bf16": True, "fp16": False}) == torch.bfloat16
-    assert inference.inference_dtype({"bf16": False, "fp16": True}) == torch.float16
-    assert inference.inference_dtype(None) == torch.float16  # the seed's model.half()
+    assert precision.inference_dtype({"bf16": True, "fp16": False}) == torch.bfloat16
+    assert precision.inference_dtype({"bf16": False, "fp16": True}) == torch.float16
+    assert precision.inference_dtype(None) == torch.float16  # the seed's model.half()
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert inference.inference_dtype({"bf16": True}) == torch.float16
-    monkeypatch.setattr(inference, "device_type", lambda: "cpu")
-    assert inference.inference_dtype({"bf16": True}) == torch.float32
+    assert precision.inference_dtype({"bf16": True}) == torch.float16
+    monkeypatch.setattr(precision, "device_type", lambda: "cpu")
+    assert precision.inference_dtype({"bf16": True}) == torch.float32

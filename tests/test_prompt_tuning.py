@@ -9,9 +9,10 @@ from peft import PeftModel, PromptTuningConfig, PromptTuningInit, TaskType, get_
 from qwen_helpers import train_prompt_tuning
 from qwen_helpers.config import PromptTuningArguments
 from qwen_helpers.data import format_prompt, load_records
-from qwen_helpers.inference import generate_new_tokens
+from qwen_helpers.generation import generate_new_tokens
 from qwen_helpers.modeling import load_base_model
-from qwen_helpers.train import build_prompt_tuning_config, describe_text_init
+from qwen_helpers.methods import build_prompt_tuning_config
+from qwen_helpers.train import describe_text_init
 
 from conftest import DATA
 

@@ -130,7 +130,7 @@ def test_merged_model_matches_16bit_base_plus_adapter(qlora_adapter, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from qwen_helpers.export import DEFAULT_PROMPTS, merge_and_export, max_logits_difference
-    from qwen_helpers.inference import load_model_with_adapter
+    from qwen_helpers.adapters import load_model_with_adapter
 
     report = merge_and_export(qlora_adapter, str(tmp_path / "merged"))
     assert report.max_abs_diff_vs_16bit_adapter < 1e-4
@@ -145,7 +145,7 @@ def test_merged_model_matches_16bit_base_plus_adapter(qlora_adapter, tmp_path):
 
 def test_export_refuses_prompt_tuning_and_a_full_folder(qlora_adapter, tmp_path):
     from qwen_helpers.export import ExportDirExistsError, merge_and_export
-    from qwen_helpers.inference import AdapterError
+    from qwen_helpers.adapters import AdapterError
 
     prompt_tuning = tmp_path / "prompt_tuning"
     prompt_tuning.mkdir()

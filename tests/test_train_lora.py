@@ -12,9 +12,10 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from qwen_helpers import modeling
+from qwen_helpers import modeling, precision
 from qwen_helpers.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
-from qwen_helpers.train import NanGuardCallback, OutputDirExistsError, build_lora_config, train
+from qwen_helpers.methods import build_lora_config
+from qwen_helpers.train import NanGuardCallback, OutputDirExistsError, train
 
 ADAPTER_FILES = {"adapter_model.safetensors", "adapter_config.json", "run_config.json", "loss_history.json", "tokenizer.json"}
 
@@ -44,7 +45,7 @@ def test_command_writes_only_the_adapter_and_plain_peft_loads_it(tmp_path, small
     history = json.loads((output / "loss_history.json").read_text())
     assert [record["step"] for record in history if "loss" in record] == [1, 2, 3]
 
-    from qwen_helpers.inference import load_model_with_adapter
+    from qwen_helpers.adapters import load_model_with_adapter
 
     kit_model, tokenizer = load_model_with_adapter(str(output))
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path), str(output)).eval()
@@ -73,20 +74,20 @@ def test_fp16_base_keeps_lora_weights_in_fp32(tiny_path):
 def test_precision_policy(monkeypatch):
     on_cpu = KitTrainingArguments(output_dir="x", fp16=True)
     assert not on_cpu.fp16 and "no CUDA GPU" in on_cpu.precision_notice
-    assert modeling.base_dtype(on_cpu) == torch.float32
+    assert precision.base_dtype(on_cpu) == torch.float32
 
     class GpuArgs:
         fp16, bf16, use_cpu, dataloader_pin_memory = True, False, False, True
 
-    monkeypatch.setattr(modeling, "device_type", lambda: "cuda")
+    monkeypatch.setattr(precision, "device_type", lambda: "cuda")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     gpu = GpuArgs()
-    assert "fp16 mixed" in modeling.apply_precision_policy(gpu) and gpu.fp16
-    assert modeling.base_dtype(gpu) == torch.float16
+    assert "fp16 mixed" in precision.apply_precision_policy(gpu) and gpu.fp16
+    assert precision.base_dtype(gpu) == torch.float16
     gpu.fp16, gpu.bf16 = False, True
     with pytest.raises(ValueError, match="no bf16 support.*--fp16 True"):
-        modeling.apply_precision_policy(gpu)
+        precision.apply_precision_policy(gpu)
 
 
 def test_gradient_checkpointing_still_reaches_lora(tiny_path, tokenizer):

@@ -1,0 +1,141 @@
+"""Generate with a loaded model: chat-formatted prompts, left-padded batches, stop at ``<|im_end|>``, a soft prompt once.
+
+Prompts are formatted by :func:`qwen_helpers.data.format_prompt`, the same function training uses;
+generation stops at ``<|im_end|>`` (the end of an assistant turn) and batches are left-padded, so
+the last prompt token of every row sits next to its first new token.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Iterator
+
+import torch
+
+from .data import format_prompt
+from .modeling import synchronize
+
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # end of an assistant turn; end of a document (base models)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Ids that end an answer: ``<|im_end|>`` first, then ``<|endoftext|>``."""
+    return [tokenizer.convert_tokens_to_ids(token) for token in STOP_TOKENS]
+
+
+def cut_at_stop(token_ids: list[int], stop_ids: list[int]) -> list[int]:
+    """The new tokens up to and including the first stop token (padding after it removed)."""
+    for position, token in enumerate(token_ids):
+        if token in stop_ids:
+            return token_ids[: position + 1]
+    return token_ids
+
+
+def uses_soft_prompt(model) -> bool:
+    """True for a peft model whose active adapter is a soft prompt put in front of the input embeddings (prompt tuning, p-tuning)."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or getattr(model, "_adapters_disabled", False):  # inside disable_adapter() the base runs alone
+        return False
+    return str(config.peft_type.value) in ("PROMPT_TUNING", "P_TUNING")
+
+
+@torch.no_grad()
+def generate_new_tokens(model, batch, **generate_kwargs):
+    """``model.generate`` on a tokenised batch, keeping only the new tokens (in ``.sequences`` with ``return_dict_in_generate``).
+
+    A soft prompt is prepended once, as input embeddings, and the base generates from them: peft 0.21's own
+    ``generate`` looks for ``past_key_values``, which transformers 5 calls ``cache``, so it re-inserts the
+    virtual tokens at every step and every token after the first comes from a corrupted cache.
+    """
+    if uses_soft_prompt(model):
+        word_embeddings = model.get_input_embeddings()(batch["input_ids"])
+        soft_prompt = model.get_prompt(batch_size=word_embeddings.shape[0]).to(word_embeddings.dtype)
+        prompt_mask = batch["attention_mask"].new_ones(soft_prompt.shape[:2])
+        return model.get_base_model().generate(
+            inputs_embeds=torch.cat([soft_prompt, word_embeddings], dim=1),
+            attention_mask=torch.cat([prompt_mask, batch["attention_mask"]], dim=1),
+            **generate_kwargs,
+        )  # generating from embeddings, transformers returns only the new tokens
+    output = model.generate(**batch, **generate_kwargs)
+    prompt_length = batch["input_ids"].shape[1]
+    if generate_kwargs.get("return_dict_in_generate"):
+        output.sequences = output.sequences[:, prompt_length:]
+        return output
+    return output[:, prompt_length:]
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, records: list[dict], max_new_tokens: int = 64, **generate_kwargs) -> list[list[int]]:
+    """New token ids for one left-padded batch of records, each cut after its first stop token; greedy by default."""
+    previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        prompts = [format_prompt(tokenizer, record) for record in records]
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    finally:
+        tokenizer.padding_side = previous_side
+    generate_kwargs.setdefault("do_sample", False)
+    output = generate_new_tokens(
+        model, batch, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, **generate_kwargs
+    )
+    stops = stop_token_ids(tokenizer)
+    return [cut_at_stop(row, stops) for row in output.tolist()]
+
+
+def generate_timed(model, tokenizer, records: list[dict], max_new_tokens: int = 64, batch_size: int = 8, progress: bool = False, **generate_kwargs) -> list[dict]:
+    """Answer every record in batches; per record: prediction, new tokens (EOS included) and its batch's time."""
+    from tqdm.auto import tqdm
+
+    results = []
+    with tqdm(total=len(records), desc="generating", unit="record", disable=not progress) as bar:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            synchronize()
+            began = time.perf_counter()
+            rows = generate_ids(model, tokenizer, chunk, max_new_tokens, **generate_kwargs)
+            synchronize()
+            seconds = time.perf_counter() - began
+            for ids in rows:
+                text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                results.append({"prediction": text, "new_tokens": len(ids), "batch_seconds": round(seconds, 4), "batch_size": len(chunk)})
+            bar.update(len(chunk))
+    return results
+
+
+def total_seconds(rows: list[dict]) -> float:
+    """Wall time of a :func:`generate_timed` run: each batch counted once (its records all carry its time)."""
+    seconds, index = 0.0, 0
+    while index < len(rows):
+        seconds += rows[index]["batch_seconds"]
+        index += rows[index]["batch_size"]
+    return seconds
+
+
+def generate(model, tokenizer, records: list[dict], max_new_tokens: int = 64, batch_size: int = 8, **generate_kwargs) -> list[str]:
+    """Answer each record (instruction/input) with the model: left-padded batches, stop at ``<|im_end|>``, greedy by default."""
+    return [row["prediction"] for row in generate_timed(model, tokenizer, records, max_new_tokens, batch_size, **generate_kwargs)]
+
+
+def stream(model, tokenizer, record: dict, max_new_tokens: int = 64, **generate_kwargs) -> Iterator[str]:
+    """Yield the answer to one record piece by piece as it is generated (``TextIteratorStreamer`` + a thread)."""
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    inputs = tokenizer([format_prompt(tokenizer, record)], return_tensors="pt", add_special_tokens=False).to(model.device)
+    generate_kwargs.setdefault("do_sample", False)
+    errors = []
+
+    def run():
+        try:
+            generate_new_tokens(model, inputs, streamer=streamer, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer),
+                                pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
+        except Exception as error:  # re-raised below, in the caller's thread
+            errors.append(error)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]
