@@ -58,8 +58,9 @@ def test_system_field_is_honoured_and_extra_fields_kept(tokenizer):
 
 def test_other_schemas_map_by_field_names():
     fields = FieldMap(instruction="question", input="context", output="answer")
-    (record,) = load_records([{"question": "2+2?", "answer": "4"}], fields)
+    record, with_context = load_records([{"question": "2+2?", "answer": "4"}, {"question": "Sum?", "context": "1, 2", "answer": "3"}], fields)
     assert (record["instruction"], record["input"], record["output"]) == ("2+2?", "", "4")
+    assert with_context["input"] == "1, 2"
 
 
 def test_jsonl_is_read(tmp_path):
