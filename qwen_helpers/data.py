@@ -513,6 +513,35 @@ def load_dataset_for_training(tokenizer, path, max_length: int, overflow: Overfl
         raise DataValidationError(f"{path}, {error}") from None
 
 
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+def is_base_checkpoint(tokenizer) -> bool:
+    """True for a base (pre-trained only) Qwen: its eos is not ``<|im_end|>`` although the vocabulary has it.
+
+    The rule follows the released files: every Qwen1.5/2/2.5/3 base checkpoint sets ``eos_token`` to
+    ``<|endoftext|>`` (end of a document), every chat/instruct one to ``<|im_end|>`` (end of a turn).
+    A base model's ``<|im_start|>``/``<|im_end|>`` embeddings were never trained.
+    """
+    vocabulary = tokenizer.get_vocab()
+    return all(token in vocabulary for token in CHAT_TOKENS) and tokenizer.eos_token != "<|im_end|>"
+
+
+def chat_tokens_to_train(tokenizer, train_chat_tokens: bool | None = None) -> tuple[list[int], str | None]:
+    """The embedding rows to train besides LoRA (peft ``trainable_token_indices``) and a one-line notice.
+
+    ``None`` (the default) decides from the checkpoint: a base model also learns ``<|im_start|>`` and
+    ``<|im_end|>`` (untrained rows are why fine-tuned base models never stop); True/False force it.
+    """
+    base = is_base_checkpoint(tokenizer)
+    train = base if train_chat_tokens is None else train_chat_tokens
+    if not train:
+        return [], None
+    ids = tokenizer.convert_tokens_to_ids(list(CHAT_TOKENS))
+    why = f"base checkpoint (eos {tokenizer.eos_token})" if train_chat_tokens is None else "--train_chat_tokens True"
+    return ids, f"{why}: also training the embedding rows of {' and '.join(CHAT_TOKENS)} (ids {ids}); --train_chat_tokens False turns this off"
+
+
 def make_collator(tokenizer, pad_to_multiple_of: int | None = None):
     """Dynamic padding: pad each batch to its longest example (never to max_length); labels padded with -100."""
     from transformers import DataCollatorForSeq2Seq

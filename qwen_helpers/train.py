@@ -90,7 +90,8 @@ def describe_distributed(trainer: Trainer) -> str:
     )
 
 
-def build_lora_config(lora_args: LoraArguments, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+def build_lora_config(lora_args: LoraArguments, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None,
+                      trainable_token_indices: list[int] | None = None):
     """``LoraConfig`` from the kit's LoRA arguments (a causal LM unless ``task_type`` says otherwise)."""
     from peft import LoraConfig
 
@@ -101,6 +102,7 @@ def build_lora_config(lora_args: LoraArguments, task_type: str = "CAUSAL_LM", mo
         lora_dropout=lora_args.lora_dropout,
         target_modules=lora_args.target_module_list(),
         modules_to_save=modules_to_save,
+        trainable_token_indices=trainable_token_indices or None,  # embedding rows trained besides LoRA (base checkpoints' chat tokens)
         bias="none",
     )
 
@@ -137,7 +139,12 @@ def attach_adapter(model, method: Method, model_path: str, lora_args=None, promp
         return model
     if method == "lora":
         check_target_modules(model, lora_args.target_module_list())
-        return get_peft_model(model, build_lora_config(lora_args))
+        from .data import chat_tokens_to_train
+
+        chat_tokens, notice = chat_tokens_to_train(load_tokenizer(model_path), lora_args.train_chat_tokens)
+        if notice:
+            print(notice, flush=True)
+        return get_peft_model(model, build_lora_config(lora_args, trainable_token_indices=chat_tokens))
     if method == "prompt_tuning":
         return get_peft_model(model, build_prompt_tuning_config(prompt_args, model_path))
     raise ValueError(f"Unknown method {method!r}: use 'lora', 'prompt_tuning' or 'full'.")
@@ -290,9 +297,11 @@ def train(
 
     tokenizer = load_tokenizer(model_args.model_path)
     with training_args.main_process_first(desc="tokenising"):
-        train_data = load_dataset_for_training(tokenizer, data_args.data_path, data_args.max_length, data_args.overflow, data_args.field_map())
+        train_data = load_dataset_for_training(tokenizer, data_args.data_path, data_args.max_length, data_args.overflow, data_args.field_map(),
+                                               data_args.data_format, data_args.enable_thinking)
         eval_data = (
-            load_dataset_for_training(tokenizer, data_args.eval_data_path, data_args.max_length, data_args.overflow, data_args.field_map())
+            load_dataset_for_training(tokenizer, data_args.eval_data_path, data_args.max_length, data_args.overflow, data_args.field_map(),
+                                      data_args.data_format, data_args.enable_thinking)
             if data_args.eval_data_path
             else None
         )
