@@ -219,3 +219,12 @@ def test_prompt_tuning_trains_and_scores_labels(model_path, tmp_path):
                                      "--num_virtual_tokens", "4", *FAST_RUN]) == 0
     metrics = json.loads((output / "classification_metrics.json").read_text(encoding="utf-8"))
     assert metrics["examples"] == 6 and sum(map(sum, metrics["confusion_matrix"])) == 6
+
+
+def test_predictions_keep_the_think_block_in_a_separate_field(qwen3, monkeypatch):
+    from qwen_helpers import inference
+
+    answer = qwen3.encode("<think>\nadd them\n</think>\n\n4", add_special_tokens=False) + [IM_END]
+    monkeypatch.setattr(inference, "generate_ids", lambda *args, **kwargs: [answer])
+    (row,) = inference.generate_timed(None, qwen3, [SINGLE], max_new_tokens=8)
+    assert (row["prediction"], row["reasoning"]) == ("4", "add them")
