@@ -228,3 +228,25 @@ def test_predictions_keep_the_think_block_in_a_separate_field(qwen3, monkeypatch
     monkeypatch.setattr(inference, "generate_ids", lambda *args, **kwargs: [answer])
     (row,) = inference.generate_timed(None, qwen3, [SINGLE], max_new_tokens=8)
     assert (row["prediction"], row["reasoning"]) == ("4", "add them")
+
+
+@pytest.mark.parametrize("like, template, eos, generation_eos", [
+    ("qwen3-base", "qwen3", "<|endoftext|>", ENDOFTEXT),
+    ("qwen1.5-chat", "qwen1_5", "<|im_end|>", [IM_END, ENDOFTEXT]),
+    ("no-template", None, "<|endoftext|>", ENDOFTEXT),
+])
+def test_make_tiny_qwen_like_writes_the_released_settings(tmp_path, like, template, eos, generation_eos):
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from qwen_helpers.make_tiny_qwen import main
+    from qwen_helpers.tiny import chat_template
+
+    folder = tmp_path / like
+    assert main([str(folder), "--like", like]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.eos_token == eos and tokenizer.pad_token == "<|endoftext|>"
+    assert GenerationConfig.from_pretrained(folder).eos_token_id == generation_eos
+    assert AutoConfig.from_pretrained(folder).model_type == ("qwen3" if like.startswith("qwen3") else "qwen2")
+    assert tokenizer.chat_template == (chat_template(template) if template else None)
+    if template:
+        assert not chat_template(template).startswith("{#")  # the citation line is not part of the released text
