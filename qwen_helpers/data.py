@@ -212,6 +212,10 @@ def _validate_conversation(record: Any, index: int, where: str, file_format: str
             f"{at}: expected a non-empty list under '{key}' ({file_format} format). Found fields {sorted(record)}; "
             f"pass --data_format alpaca|messages|sharegpt if the file is in another format."
         )
+    if file_format == "messages" and isinstance(record.get("output"), str) and turns[-1].get("role") != "assistant":
+        # the kit's own form (load_records' output written back to a file): the turns before the answer, then "output"
+        answer = {"role": "assistant", "content": record["output"], "reasoning_content": record.get("reasoning")}
+        turns = [*turns, {key: value for key, value in answer.items() if value is not None}]
     messages = []
     for position, turn in enumerate(turns):
         if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
@@ -235,7 +239,7 @@ def _validate_conversation(record: Any, index: int, where: str, file_format: str
     _check_turn_order(messages, at)
     *history, answer = messages
     last_user = history[-1]["content"]
-    extra = {name: value for name, value in record.items() if name != key}
+    extra = {name: value for name, value in record.items() if name not in (key, "instruction", "input", "output", "reasoning")}
     result = {**extra, "messages": history, "instruction": last_user, "input": "", "output": answer["content"]}
     if answer.get("reasoning_content"):
         result["reasoning"] = answer["reasoning_content"]

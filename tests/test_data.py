@@ -137,6 +137,12 @@ def test_messages_and_sharegpt_records_give_the_same_conversation():
     assert (messages["instruction"], messages["output"], messages["id"]) == ("Bye", "Goodbye", 7)  # last turn is the reference
 
 
+def test_loaded_conversations_round_trip_through_a_file(tmp_path):
+    records = load_records([{"messages": CHAT, "id": 7}, {"messages": CHAT[:2], "id": 8}])
+    path = _write(tmp_path, "again.json", json.dumps(records, ensure_ascii=False))
+    assert load_records(path) == records
+
+
 def test_format_is_detected_per_file_and_can_be_forced(tmp_path):
     path = _write(tmp_path, "chat.jsonl", json.dumps({"messages": CHAT}))
     assert load_records(path)[0]["output"] == "Goodbye"
