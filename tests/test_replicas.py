@@ -216,7 +216,7 @@ def test_prompt_tuning_trains_and_scores_labels(model_path, tmp_path):
     data.write_text(json.dumps(two_per_label, ensure_ascii=False), encoding="utf-8")
     output = tmp_path / "prompt"
     assert train_prompt_tuning.main(["--model_path", model_path, "--data_path", str(data), "--output_dir", str(output),
-                                     "--num_virtual_tokens", "4", *FAST_RUN]) == 0
+                                     "--num_virtual_tokens", "4", "--task", "classification", *FAST_RUN]) == 0
     metrics = json.loads((output / "classification_metrics.json").read_text(encoding="utf-8"))
     assert metrics["examples"] == 6 and sum(map(sum, metrics["confusion_matrix"])) == 6
 
