@@ -61,6 +61,13 @@ class DataArguments:
     input_field: str = field(default="input", metadata={"help": "Record key holding the optional input."})
     output_field: str = field(default="output", metadata={"help": "Record key holding the answer."})
     system_field: str = field(default="system", metadata={"help": "Record key holding an optional system prompt."})
+    data_format: Literal["auto", "alpaca", "messages", "sharegpt"] = field(
+        default="auto", metadata={"help": "Record format; auto detects it per file (messages / conversations keys, else alpaca)."}
+    )
+    enable_thinking: bool = field(
+        default=False,
+        metadata={"help": "Qwen3: train and prompt in thinking mode (records' reasoning is trained); False keeps the empty think block in the prompt."},
+    )
 
     def __post_init__(self):
         if self.max_length < 16:
@@ -80,6 +87,10 @@ class LoraArguments:
     target_modules: str = field(
         default="q_proj,k_proj,v_proj",
         metadata={"help": "Comma-separated module names to adapt, or 'all-linear' (every linear layer but lm_head)."},
+    )
+    train_chat_tokens: bool | None = field(
+        default=None,
+        metadata={"help": "Also train the <|im_start|>/<|im_end|> embedding rows; default: only on base checkpoints (eos <|endoftext|>)."},
     )
 
     def __post_init__(self):

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from .data import format_prompt
+from .data import format_prompt, split_reasoning
 from .modeling import synchronize
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # end of an assistant turn; end of a document (base models)
@@ -96,8 +96,9 @@ def generate_timed(model, tokenizer, records: list[dict], max_new_tokens: int = 
             synchronize()
             seconds = time.perf_counter() - began
             for ids in rows:
-                text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-                results.append({"prediction": text, "new_tokens": len(ids), "batch_seconds": round(seconds, 4), "batch_size": len(chunk)})
+                reasoning, text = split_reasoning(tokenizer.decode(ids, skip_special_tokens=True).strip())  # Qwen3 think block -> its own field
+                results.append({"prediction": text.strip(), "new_tokens": len(ids), "batch_seconds": round(seconds, 4), "batch_size": len(chunk),
+                                **({"reasoning": reasoning} if reasoning is not None else {})})
             bar.update(len(chunk))
     return results
 

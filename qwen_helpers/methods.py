@@ -13,7 +13,8 @@ from .config import LoraArguments, PromptTuningArguments
 from .tiny import resolve_model_path
 
 
-def build_lora_config(lora_args: LoraArguments, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+def build_lora_config(lora_args: LoraArguments, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None,
+                      trainable_token_indices: list[int] | None = None):
     """``LoraConfig`` from the kit's LoRA arguments (a causal LM unless ``task_type`` says otherwise)."""
     from peft import LoraConfig
 
@@ -24,6 +25,7 @@ def build_lora_config(lora_args: LoraArguments, task_type: str = "CAUSAL_LM", mo
         lora_dropout=lora_args.lora_dropout,
         target_modules=lora_args.target_module_list(),
         modules_to_save=modules_to_save,
+        trainable_token_indices=trainable_token_indices or None,  # embedding rows trained besides LoRA (base checkpoints' chat tokens)
         bias="none",
     )
 
@@ -54,10 +56,10 @@ class Method:
     command_defaults: dict = field(default_factory=dict)  # the training command's defaults beyond the dataclasses'
     benchmark_runs: tuple[tuple[str, str], ...] = ()  # (benchmark run name, precision it asks for)
 
-    def peft_config(self, method_args, model_path: str):
+    def peft_config(self, method_args, model_path: str, trainable_token_indices: list[int] | None = None):
         """The peft config that wraps the base for this method (None for full fine-tuning)."""
         if self.adapter == "lora":
-            return build_lora_config(method_args)
+            return build_lora_config(method_args, trainable_token_indices=trainable_token_indices)
         if self.adapter == "prompt_tuning":
             return build_prompt_tuning_config(method_args, model_path)
         return None

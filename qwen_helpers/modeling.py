@@ -25,8 +25,9 @@ def load_tokenizer(model_path: str = "tiny"):
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_path))
     if tokenizer.pad_token is None:  # Qwen1.5 base checkpoints ship without one
         tokenizer.pad_token = "<|endoftext|>"
-    if tokenizer.chat_template is None:  # base (non-instruct) Qwen checkpoints
+    if tokenizer.chat_template is None:  # a folder without one (released Qwen base checkpoints do ship one)
         tokenizer.chat_template = chat_template()
+        print(f"note: {model_path} has no chat template; using Qwen2.5's ChatML template (<|im_start|>role ... <|im_end|>).", flush=True)
     tokenizer.padding_side = "right"
     return tokenizer
 

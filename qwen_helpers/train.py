@@ -16,7 +16,7 @@ import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
 from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments, write_run_config
-from .data import load_dataset_for_training, make_collator
+from .data import chat_tokens_to_train, load_dataset_for_training, make_collator
 from .methods import get_method
 from .modeling import (
     base_weights_size,
@@ -98,7 +98,7 @@ def describe_text_init(tokenizer, prompt_args: PromptTuningArguments) -> str:
     return f"prompt init: TEXT {prompt_args.prompt_init_text!r} = {len(ids)} tokens {[tokenizer.decode([token]) for token in ids]}, {how}"
 
 
-def attach_adapter(model, method: str, model_path: str, lora_args=None, prompt_args=None):
+def attach_adapter(model, method: str, model_path: str, lora_args=None, prompt_args=None, tokenizer=None):
     """Wrap the base with the method's peft adapter (see :mod:`qwen_helpers.methods`); full fine-tuning leaves every weight trainable."""
     from peft import get_peft_model
 
@@ -107,7 +107,11 @@ def attach_adapter(model, method: str, model_path: str, lora_args=None, prompt_a
         return model
     if kind.adapter == "lora":
         check_target_modules(model, lora_args.target_module_list())
-    return get_peft_model(model, kind.peft_config(lora_args if kind.adapter == "lora" else prompt_args, model_path))
+        chat_tokens, notice = chat_tokens_to_train(tokenizer or load_tokenizer(model_path), lora_args.train_chat_tokens)
+        if notice:
+            print(notice, flush=True)
+        return get_peft_model(model, kind.peft_config(lora_args, model_path, trainable_token_indices=chat_tokens))
+    return get_peft_model(model, kind.peft_config(prompt_args, model_path))
 
 
 def load_model_for_training(model_args: ModelArguments, training_args: KitTrainingArguments):
@@ -263,9 +267,11 @@ def train(
 
     tokenizer = load_tokenizer(model_args.model_path)
     with training_args.main_process_first(desc="tokenising"):
-        train_data = load_dataset_for_training(tokenizer, data_args.data_path, data_args.max_length, data_args.overflow, data_args.field_map())
+        train_data = load_dataset_for_training(tokenizer, data_args.data_path, data_args.max_length, data_args.overflow, data_args.field_map(),
+                                               data_args.data_format, data_args.enable_thinking)
         eval_data = (
-            load_dataset_for_training(tokenizer, data_args.eval_data_path, data_args.max_length, data_args.overflow, data_args.field_map())
+            load_dataset_for_training(tokenizer, data_args.eval_data_path, data_args.max_length, data_args.overflow, data_args.field_map(),
+                                      data_args.data_format, data_args.enable_thinking)
             if data_args.eval_data_path
             else None
         )
@@ -274,7 +280,7 @@ def train(
         notes.append(describe_text_init(tokenizer, prompt_args))
 
     set_seed(training_args.seed)  # the adapter's initial weights are reproducible, and the same on every rank
-    model = attach_adapter(load_model_for_training(model_args, training_args), method, model_args.model_path, lora_args, prompt_args)
+    model = attach_adapter(load_model_for_training(model_args, training_args), method, model_args.model_path, lora_args, prompt_args, tokenizer)
     parameters = count_parameters(model)
     notes.append(str(parameters))
 

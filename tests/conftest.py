@@ -8,6 +8,10 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "replica: runs a command on every checkpoint replica (slow on a CPU); -m 'not replica' skips them")
 DATA = REPO / "data"
 
 

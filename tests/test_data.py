@@ -58,8 +58,9 @@ def test_system_field_is_honoured_and_extra_fields_kept(tokenizer):
 
 def test_other_schemas_map_by_field_names():
     fields = FieldMap(instruction="question", input="context", output="answer")
-    (record,) = load_records([{"question": "2+2?", "answer": "4"}], fields)
+    record, with_context = load_records([{"question": "2+2?", "answer": "4"}, {"question": "Sum?", "context": "1, 2", "answer": "3"}], fields)
     assert (record["instruction"], record["input"], record["output"]) == ("2+2?", "", "4")
+    assert with_context["input"] == "1, 2"
 
 
 def test_jsonl_is_read(tmp_path):
@@ -119,3 +120,79 @@ def test_length_stats_and_label_set(tokenizer):
     assert 0 < stats["trained_tokens"] < stats["total_tokens"]
     assert label_set(records) == ["中性", "正面", "负面"]
     assert label_set(load_records("data/train.json")) is None
+
+
+# ------------------------------------------------------------------------------------------ conversation formats
+
+
+CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye"}]
+
+
+def test_messages_and_sharegpt_records_give_the_same_conversation():
+    sharegpt = [{"from": {"user": "human", "assistant": "gpt"}[turn["role"]], "value": turn["content"]} for turn in CHAT]
+    (messages,) = load_records([{"messages": CHAT, "id": 7}])
+    (converted,) = load_records([{"conversations": sharegpt}])
+    assert messages["messages"] == converted["messages"] == CHAT[:3]
+    assert (messages["instruction"], messages["output"], messages["id"]) == ("Bye", "Goodbye", 7)  # last turn is the reference
+
+
+def test_loaded_conversations_round_trip_through_a_file(tmp_path):
+    records = load_records([{"messages": CHAT, "id": 7}, {"messages": CHAT[:2], "id": 8}])
+    path = _write(tmp_path, "again.json", json.dumps(records, ensure_ascii=False))
+    assert load_records(path) == records
+
+
+def test_format_is_detected_per_file_and_can_be_forced(tmp_path):
+    path = _write(tmp_path, "chat.jsonl", json.dumps({"messages": CHAT}))
+    assert load_records(path)[0]["output"] == "Goodbye"
+    with pytest.raises(DataValidationError, match=r"record 0: missing field 'instruction'.*--data_format"):
+        load_records(path, data_format="alpaca")
+    with pytest.raises(DataValidationError, match=r"record 0: expected a non-empty list under 'conversations'"):
+        load_records(path, data_format="sharegpt")
+
+
+@pytest.mark.parametrize(
+    "turns, message",
+    [
+        ([{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello"}], r"record 0, turn 1: unknown role 'bot'"),
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}], r"record 0, turn 1: the assistant turn is empty"),
+        ([{"role": "assistant", "content": "Hello"}], r"record 0: turn order assistant cannot be rendered"),
+        (CHAT[:3], r"record 0: turn order user -> assistant -> user cannot be rendered"),
+        ([CHAT[0], CHAT[0], CHAT[1]], r"record 0: turn order user -> user -> assistant"),
+        ([CHAT[0], {"role": "system", "content": "late"}, CHAT[1]], r"record 0: turn order user -> system -> assistant"),
+        ([{"role": "user", "content": 3}, CHAT[1]], r"record 0, turn 0: 'content' must be a string, found int"),
+    ],
+)
+def test_bad_conversations_name_the_record_turn_and_problem(tmp_path, turns, message):
+    with pytest.raises(DataValidationError, match=r"bad\.json, " + message):
+        load_records(_write(tmp_path, "bad.json", json.dumps([{"messages": turns}])))
+
+
+def test_non_utf8_file_suggests_iconv(tmp_path):
+    path = tmp_path / "gbk.json"
+    path.write_bytes(json.dumps([RECORD], ensure_ascii=False).encode("gbk"))
+    with pytest.raises(DataValidationError, match=r"gbk\.json: not UTF-8 .*iconv -f GBK -t UTF-8"):
+        load_records(path)
+
+
+def test_duplicate_keys_are_an_error_naming_record_and_key(tmp_path):
+    text = '[{"instruction": "a", "output": "b"}, {"instruction": "a", "output": "b", "output": "c"}]'
+    with pytest.raises(DataValidationError, match=r"record 1: the key 'output' appears twice"):
+        load_records(_write(tmp_path, "dup.json", text))
+    nested = '{"messages": [{"role": "user", "content": "a", "content": "b"}, {"role": "assistant", "content": "c"}]}'
+    with pytest.raises(DataValidationError, match=r"record 0: the key 'content' appears twice"):
+        load_records(_write(tmp_path, "dup.jsonl", nested))
+
+
+def test_a_mapped_optional_field_that_no_record_has_is_an_error():
+    with pytest.raises(DataValidationError, match=r"--system_field persona: no record has a field 'persona'. Fields found: \['input', 'instruction', 'output'\]"):
+        load_records([RECORD], FieldMap(system="persona"))
+
+
+def test_think_blocks_are_split_off_answers():
+    from qwen_helpers.data import split_reasoning
+
+    assert split_reasoning("<think>\nstep 1\n</think>\n\nAnswer") == ("step 1", "Answer")
+    assert split_reasoning("Plain answer") == (None, "Plain answer")
+    assert split_reasoning("<think>\n\n</think>\n\nA") == ("", "A")

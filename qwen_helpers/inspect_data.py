@@ -1,0 +1,97 @@
+"""Show exactly which tokens of one record are trained: the rendered text with trained spans marked, and token counts.
+
+    python -m qwen_helpers.inspect_data --model_path tiny-qwen3 --data_path data/multiturn.json --index 0 [--json]
+
+Trained text is shown between ⟦ and ⟧; the prompt used at inference for the same record follows.
+``--json`` prints one object with ``text``, ``trained_text``, ``prompt``, ``input_ids`` and ``labels``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import HfArgumentParser
+
+from .data import IGNORE_INDEX, DataValidationError, build_messages, format_prompt, load_records, tokenize_example
+
+TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
+
+
+@dataclass
+class InspectArguments:
+    """Which record of which file to show, rendered for which checkpoint."""
+
+    model_path: str = field(default="tiny", metadata={"help": "Checkpoint whose tokenizer and chat template render the record ('tiny-qwen3', a folder...)."})
+    data_path: str = field(default="data/train.json", metadata={"help": "JSON or JSONL data file (alpaca, messages or sharegpt records)."})
+    index: int = field(default=0, metadata={"help": "Record to show (0 is the first)."})
+    data_format: Literal["auto", "alpaca", "messages", "sharegpt"] = field(default="auto", metadata={"help": "Force a record format."})
+    enable_thinking: bool = field(default=False, metadata={"help": "Qwen3: train the reasoning (thinking mode) instead of non-thinking mode."})
+    json: bool = field(default=False, metadata={"help": "Print one JSON object instead of the marked text."})
+
+
+def inspect_record(tokenizer, record: dict, enable_thinking: bool = False) -> dict:
+    """The training view of one record: full text, decoded trained tokens, inference prompt, ids and labels."""
+    example = tokenize_example(tokenizer, record, enable_thinking=enable_thinking)
+    ids, labels = example["input_ids"], example["labels"]
+    trained = [token for token in labels if token != IGNORE_INDEX]
+    return {
+        "text": tokenizer.decode(ids),
+        "trained_text": tokenizer.decode(trained),
+        "prompt": format_prompt(tokenizer, record, enable_thinking),
+        "turns": len(build_messages(record)),
+        "tokens": len(ids),
+        "trained_tokens": len(trained),
+        "input_ids": ids,
+        "labels": labels,
+    }
+
+
+def marked_text(tokenizer, input_ids: list[int], labels: list[int]) -> str:
+    """The decoded example with every run of trained tokens between ⟦ and ⟧."""
+    pieces, run, trained_run = [], [], False
+    for token, label in zip(input_ids, labels):
+        trained = label != IGNORE_INDEX
+        if trained != trained_run and run:
+            text = tokenizer.decode(run)
+            pieces.append(f"{TRAINED_OPEN}{text}{TRAINED_CLOSE}" if trained_run else text)
+            run = []
+        run.append(token)
+        trained_run = trained
+    if run:
+        text = tokenizer.decode(run)
+        pieces.append(f"{TRAINED_OPEN}{text}{TRAINED_CLOSE}" if trained_run else text)
+    return "".join(pieces)
+
+
+def main(argv: list[str] | None = None) -> int:
+    (args,) = HfArgumentParser(InspectArguments).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    try:
+        records = load_records(args.data_path, data_format=args.data_format)
+        if not 0 <= args.index < len(records):
+            raise DataValidationError(f"--index {args.index}: {args.data_path} has {len(records)} records (0 to {len(records) - 1}).")
+    except DataValidationError as error:
+        print(error, file=sys.stderr)
+        return 2
+    from .modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model_path)
+    try:
+        view = inspect_record(tokenizer, records[args.index], args.enable_thinking)
+    except ValueError as error:
+        print(f"{args.data_path}, record {args.index}: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(view, ensure_ascii=False))
+        return 0
+    print(f"record {args.index} of {args.data_path}, rendered for {args.model_path} (trained text between {TRAINED_OPEN} and {TRAINED_CLOSE}):\n")
+    print(marked_text(tokenizer, view["input_ids"], view["labels"]))
+    print(f"\n{view['tokens']} tokens, {view['trained_tokens']} trained ({100 * view['trained_tokens'] / view['tokens']:.0f}%)")
+    print(f"\nprompt at inference:\n{view['prompt']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
