@@ -8,7 +8,8 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments
-from .modeling import base_weights_size, folder_size, human_bytes
+from .errors import parse_flags
+from .files import base_weights_size, folder_size, human_bytes
 
 METHOD_ARGUMENTS = {"lora": LoraArguments, "prompt_tuning": PromptTuningArguments}
 
@@ -17,7 +18,7 @@ def parse_training_args(method: str, argv: list[str] | None = None, **defaults):
     """Parse model, data, method and TrainingArguments flags; ``defaults`` override the dataclass defaults."""
     parser = HfArgumentParser((ModelArguments, DataArguments, METHOD_ARGUMENTS[method], KitTrainingArguments))
     parser.set_defaults(**defaults)
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return parse_flags(parser, argv)  # every flag problem is one line naming the flag
 
 
 def report(result, model_path: str) -> str:
@@ -46,7 +47,7 @@ def weights_are_sharded(trainer) -> bool:
 def run_training_command(method: str, argv: list[str] | None = None, **defaults) -> int:
     """Entry point body of train_lora / train_qlora / train_prompt_tuning."""
     from .plots import plot_loss
-    from .train import NanGuardCallback, train
+    from .train import NanGuardCallback, publish_run, train
 
     model_args, data_args, method_args, training_args = parse_training_args(method, argv, **defaults)
     result = train(
@@ -56,11 +57,13 @@ def run_training_command(method: str, argv: list[str] | None = None, **defaults)
         method=method,
         lora_args=method_args if method == "lora" else None,
         prompt_args=method_args if method == "prompt_tuning" else None,
+        publish=False,  # the loss plot joins the run's folder before it replaces --output_dir
     )
     sharded = weights_are_sharded(result.trainer)
     if not result.trainer.is_world_process_zero():
         return 0
     plot_loss(result.history, title=f"{method} on {model_args.model_path}").savefig(Path(result.output_dir) / "loss_plot.png", dpi=100)
+    publish_run(result)
     print(report(result, model_args.model_path), flush=True)
     if sharded:  # rank 0 alone cannot run the model: the other ranks hold parts of its weights
         print(f"evaluation skipped under FSDP/ZeRO-3; evaluate the saved adapter on one GPU: "

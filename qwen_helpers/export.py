@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .data import format_prompt
+from .files import OutputExistsError
 from .inference import AdapterError, load_model_with_adapter, merge_problem, read_adapter_info
 from .modeling import evaluation_mode, folder_size, human_bytes, release_memory
 
@@ -31,7 +32,7 @@ DEFAULT_PROMPTS = [
 MERGE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-class ExportDirExistsError(FileExistsError):
+class ExportDirExistsError(OutputExistsError):
     """The export folder already holds files."""
 
 

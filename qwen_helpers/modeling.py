@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .files import base_weights_size, folder_size, human_bytes  # noqa: F401  (moved to files.py; re-exported for notebooks)
 from .tiny import resolve_model_path
 
 MIN_BITSANDBYTES = "0.48.0"  # first release whose 4-bit quantisation and Linear4bit run on a CPU
@@ -262,26 +263,3 @@ def count_parameters(model) -> ParameterCount:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
     return ParameterCount(trainable, total)
-
-
-def folder_size(path: str | os.PathLike, pattern: str = "*") -> int:
-    """Bytes on disk of the files matching ``pattern`` directly inside ``path``."""
-    return sum(file.stat().st_size for file in Path(path).glob(pattern) if file.is_file())
-
-
-def base_weights_size(model_path: str) -> int | None:
-    """Bytes of a local checkpoint's weight files (None for a hub id not in a local folder)."""
-    path = Path(resolve_model_path(model_path))
-    if not path.is_dir():
-        return None
-    return folder_size(path, "*.safetensors") + folder_size(path, "*.bin")
-
-
-def human_bytes(size: float) -> str:
-    """``83.0 KiB``, ``1.2 GiB``: sizes for people."""
-    if size < 1024:
-        return f"{int(size)} B"
-    for unit in ("KiB", "MiB", "GiB"):
-        size /= 1024
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}"
