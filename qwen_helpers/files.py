@@ -53,6 +53,17 @@ def human_bytes(size: float) -> str:
 # ---------------------------------------------------------------------------------------------- atomic writes
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _with_default_mode(path: Path, folder: bool = False) -> None:
+    """Give a file or folder made by ``tempfile`` (owner-only) the permissions an ordinary ``open``/``mkdir`` would."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``.
 
@@ -66,6 +77,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
+        _with_default_mode(Path(temporary))
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -130,7 +142,9 @@ def new_staging_folder(target: str | os.PathLike) -> Path:
     """An empty folder beside ``target`` (same file system, so the final swap is a rename), named after it."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_MARK}", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_MARK}", dir=target.parent))
+    _with_default_mode(staging, folder=True)
+    return staging
 
 
 def swap_in(staging: str | os.PathLike, target: str | os.PathLike) -> Path:

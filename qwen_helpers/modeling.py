@@ -236,7 +236,9 @@ def check_target_modules(model, target_modules) -> None:
     unknown = [name for name in target_modules if name not in available]
     if unknown:
         hint = " (c_attn is Qwen1's fused attention; Qwen1.5 and later use q_proj,k_proj,v_proj)" if "c_attn" in unknown else ""
-        raise ValueError(
+        from .errors import FlagError
+
+        raise FlagError(
             f"--target_modules: {', '.join(unknown)} not found in {type(model).__name__}{hint}. "
             f"Its linear layers are: {', '.join(available)}. Use some of these, or 'all-linear'."
         )
