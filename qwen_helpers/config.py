@@ -53,10 +53,16 @@ class DataArguments:
     input_field: str = field(default="input", metadata={"help": "Record key holding the optional input."})
     output_field: str = field(default="output", metadata={"help": "Record key holding the answer."})
     system_field: str = field(default="system", metadata={"help": "Record key holding an optional system prompt."})
+    max_eval_records: int = field(
+        default=200,
+        metadata={"help": "Without --eval_data_path, evaluate after training on at most this many training records (a seeded sample); 0 skips it."},
+    )
 
     def __post_init__(self):
         if self.max_length < 16:
             raise ValueError(f"--max_length {self.max_length} is too small for a chat-formatted example; use 128 or more.")
+        if self.max_eval_records < 0:
+            raise ValueError(f"--max_eval_records must be 0 (skip the in-sample evaluation) or more, got {self.max_eval_records}.")
 
     def field_map(self):
         from .data import FieldMap

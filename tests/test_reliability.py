@@ -315,3 +315,28 @@ def test_bad_inputs_get_one_line_and_exit_code_2(bad_inputs):
         if finished.returncode != 2 or "Traceback" in finished.stderr or len(errors) != 1 or expected not in errors[0]:
             failures.append(f"{module} {' '.join(flags)} -> exit {finished.returncode}: {finished.stderr[-600:]}")
     assert not failures, "\n\n".join(failures)
+
+
+# ---------------------------------------------------------------------------------------------- bounded, announced evaluation
+
+
+def test_in_sample_evaluation_is_a_capped_seeded_sample_and_says_so(tmp_path, tiny_path, tokenizer, capsys):
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from qwen_helpers.classification import evaluate_run, in_sample
+
+    records = json.loads((DATA / "classify_train.json").read_text(encoding="utf-8"))[:30]
+    data_file = tmp_path / "labels.json"
+    data_file.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    result = SimpleNamespace(model=AutoModelForCausalLM.from_pretrained(tiny_path).eval(), tokenizer=tokenizer,
+                             trainer=SimpleNamespace(args=SimpleNamespace(per_device_eval_batch_size=8, seed=7)), output_dir=str(tmp_path))
+    line = evaluate_run(result, DataArguments(data_path=str(data_file), max_eval_records=6), prompt_args=None)
+    printed = capsys.readouterr()
+    assert "task: classification (auto-detected" in printed.out and "LoRA runs always auto-detect" in printed.out
+    assert "evaluating 6 records" in printed.out and "label scoring" in printed.err  # announced, with a progress bar
+    written = json.loads((tmp_path / "classification_metrics.json").read_text(encoding="utf-8"))
+    assert written["examples"] == 6 and "6 of 30 records" in line
+    assert in_sample(records, 6, 7) == in_sample(records, 6, 7) != in_sample(records, 6, 8)  # seeded: the same sample each run
+    assert evaluate_run(result, DataArguments(data_path=str(data_file), max_eval_records=0), prompt_args=None).endswith("skipped (--max_eval_records 0)")
