@@ -60,7 +60,7 @@ def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
             f"--output_dir {output_dir} already holds files from an earlier run. Choose another folder, "
             "pass --overwrite_output_dir True to replace them, or --resume_from_checkpoint True to continue that run."
         )
-    interrupted = staging_folders(path)
+    interrupted = [folder for folder in staging_folders(path) if complete_checkpoints(folder)]
     if interrupted:
         raise OutputDirExistsError(
             f"--output_dir {output_dir}: an interrupted run left its files in {interrupted[0]}. Pass "
@@ -396,6 +396,16 @@ def train(
     if save:  # the Trainer writes checkpoints and the adapter into the staging folder; the target changes only at the swap
         training_args = copy.copy(training_args)
         training_args.output_dir = plan.staging
+    try:
+        return _train_into(plan, model_args, data_args, training_args, target_args, method, lora_args, prompt_args, callbacks, save, publish)
+    except BaseException:  # an error or Ctrl-C: keep the staging folder only if it holds something to resume
+        if save and training_args.process_index == 0 and not complete_checkpoints(plan.staging):
+            remove_folders([plan.staging])
+        raise
+
+
+def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_args, method, lora_args, prompt_args, callbacks, save, publish) -> TrainResult:
+    """The body of :func:`train` once the output is planned: load, attach, train, save into the staging folder, publish."""
     notes = [training_args.precision_notice, f"device: {training_args.device}"]
     if plan.resume_from:
         notes.append(f"resuming from {plan.resume_from}")
@@ -433,12 +443,13 @@ def train(
     if training_args.should_log:
         for note in notes:
             print(note, flush=True)
+    earlier_history = resumed_history(plan.resume_from)  # read first: the run may delete that checkpoint (--save_total_limit)
     trainer.train(resume_from_checkpoint=plan.resume_from)
     result = TrainResult(
         model=model,
         tokenizer=tokenizer,
         trainer=trainer,
-        history=resumed_history(plan.resume_from) + history.history,
+        history=earlier_history + history.history,
         output_dir=training_args.output_dir,
         parameters=parameters,
         precision=training_args.precision_notice,
