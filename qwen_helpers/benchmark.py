@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import command_boundary
+from .files import unused_path
 
 GIB = 2**30
 WEIGHTS_NOTE = "Weights are random (presets) or as loaded; memory and speed do not depend on weight values."
@@ -684,7 +685,7 @@ def run_benchmark(args: BenchmarkArguments, simulate_oom: str | None = None, ech
     add_speed_relative_to_full(rows)
     if args.compare_baseline:
         add_baseline(rows, args)
-    folder = Path(args.output_dir) / datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = unused_path(Path(args.output_dir) / datetime.now().strftime("%Y%m%d-%H%M%S"))  # never an earlier run's folder
     settings = {**asdict(args), "model_path_resolved": model_path, "device": device, "note": WEIGHTS_NOTE}
     result = BenchmarkResult(rows, folder, settings, environment, estimates)
     write_results(result)

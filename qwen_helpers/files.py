@@ -126,6 +126,16 @@ def check_output_folder(path: str | os.PathLike, flag: str, overwrite: bool = Fa
         raise OutputExistsError(f"{flag} {path} already holds files; choose an empty or new folder{allow}.")
 
 
+def unused_path(path: str | os.PathLike) -> Path:
+    """``path``, or ``path-2``, ``path-3``, ... : the first name not taken (two runs in the same second get two folders)."""
+    path, number = Path(path), 1
+    candidate = path
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}-{number}")
+    return candidate
+
+
 # ---------------------------------------------------------------------------------------------- staging folders
 
 

@@ -96,13 +96,14 @@ def test_overwrite_in_process_replaces_every_old_file(tmp_path, small_train_file
     output.mkdir()
     (output / "classification_metrics.json").write_text("{}")
     args = KitTrainingArguments(output_dir=str(output), max_steps=1, per_device_train_batch_size=2, save_strategy="no",
-                                disable_tqdm=True, report_to="none", overwrite_output_dir=True)
+                                disable_tqdm=True, report_to="none", overwrite_output_dir=True, hub_token="hf_secret_never_written")
     result = train(ModelArguments(), DataArguments(data_path=small_train_file, max_length=128), args, "lora", LoraArguments())
     assert result.output_dir == str(output) and staging_folders(output) == []
     assert not (output / "classification_metrics.json").exists()
     assert (output / "adapter_model.safetensors").is_file() and not (output / "training_args.bin").exists()
     run_config = json.loads((output / "run_config.json").read_text())
     assert run_config["base_model"]["model_type"] == "qwen2"
+    assert not [path for path in output.rglob("*") if path.is_file() and b"hf_secret_never_written" in path.read_bytes()]
 
 
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
