@@ -61,6 +61,10 @@ def check_training_flags(training_args, method_args=None) -> None:
 
 def looks_like_local_path(model_path: str) -> bool:
     """True when ``model_path`` names a folder on this machine rather than a hub id ("Qwen/Qwen2.5-0.5B-Instruct")."""
+    from .tiny import TINY_ALIASES
+
+    if model_path in TINY_ALIASES:
+        return False  # built on first use in the cache
     path = Path(model_path).expanduser()
     if path.exists() or model_path.startswith((".", "/", "~")) or "\\" in model_path:
         return True
