@@ -27,6 +27,10 @@ class FlagError(KitError, ValueError):
     """A command-line flag with a bad value, a bad combination of flags, or a flag that does not exist."""
 
 
+class MissingExtraError(KitError, ImportError):
+    """A flag that needs an optional package which is not installed; the message gives the install command."""
+
+
 class ModelFolderError(KitError, ValueError):
     """A --model_path that is missing, empty, or not a checkpoint the kit supports."""
 
@@ -70,7 +74,9 @@ def parse_flags(parser, argv: list[str] | None):
         return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except FlagError:
         raise
-    except (ValueError, ImportError) as error:  # raised by a config's __post_init__: a sentence about the flags
+    except ImportError as error:  # a flag that needs an optional extra (--deepspeed): the sentence says what to install
+        raise MissingExtraError(str(error)) from error
+    except ValueError as error:  # raised by a config's __post_init__: a sentence about the flags
         raise FlagError(str(error)) from error
 
 
