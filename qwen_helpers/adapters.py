@@ -10,7 +10,9 @@ import copy
 import json
 from pathlib import Path
 
+from .checks import check_adapter_against_base
 from .config import RUN_CONFIG, ModelArguments
+from .errors import KitError
 from .methods import adapter_kind
 from .modeling import build_quantization_config, load_base_model, load_tokenizer, release_memory
 from .precision import inference_dtype
@@ -24,7 +26,7 @@ PROMPT_TUNING_CANNOT_MERGE = (
 )
 
 
-class AdapterError(ValueError):
+class AdapterError(KitError, ValueError):
     """An adapter folder that cannot be loaded, with the path and what to do."""
 
 
@@ -163,6 +165,7 @@ def load_model_with_adapter(adapter_path: str, model_path: str | None = None, lo
     info = read_adapter_info(adapter_path)
     base = base_model_path_of(adapter_path, model_path)
     four_bit = load_in_4bit if load_in_4bit is not None else bool(info.get("kit_load_in_4bit"))
+    check_adapter_against_base(adapter_path, base)  # damaged files, or another architecture, before any weights load
     model, tokenizer = load_base_for_inference(base, four_bit, info.get("kit_run"))
     model = load_adapter(model, adapter_path, adapter_name)
     model.eval()

@@ -26,6 +26,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
+from .errors import command_boundary
+from .files import unused_path
+
 GIB = 2**30
 WEIGHTS_NOTE = "Weights are random (presets) or as loaded; memory and speed do not depend on weight values."
 CPU_NOTE = "CPU run: peak memory is the process's peak RSS and speeds are CPU speeds; they are not GPU figures."
@@ -682,7 +685,7 @@ def run_benchmark(args: BenchmarkArguments, simulate_oom: str | None = None, ech
     add_speed_relative_to_full(rows)
     if args.compare_baseline:
         add_baseline(rows, args)
-    folder = Path(args.output_dir) / datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = unused_path(Path(args.output_dir) / datetime.now().strftime("%Y%m%d-%H%M%S"))  # never an earlier run's folder
     settings = {**asdict(args), "model_path_resolved": model_path, "device": device, "note": WEIGHTS_NOTE}
     result = BenchmarkResult(rows, folder, settings, environment, estimates)
     write_results(result)
@@ -884,10 +887,13 @@ def parse_arguments(argv: list[str]) -> tuple[BenchmarkArguments, str | None]:
         index = argv.index(SIMULATED_OOM_FLAG)
         simulate_oom = argv[index + 1]
         del argv[index:index + 2]
-    (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    from .errors import parse_flags
+
+    (args,) = parse_flags(HfArgumentParser(BenchmarkArguments), argv)
     return args, simulate_oom
 
 
+@command_boundary
 def main(argv: list[str] | None = None) -> int:
     """``python -m qwen_helpers.benchmark``: estimate, run each method in its own process, write the tables."""
     argv = sys.argv[1:] if argv is None else argv

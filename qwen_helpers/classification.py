@@ -80,21 +80,23 @@ def sequence_log_likelihoods(model, input_ids, attention_mask, labels) -> torch.
 
 
 @torch.no_grad()
-def score_labels(model, tokenizer, records: list[dict], labels: list[str], batch_size: int = 16) -> torch.Tensor:
+def score_labels(model, tokenizer, records: list[dict], labels: list[str], batch_size: int = 16, progress: bool = False) -> torch.Tensor:
     """Log-likelihood of each label (its tokens then ``<|im_end|>``) after each record's prompt: a (records, labels) tensor."""
     collator = make_collator(tokenizer)
     pairs = label_pairs(tokenizer, records, labels)
     scores = []
     with evaluation_mode(model):
-        for start in range(0, len(pairs), batch_size):
+        from tqdm.auto import tqdm
+
+        for start in tqdm(range(0, len(pairs), batch_size), desc="label scoring", unit="batch", disable=not progress):
             batch = collator(pairs[start : start + batch_size]).to(model.device)
             scores.append(sequence_log_likelihoods(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).cpu())
     return torch.cat(scores).view(len(records), len(labels))
 
 
-def predict_by_scoring(model, tokenizer, records: list[dict], labels: list[str], batch_size: int = 16) -> list[str]:
+def predict_by_scoring(model, tokenizer, records: list[dict], labels: list[str], batch_size: int = 16, progress: bool = False) -> list[str]:
     """The most likely label for each record (sum of log-probabilities of its tokens)."""
-    best = score_labels(model, tokenizer, records, labels, batch_size).argmax(dim=1)
+    best = score_labels(model, tokenizer, records, labels, batch_size, progress).argmax(dim=1)
     return [labels[index] for index in best.tolist()]
 
 
@@ -116,19 +118,20 @@ def classification_metrics(true: list[str], predicted: list[str], labels: list[s
     }
 
 
-def evaluate_classification(model, tokenizer, records: list[dict], labels: list[str], batch_size: int = 16, generation: bool = True) -> dict:
+def evaluate_classification(model, tokenizer, records: list[dict], labels: list[str], batch_size: int = 16, generation: bool = True,
+                            progress: bool = False) -> dict:
     """Label-scoring metrics for any model (base, LoRA, soft prompt), plus free generation's exact-match rate.
 
     Returns the metrics of :func:`classification_metrics` with ``predictions`` and, when ``generation``,
     ``generation_exact_match``, ``generation_outside_labels`` (answers that are no label at all) and ``generated``.
     """
     true = [record["output"].strip() for record in records]
-    predicted = predict_by_scoring(model, tokenizer, records, labels, batch_size)
+    predicted = predict_by_scoring(model, tokenizer, records, labels, batch_size, progress)
     metrics = {"method": "label scoring: sum of log-probabilities of the label's tokens and <|im_end|>", **classification_metrics(true, predicted, labels)}
     metrics["predictions"] = predicted
     if generation:
         longest_label = max(len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels)
-        answers = generate(model, tokenizer, records, max_new_tokens=longest_label + 2, batch_size=batch_size)
+        answers = generate(model, tokenizer, records, max_new_tokens=longest_label + 2, batch_size=batch_size, progress=progress)
         metrics["generation_exact_match"] = sum(answer == label for answer, label in zip(answers, true)) / len(true)
         metrics["generation_outside_labels"] = sum(answer not in labels for answer in answers)
         metrics["generated"] = answers
@@ -160,17 +163,50 @@ def evaluate_run(result, data_args, prompt_args) -> str | None:
     fields = data_args.field_map()
     train_records = load_records(data_args.data_path, fields)
     task, label_flag = (prompt_args.task, prompt_args.labels) if prompt_args is not None else ("auto", None)
-    if detect_task(train_records, task) != "classification":
+    detected = detect_task(train_records, task)
+    print(describe_task(train_records, task, detected, prompt_args is not None), flush=True)
+    if detected != "classification":
         return None
     labels = resolve_labels(train_records, label_flag)
     eval_path = data_args.eval_data_path or data_args.data_path
-    eval_records = load_records(eval_path, fields) if data_args.eval_data_path else train_records
+    if data_args.eval_data_path:
+        eval_records, split = load_records(eval_path, fields), "held-out"
+    else:
+        eval_records = in_sample(train_records, data_args.max_eval_records, getattr(result.trainer.args, "seed", 42))
+        if not eval_records:
+            return "in-sample evaluation skipped (--max_eval_records 0)"
+        split = (f"training data (in-sample: a seeded sample of {len(eval_records)} of {len(train_records)} records, --max_eval_records; "
+                 "pass --eval_data_path for held-out figures)")
     check_labels_known(eval_records, labels, eval_path)
-    metrics = evaluate_classification(result.model, result.tokenizer, eval_records, labels, batch_size=result.trainer.args.per_device_eval_batch_size)
+    print(f"evaluating {len(eval_records)} records of {eval_path} ({split}) by label scoring and free generation ...", flush=True)
+    metrics = evaluate_classification(result.model, result.tokenizer, eval_records, labels, batch_size=result.trainer.args.per_device_eval_batch_size,
+                                      progress=True)
     metrics["eval_data_path"] = eval_path
-    metrics["split"] = "held-out" if data_args.eval_data_path else "training data (in-sample; pass --eval_data_path for held-out figures)"
+    metrics["split"] = split
     path = write_metrics(metrics, result.output_dir)
     return f"{summary_line(metrics)} on {metrics['split']}\nclassification metrics: {path}"
+
+
+def describe_task(records: list[dict], task: str, detected: str, has_task_flag: bool) -> str:
+    """One line: the task the data is treated as, how that was decided, and the flag that overrides it."""
+    if task != "auto":
+        return f"task: {detected} (set by --task {task})"
+    distinct = len({record["output"].strip() for record in records})
+    why = (f"auto-detected: the {len(records)} answers are {distinct} repeated labels" if detected == "classification"
+           else f"auto-detected: {distinct} distinct answers in {len(records)} records, not a small repeated label set")
+    other = "generation" if detected == "classification" else "classification"
+    override = f"--task {other} overrides it" if has_task_flag else "train_prompt_tuning's --task flag sets it; LoRA runs always auto-detect"
+    return f"task: {detected} ({why}; {override})"
+
+
+def in_sample(records: list[dict], limit: int, seed: int) -> list[dict]:
+    """At most ``limit`` records, drawn with ``seed`` (the same sample every run), in their file order."""
+    import random
+
+    if len(records) <= limit:
+        return list(records)
+    chosen = sorted(random.Random(seed).sample(range(len(records)), limit))
+    return [records[index] for index in chosen]
 
 
 def build_sequence_classifier(model_path: str, labels: list[str], lora_args, dtype: torch.dtype = torch.float32):

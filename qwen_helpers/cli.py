@@ -8,6 +8,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from .config import DataArguments, KitTrainingArguments, ModelArguments
+from .errors import parse_flags
 from .methods import get_method
 
 
@@ -20,7 +21,7 @@ def parse_training_args(method: str, argv: list[str] | None = None, **defaults):
     groups = (ModelArguments, DataArguments, *([kind.arguments] if kind.arguments else []), KitTrainingArguments)
     parser = HfArgumentParser(groups)
     parser.set_defaults(**{**kind.command_defaults, **defaults})
-    parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    parsed = parse_flags(parser, argv)  # every flag problem is one line naming the flag
     return parsed if kind.arguments else (parsed[0], parsed[1], None, parsed[2])
 
 
@@ -35,16 +36,18 @@ def weights_are_sharded(trainer) -> bool:
 def run_training_command(method: str, argv: list[str] | None = None, **defaults) -> int:
     """Entry point body of train_lora / train_qlora / train_prompt_tuning."""
     from .plots import plot_loss
-    from .train import NanGuardCallback, report, train
+    from .train import NanGuardCallback, publish_run, report, train
 
     model_args, data_args, method_args, training_args = parse_training_args(method, argv, **defaults)
     prompt_args = method_args if get_method(method).adapter == "prompt_tuning" else None
     lora_args = method_args if get_method(method).adapter == "lora" else None
-    result = train(model_args, data_args, training_args, method=method, lora_args=lora_args, prompt_args=prompt_args)
+    # publish=False: the loss plot joins the run's folder before it replaces --output_dir
+    result = train(model_args, data_args, training_args, method=method, lora_args=lora_args, prompt_args=prompt_args, publish=False)
     sharded = weights_are_sharded(result.trainer)
     if not result.trainer.is_world_process_zero():
         return 0
     plot_loss(result.history, title=f"{method} on {model_args.model_path}").savefig(Path(result.output_dir) / "loss_plot.png", dpi=100)
+    publish_run(result)
     print(report(result, model_args.model_path), flush=True)
     if sharded:  # rank 0 alone cannot run the model: the other ranks hold parts of its weights
         print(f"evaluation skipped under FSDP/ZeRO-3; evaluate the saved adapter on one GPU: "

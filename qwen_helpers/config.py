@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -17,6 +18,7 @@ from typing import Literal
 from transformers import TrainingArguments
 
 from .data import FieldMap
+from .files import atomic_write_text
 from .precision import Precision, apply_precision_policy
 
 RUN_CONFIG = "run_config.json"  # the effective configuration, beside every adapter
@@ -68,10 +70,16 @@ class DataArguments:
         default=False,
         metadata={"help": "Qwen3: train and prompt in thinking mode (records' reasoning is trained); False keeps the empty think block in the prompt."},
     )
+    max_eval_records: int = field(
+        default=200,
+        metadata={"help": "Without --eval_data_path, evaluate after training on at most this many training records (a seeded sample); 0 skips it."},
+    )
 
     def __post_init__(self):
         if self.max_length < 16:
             raise ValueError(f"--max_length {self.max_length} is too small for a chat-formatted example; use 128 or more.")
+        if self.max_eval_records < 0:
+            raise ValueError(f"--max_eval_records must be 0 (skip the in-sample evaluation) or more, got {self.max_eval_records}.")
 
     def field_map(self) -> FieldMap:
         return FieldMap(self.instruction_field, self.input_field, self.output_field, self.system_field)
@@ -190,7 +198,7 @@ def write_run_config(output_dir: str | os.PathLike, *configs, method: str, histo
     ``ModelArguments`` is passed. The precision request is kept beside the effective flags, so a CPU run
     asked for fp16 still loads in fp16 for inference on a GPU.
     """
-    run_config = {"method": method, "load_in_4bit": False, **to_json_dict(*configs), **extra}
+    run_config = redact_secrets({"method": method, "load_in_4bit": False, **to_json_dict(*configs), **extra})
     precision = next((config.precision for config in configs if isinstance(getattr(config, "precision", None), Precision)), None)
     if precision is not None:
         run_config.update(requested_precision=precision.requested, effective_precision=precision.effective)
@@ -201,7 +209,12 @@ def write_run_files(output_dir: str | os.PathLike, run_config: dict, history: li
     """Write ``run_config`` (and, when given, the loss history) as JSON in ``output_dir``; returns the run config's path."""
     output = Path(output_dir)
     path = output / RUN_CONFIG
-    path.write_text(json.dumps(run_config, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    atomic_write_text(path, json.dumps(run_config, indent=2, ensure_ascii=False, default=str))
     if history is not None:
-        (output / LOSS_HISTORY).write_text(json.dumps(history, indent=2), encoding="utf-8")
+        atomic_write_text(output / LOSS_HISTORY, json.dumps(history, indent=2))
     return path
+
+
+def redact_secrets(run_config: dict) -> dict:
+    """Hide every token-like value (``--hub_token``, ...) that ``TrainingArguments.to_dict`` does not already hide."""
+    return {key: (f"<{key.upper()}>" if value and re.search(r"(^|_)(token|secret|password)$", key) else value) for key, value in run_config.items()}

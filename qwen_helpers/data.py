@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
+from .errors import KitError
+
 IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy skips
 OverflowPolicy = Literal["drop", "truncate_prompt"]
 
 
-class DataValidationError(ValueError):
+class DataValidationError(KitError, ValueError):
     """A data file or record that cannot be used, with the file, record and field named."""
 
 

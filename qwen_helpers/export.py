@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 from .data import format_prompt
+from .files import OutputExistsError
 from .adapters import AdapterError, load_model_with_adapter, merge_problem, read_adapter_info
-from .modeling import evaluation_mode, folder_size, human_bytes, release_memory
+from .files import folder_size, human_bytes
+from .modeling import evaluation_mode, release_memory
 
 DEFAULT_PROMPTS = [
     "把下面的句子翻译成英文。今天天气很好，我们去公园散步吧。",
@@ -31,7 +33,7 @@ DEFAULT_PROMPTS = [
 MERGE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-class ExportDirExistsError(FileExistsError):
+class ExportDirExistsError(OutputExistsError):
     """The export folder already holds files."""
 
 

@@ -15,8 +15,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapters import AdapterError, load_base_for_inference, load_model_with_adapter
-from .data import DataValidationError, load_records
+from .adapters import load_base_for_inference, load_model_with_adapter
+from .checks import check_inference_inputs
+from .data import load_records
+from .errors import command_boundary, parse_flags
+from .files import atomic_write_text
 from .generation import generate, generate_timed, total_seconds
 from .metrics import format_table, scores_by_task
 
@@ -33,6 +36,7 @@ class InferenceArguments:
     system: str | None = field(default=None, metadata={"help": "Optional system prompt for --instruction."})
     data_path: str | None = field(default=None, metadata={"help": "Evaluate on a JSON/JSONL file of records (instruction, input, output, task)."})
     output_file: str = field(default="outputs/preds.jsonl", metadata={"help": "With --data_path: one JSON line per record (record, prediction, timing)."})
+    overwrite_output_file: bool = field(default=False, metadata={"help": "Replace an existing non-empty --output_file."})
     max_records: int | None = field(default=None, metadata={"help": "With --data_path: use only the first N records."})
     batch_size: int = field(default=8, metadata={"help": "Records per generate call (left-padded)."})
     max_new_tokens: int = field(default=128, metadata={"help": "Longest answer in tokens; generation also stops at <|im_end|>."})
@@ -46,11 +50,18 @@ class InferenceArguments:
     overwrite: bool = field(default=False, metadata={"help": "With --merge: replace an existing --output_dir."})
 
     def __post_init__(self):
+        if self.instruction is not None and not self.instruction.strip():
+            raise ValueError('--instruction is empty: give the prompt text, e.g. --instruction "Translate into English" (and --input for its input).')
         modes = [name for name, on in (("--instruction", self.instruction), ("--data_path", self.data_path), ("--merge", self.merge)) if on]
         if len(modes) != 1:
             raise ValueError(f"Pass exactly one of --instruction, --data_path or --merge True (got {', '.join(modes) or 'none'}).")
         if self.merge and not (self.adapter_path and self.output_dir):
             raise ValueError("--merge True needs --adapter_path (the LoRA adapter) and --output_dir (where the merged model goes).")
+        if self.max_records is not None and self.max_records < 1:
+            raise ValueError(f"--max_records must be at least 1, got {self.max_records}; omit it to use every record.")
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.do_sample and self.temperature <= 0:
             raise ValueError(f"--temperature must be above 0 when sampling, got {self.temperature}; use --do_sample False for greedy.")
 
@@ -67,7 +78,7 @@ class InferenceArguments:
 def parse_inference_args(argv: list[str] | None = None) -> InferenceArguments:
     from transformers import HfArgumentParser
 
-    (args,) = HfArgumentParser(InferenceArguments).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    (args,) = parse_flags(HfArgumentParser(InferenceArguments), argv)
     return args
 
 
@@ -78,15 +89,12 @@ def load_for_command(args: InferenceArguments):
     return load_base_for_inference(args.model_path or "tiny", bool(args.load_in_4bit))
 
 
-def run_evaluation(args: InferenceArguments, model, tokenizer) -> None:
-    """Answer every record of --data_path, write --output_file (JSON lines), print the scores and the speed."""
-    records = load_records(args.data_path)[: args.max_records]
+def run_evaluation(args: InferenceArguments, model, tokenizer, records: list[dict] | None = None) -> None:
+    """Answer every record of --data_path, write --output_file (JSON lines, whole or not at all), print the scores and the speed."""
+    records = (records if records is not None else load_records(args.data_path))[: args.max_records]
     rows = generate_timed(model, tokenizer, records, args.max_new_tokens, args.batch_size, progress=True, **args.generation_kwargs())
     output = Path(args.output_file)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w", encoding="utf-8") as file:
-        for record, row in zip(records, rows):
-            file.write(json.dumps({**record, **row}, ensure_ascii=False) + "\n")
+    atomic_write_text(output, "".join(json.dumps({**record, **row}, ensure_ascii=False) + "\n" for record, row in zip(records, rows)))
     seconds = total_seconds(rows)
     new_tokens = sum(row["new_tokens"] for row in rows)
     print(format_table(scores_by_task(records, [row["prediction"] for row in rows])))
@@ -100,24 +108,23 @@ def run_merge(args: InferenceArguments) -> None:
     print(merge_and_export(args.adapter_path, args.output_dir, model_path=args.model_path, overwrite=args.overwrite))
 
 
+@command_boundary
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one answer (--instruction), an evaluation file (--data_path), or a merge (--merge True)."""
-    try:
-        args = parse_inference_args(argv)
-        if args.merge:
-            run_merge(args)
-            return 0
-        model, tokenizer = load_for_command(args)
-        if args.instruction:
-            record = {"instruction": args.instruction, "input": args.input, **({"system": args.system} if args.system else {})}
-            answer = generate(model, tokenizer, [record], args.max_new_tokens, 1, **args.generation_kwargs())[0]
-            print(answer if answer else "(empty answer: the model ended its turn with <|im_end|> at once)")
-            return 0
-        run_evaluation(args, model, tokenizer)
+    args = parse_inference_args(argv)
+    check_inference_inputs(args)  # output file, model folder, adapter files: before any model loads
+    if args.merge:
+        run_merge(args)
         return 0
-    except (AdapterError, DataValidationError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    records = load_records(args.data_path) if args.data_path else None  # a bad data file is reported before loading too
+    model, tokenizer = load_for_command(args)
+    if args.instruction:
+        record = {"instruction": args.instruction, "input": args.input, **({"system": args.system} if args.system else {})}
+        answer = generate(model, tokenizer, [record], args.max_new_tokens, 1, **args.generation_kwargs())[0]
+        print(answer if answer else "(empty answer: the model ended its turn with <|im_end|> at once)")
+        return 0
+    run_evaluation(args, model, tokenizer, records)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,22 +1,46 @@
 """Build the embedded tiny Qwen checkpoint (random weights, real Qwen tokenizer) into a folder, offline.
 
-    python -m qwen_helpers.make_tiny_qwen OUT_DIR [--arch qwen2|qwen3] [--like qwen2.5-base|qwen2.5-instruct|qwen1.5-chat|qwen3|qwen3-base|no-template]
+    python -m qwen_helpers.make_tiny_qwen OUT_DIR [--arch qwen2|qwen3] [--overwrite True]
+        [--like qwen2.5-base|qwen2.5-instruct|qwen1.5-chat|qwen3|qwen3-base|no-template]
+
+A folder that already holds files is refused unless ``--overwrite True``: it may hold a real model, whose
+weights random tiny ones would replace. The build goes into a staging folder beside OUT_DIR and is
+swapped in whole, so an interrupted build never leaves a half-written checkpoint.
 """
 
 import argparse
 import sys
 
+from .errors import FlagError, command_boundary
+from .files import check_output_folder, new_staging_folder, remove_folders, swap_in
 from .tiny import REPLICAS, make_tiny_qwen
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("output_dir", help="Folder to write (created if missing).")
+def parse_arguments(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("output_dir", help="Folder to write (created if missing; must be empty unless --overwrite True).")
     parser.add_argument("--arch", choices=["qwen2", "qwen3"], default="qwen2", help="Qwen2ForCausalLM or Qwen3ForCausalLM.")
     parser.add_argument("--like", choices=list(REPLICAS), default=None,
                         help="Copy a released checkpoint's settings (eos, generation config, chat template); implies its --arch.")
-    args = parser.parse_args(argv)
-    folder = make_tiny_qwen(args.output_dir, args.arch, args.like)
+    parser.add_argument("--overwrite", choices=["True", "False"], default="False", help="Replace the contents of a non-empty output_dir.")
+
+    def error(message):
+        raise FlagError(f"{message}. Run with --help to list every flag.")
+
+    parser.error = error
+    return parser.parse_args(argv)
+
+
+@command_boundary
+def main(argv=None) -> int:
+    args = parse_arguments(argv)
+    check_output_folder(args.output_dir, "output_dir", overwrite=args.overwrite == "True", overwrite_flag="--overwrite")
+    staging = new_staging_folder(args.output_dir)
+    try:
+        make_tiny_qwen(staging, args.arch, args.like)
+        folder = swap_in(staging, args.output_dir)
+    finally:
+        remove_folders([staging] if staging.exists() else [])
     print(f"tiny {args.like or args.arch} checkpoint written to {folder}; load it with AutoModelForCausalLM.from_pretrained({str(folder)!r})")
     return 0
 

@@ -175,7 +175,9 @@ def check_target_modules(model, target_modules) -> None:
     unknown = [name for name in target_modules if name not in available]
     if unknown:
         hint = " (c_attn is Qwen1's fused attention; Qwen1.5 and later use q_proj,k_proj,v_proj)" if "c_attn" in unknown else ""
-        raise ValueError(
+        from .errors import FlagError
+
+        raise FlagError(
             f"--target_modules: {', '.join(unknown)} not found in {type(model).__name__}{hint}. "
             f"Its linear layers are: {', '.join(available)}. Use some of these, or 'all-linear'."
         )
@@ -202,26 +204,3 @@ def count_parameters(model) -> ParameterCount:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
     return ParameterCount(trainable, total)
-
-
-def folder_size(path: str | os.PathLike, pattern: str = "*") -> int:
-    """Bytes on disk of the files matching ``pattern`` directly inside ``path``."""
-    return sum(file.stat().st_size for file in Path(path).glob(pattern) if file.is_file())
-
-
-def base_weights_size(model_path: str) -> int | None:
-    """Bytes of a local checkpoint's weight files (None for a hub id not in a local folder)."""
-    path = Path(resolve_model_path(model_path))
-    if not path.is_dir():
-        return None
-    return folder_size(path, "*.safetensors") + folder_size(path, "*.bin")
-
-
-def human_bytes(size: float) -> str:
-    """``83.0 KiB``, ``1.2 GiB``: sizes for people."""
-    if size < 1024:
-        return f"{int(size)} B"
-    for unit in ("KiB", "MiB", "GiB"):
-        size /= 1024
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}"

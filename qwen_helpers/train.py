@@ -6,61 +6,144 @@ which peft config wraps it; full fine-tuning (the benchmark's baseline) is the s
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
+from .checks import base_summary, check_model_path, check_training_flags, safetensors_shapes
 from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments, write_run_config
 from .data import chat_tokens_to_train, load_dataset_for_training, make_collator
+from .errors import KitError
+from .files import OutputExistsError, base_weights_size, folder_size, human_bytes, is_nonempty_folder, new_staging_folder, remove_folders, staging_folders, swap_in
 from .methods import get_method
-from .modeling import (
-    base_weights_size,
-    build_quantization_config,
-    check_target_modules,
-    count_parameters,
-    folder_size,
-    human_bytes,
-    load_base_model,
-    load_tokenizer,
-)
+from .modeling import build_quantization_config, check_target_modules, count_parameters, load_base_model, load_tokenizer
 from .precision import base_dtype
 
 logger = logging.getLogger("qwen_helpers")
 
 
-class OutputDirExistsError(FileExistsError):
-    """The output folder already holds a previous run."""
+class OutputDirExistsError(OutputExistsError):
+    """The output folder already holds a previous run (or an interrupted one)."""
+
+
+class ResumeError(KitError, FileNotFoundError):
+    """--resume_from_checkpoint names nothing that can be resumed."""
 
 
 def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
-    """Refuse to write into a non-empty folder unless asked to overwrite or resume: a previous run is never lost silently."""
+    """Refuse to replace a non-empty folder, or to start over an interrupted run, unless asked to overwrite or resume."""
     path = Path(output_dir)
-    if path.is_dir() and any(path.iterdir()) and not (overwrite or resuming):
+    if path.exists() and not path.is_dir():
+        raise OutputDirExistsError(f"--output_dir {output_dir} is a file; choose a folder name.")
+    if overwrite or resuming:
+        return
+    if is_nonempty_folder(path):
         raise OutputDirExistsError(
             f"--output_dir {output_dir} already holds files from an earlier run. Choose another folder, "
             "pass --overwrite_output_dir True to replace them, or --resume_from_checkpoint True to continue that run."
         )
+    interrupted = [folder for folder in staging_folders(path) if complete_checkpoints(folder)]
+    if interrupted:
+        raise OutputDirExistsError(
+            f"--output_dir {output_dir}: an interrupted run left its files in {interrupted[0]}. Pass "
+            "--resume_from_checkpoint True to continue it, or --overwrite_output_dir True to start again (it is removed when the new run completes)."
+        )
 
 
-def check_output_dir_on_main_process(training_args: KitTrainingArguments, resuming: bool) -> None:
-    """Check the output folder on the main process only and share its verdict, so every rank stops with the same error or none does."""
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def complete_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """checkpoint-N folders whose save finished (trainer_state.json written last, adapter weights intact), newest first.
+
+    A save cut short by a full disk or a kill leaves a checkpoint without its trainer state, or with a
+    truncated adapter file; resuming from it would fail, so it is skipped.
+    """
+    folder = Path(folder)
+    found = []
+    for path in folder.iterdir() if folder.is_dir() else []:
+        match = _CHECKPOINT.match(path.name)
+        if not (match and path.is_dir() and (path / "trainer_state.json").is_file()):
+            continue
+        weights = path / "adapter_model.safetensors"
+        try:
+            if weights.is_file():
+                safetensors_shapes(weights)
+        except KitError:
+            continue
+        found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+@dataclass
+class OutputPlan:
+    """Where a run writes (its staging folder), what it resumes from, and the interrupted runs it replaces."""
+
+    target: str
+    staging: str | None = None
+    resume_from: str | None = None
+    stale: list[str] = field(default_factory=list)
+
+
+def plan_output(training_args: KitTrainingArguments, staged: bool = True) -> OutputPlan:
+    """Check the output folder and decide the staging folder and the checkpoint to resume from.
+
+    ``--resume_from_checkpoint True`` continues the newest interrupted run of this output folder (its
+    staging folder), else the last checkpoint of the finished run in the folder itself; a path is used as given.
+    """
+    target = training_args.output_dir
+    value = training_args.resume_from_checkpoint
+    resuming = value not in (None, "", "False", "false")
+    check_output_dir(target, training_args.overwrite_output_dir, resuming)
+    interrupted = staging_folders(target)
+    plan = OutputPlan(target)
+    if value in ("True", "true", "last"):
+        for folder in interrupted:
+            checkpoints = complete_checkpoints(folder)
+            if checkpoints:
+                plan.staging, plan.resume_from = str(folder), str(checkpoints[0])
+                break
+        else:
+            checkpoints = complete_checkpoints(target)
+            if not checkpoints:
+                raise ResumeError(
+                    f"--resume_from_checkpoint True: no complete checkpoint-* folder in {target} or in an interrupted run beside it. "
+                    "Checkpoints are written with --save_strategy steps|epoch; start a fresh run instead."
+                )
+            plan.resume_from = str(checkpoints[0])
+    elif resuming:
+        if not (Path(value) / "trainer_state.json").is_file():
+            raise ResumeError(f"--resume_from_checkpoint {value}: no such checkpoint folder (a checkpoint-N folder holds trainer_state.json).")
+        plan.resume_from = value
+    if staged:
+        plan.stale = [str(folder) for folder in interrupted if str(folder) != plan.staging]
+        plan.staging = plan.staging or str(new_staging_folder(target))
+    return plan
+
+
+def plan_output_on_main_process(training_args: KitTrainingArguments, staged: bool = True) -> OutputPlan:
+    """Plan the output on the main process only and share the plan, so every rank writes to the same staging folder or all stop."""
     verdict = [None]
     if training_args.process_index == 0:
         try:
-            check_output_dir(training_args.output_dir, training_args.overwrite_output_dir, resuming)
-        except OutputDirExistsError as error:
-            verdict = [str(error)]
+            verdict = [plan_output(training_args, staged)]
+        except KitError as error:
+            verdict = [error]
     if training_args.world_size > 1:
         from accelerate.utils import broadcast_object_list
 
         broadcast_object_list(verdict, from_process=0)
-    if verdict[0] is not None:
-        raise OutputDirExistsError(verdict[0])
+    if isinstance(verdict[0], KitError):
+        raise verdict[0]
+    return verdict[0]
 
 
 def check_distributed_launch(training_args: KitTrainingArguments) -> None:
@@ -215,30 +298,38 @@ class TrainResult:
     stopped_by_nan_guard: bool = False
     data_report: str = ""
     notes: list[str] = field(default_factory=list)
+    target_dir: str = ""  # where output_dir goes when the run is published (output_dir is the staging folder until then)
+    stale_runs: list[str] = field(default_factory=list)
 
     @property
     def train_losses(self) -> list[float]:
         return train_losses(self.history)
 
 
-def resolve_resume(training_args: KitTrainingArguments):
-    """``--resume_from_checkpoint True`` means the last checkpoint in the output folder; a path is used as given."""
-    from transformers.trainer_utils import get_last_checkpoint
+def resumed_history(checkpoint: str | None) -> list[dict]:
+    """The log records of the run up to ``checkpoint`` (its trainer_state.json), so a resumed run's history covers every step."""
+    if not checkpoint:
+        return []
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    return [record for record in state.get("log_history", []) if "train_runtime" not in record]
 
-    value = training_args.resume_from_checkpoint
-    if value in (None, "", "False", "false"):
-        return None
-    if value in ("True", "true", "last"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if last is None:
-            raise FileNotFoundError(
-                f"--resume_from_checkpoint: no checkpoint-* folder in {training_args.output_dir}. "
-                "Checkpoints are written by --save_strategy steps|epoch; start a fresh run instead."
-            )
-        return last
-    if not os.path.isdir(value):
-        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint folder.")
-    return value
+
+class KitTrainer(Trainer):
+    """``Trainer`` whose saves hold the adapter only.
+
+    No tokenizer copy per checkpoint (18.6 MB each for Qwen's; the final folder gets one) and no
+    ``training_args.bin`` anywhere: it is a pickle of every flag, ``--hub_token`` included, while
+    run_config.json keeps the effective arguments with tokens redacted.
+    """
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        processing_class, collator = self.processing_class, self.data_collator
+        self.processing_class = self.data_collator = None  # _save writes the tokenizer of either
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            self.processing_class, self.data_collator = processing_class, collator
+        Path(output_dir or self.args.output_dir, "training_args.bin").unlink(missing_ok=True)
 
 
 def train(
@@ -250,20 +341,41 @@ def train(
     prompt_args: PromptTuningArguments | None = None,
     callbacks: list | None = None,
     save: bool = True,
+    publish: bool = True,
 ) -> TrainResult:
     """Train one adapter end to end and save it (adapter weights, tokenizer, run config, loss history) to output_dir.
 
     ``method`` is a name of :data:`qwen_helpers.methods.METHODS` ("lora", "prompt_tuning", "qlora", "full").
+    The run writes into a staging folder beside output_dir and replaces output_dir only once everything is
+    saved, so an interrupted run leaves the previous folder untouched and ``--resume_from_checkpoint True``
+    continues it. ``publish=False`` leaves the swap to the caller (:func:`publish_run`), for files added after training.
     """
     adapter = get_method(method).adapter
     if get_method(method).load_in_4bit and not model_args.load_in_4bit:
         raise ValueError(f"method {method!r} trains on a 4-bit base: pass ModelArguments(load_in_4bit=True) (--load_in_4bit True).")
     if adapter == "full" and save:
         raise ValueError("Full fine-tuning is the benchmark's baseline only; the kit saves adapters, never full weights.")
+    check_training_flags(training_args, lora_args if adapter == "lora" else prompt_args)
+    check_model_path(model_args.model_path)
     check_distributed_launch(training_args)
-    resume = resolve_resume(training_args)
-    check_output_dir_on_main_process(training_args, resume is not None)
+    plan = plan_output_on_main_process(training_args, staged=save)
+    target_args = training_args
+    if save:  # the Trainer writes checkpoints and the adapter into the staging folder; the target changes only at the swap
+        training_args = copy.copy(training_args)
+        training_args.output_dir = plan.staging
+    try:
+        return _train_into(plan, model_args, data_args, training_args, target_args, method, lora_args, prompt_args, callbacks, save, publish)
+    except BaseException:  # an error or Ctrl-C: keep the staging folder only if it holds something to resume
+        if save and training_args.process_index == 0 and not complete_checkpoints(plan.staging):
+            remove_folders([plan.staging])
+        raise
+
+
+def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_args, method, lora_args, prompt_args, callbacks, save, publish) -> TrainResult:
+    """The body of :func:`train` once the output is planned: load, attach, train, save into the staging folder, publish."""
     notes = [training_args.precision_notice, f"device: {training_args.device}"]
+    if plan.resume_from:
+        notes.append(f"resuming from {plan.resume_from}")
 
     tokenizer = load_tokenizer(model_args.model_path)
     with training_args.main_process_first(desc="tokenising"):
@@ -285,7 +397,7 @@ def train(
     notes.append(str(parameters))
 
     history, nan_guard = LossHistoryCallback(), NanGuardCallback()
-    trainer = Trainer(
+    trainer = KitTrainer(
         model=model,
         args=training_args,
         train_dataset=train_data.dataset,
@@ -300,32 +412,55 @@ def train(
     if training_args.should_log:
         for note in notes:
             print(note, flush=True)
-    trainer.train(resume_from_checkpoint=resume)
+    earlier_history = resumed_history(plan.resume_from)  # read first: the run may delete that checkpoint (--save_total_limit)
+    trainer.train(resume_from_checkpoint=plan.resume_from)
     result = TrainResult(
         model=model,
         tokenizer=tokenizer,
         trainer=trainer,
-        history=history.history,
+        history=earlier_history + history.history,
         output_dir=training_args.output_dir,
         parameters=parameters,
         precision=training_args.precision_notice,
         stopped_by_nan_guard=nan_guard.triggered,
         data_report=train_data.summary(),
         notes=notes,
+        target_dir=target_args.output_dir,
+        stale_runs=plan.stale,
     )
     if save:
-        save_run(result, model_args, data_args, training_args, lora_args if adapter == "lora" else prompt_args, method)
+        save_run(result, model_args, data_args, target_args, lora_args if get_method(method).adapter == "lora" else prompt_args, method)
+        if publish:
+            publish_run(result)
     return result
 
 
 def save_run(result: TrainResult, model_args, data_args, training_args, method_args, method: str) -> None:
-    """Write the adapter (never the full model), tokenizer, effective config and loss history to the output folder."""
+    """Write the adapter (never the full model), tokenizer, effective config and loss history into the run's staging folder."""
     trainer = result.trainer
     trainer.save_model(result.output_dir)  # a PeftModel saves only adapter_model.safetensors + adapter_config.json
+    trainer.accelerator.wait_for_everyone()  # every rank's part is written before the main process completes the folder
     if not trainer.is_world_process_zero():
         return
+    result.tokenizer.save_pretrained(result.output_dir)  # the final folder carries the tokenizer; checkpoints do not
     configs = [model_args, data_args, training_args] + ([method_args] if method_args is not None else [])
-    write_run_config(result.output_dir, *configs, method=method, history=result.history, stopped_by_nan_guard=result.stopped_by_nan_guard)
+    write_run_config(result.output_dir, *configs, method=method, history=result.history, stopped_by_nan_guard=result.stopped_by_nan_guard,
+                     base_model=base_summary(base_config_of(result.model)))  # lets a later load check the base without it
+
+
+def base_config_of(model):
+    """The config of the base model under any adapter wrapper."""
+    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+
+
+def publish_run(result: TrainResult) -> None:
+    """Swap the completed staging folder in as the output folder (main process), and drop interrupted runs it replaces."""
+    if result.output_dir == result.target_dir:
+        return
+    if result.trainer.is_world_process_zero():
+        swap_in(result.output_dir, result.target_dir)
+        remove_folders(result.stale_runs)
+    result.output_dir = result.target_dir
 
 
 def report(result, model_path: str) -> str:

@@ -9,8 +9,10 @@ because prepare_model_for_kbit_training upcasts the unquantised embeddings and l
 import sys
 
 from .cli import run_training_command
+from .errors import command_boundary
 
 
+@command_boundary  # a user error is one line on stderr and exit code 2 (--debug shows the traceback)
 def main(argv=None) -> int:
     return run_training_command("qlora", argv)
 

@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qwen_helpers"
 # Leaves import only other leaves; the core imports leaves and core; commands import anything.
 # widgets and plots are leaves that the core never imports (they draw; the core computes).
 LAYERS = {
-    "leaf": {"tiny", "data", "metrics", "plots", "widgets", "precision", "methods", "config", "allocator", "presets", "files"},
-    "core": {"modeling", "train", "adapters", "generation", "evaluation", "classification", "export", "batching", "errors"},
+    "leaf": {"tiny", "data", "metrics", "plots", "widgets", "precision", "methods", "config", "allocator", "presets", "files", "errors", "checks"},
+    "core": {"modeling", "train", "adapters", "generation", "evaluation", "classification", "export", "batching"},
     "command": {"cli", "inference", "train_lora", "train_qlora", "train_prompt_tuning", "demo", "benchmark", "make_tiny_qwen",
                 "inspect_data", "__main__"},
 }

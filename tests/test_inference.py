@@ -315,7 +315,7 @@ def test_command_without_adapter_uses_the_base(capsys):
 def test_command_reports_a_bad_adapter_path(tmp_path, capsys):
     code = inference.main(["--adapter_path", str(tmp_path / "missing"), "--instruction", "hi"])
     assert code == 2
-    assert f"{tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+    assert f"--adapter_path {tmp_path / 'missing'}: no such folder" in capsys.readouterr().err
 
 
 def test_command_merges_into_a_model_that_loads_without_peft(lora_adapter, lora_model, tmp_path):

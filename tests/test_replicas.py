@@ -98,7 +98,7 @@ def test_base_checkpoints_are_detected_and_train_the_chat_tokens(replica):
 
 
 def test_generation_stops_at_both_end_tokens(replica):
-    from qwen_helpers.inference import stop_token_ids
+    from qwen_helpers.generation import stop_token_ids
 
     _, tokenizer = replica
     assert set(stop_token_ids(tokenizer)) == {IM_END, ENDOFTEXT}

@@ -1,0 +1,300 @@
+"""Checks that run before any model loads: numeric flag ranges, model folders, adapter files and their fit to a base.
+
+A bad value found after a 7B model has loaded costs minutes and surfaces as a torch error; found here,
+it costs nothing and names the flag or file. Every problem is a :class:`~qwen_helpers.errors.KitError`.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from .errors import FlagError, KitError, ModelFolderError
+
+# Architectures the kit is built and tested for (config.json's model_type). Qwen1 ("qwen") needs remote
+# code and a different tokenizer; the MoE variants share the attention module names, tokenizer and template.
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+class AdapterFileError(KitError, ValueError):
+    """An adapter folder whose files are missing, damaged or shaped for another base."""
+
+
+# ---------------------------------------------------------------------------------------------- flags
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise FlagError(message)
+
+
+def check_training_flags(training_args, method_args=None) -> None:
+    """Numeric ranges of the training flags, checked before the tokenizer or the model loads."""
+    args = training_args
+    _require(args.learning_rate > 0, f"--learning_rate must be above 0, got {args.learning_rate} (try 3e-4 for LoRA, 3e-2 for prompt tuning).")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(args, name)
+        _require(value >= 1, f"--{name} must be at least 1, got {value}.")
+    _require(
+        args.max_steps > 0 or args.num_train_epochs > 0,
+        f"--num_train_epochs {args.num_train_epochs} with --max_steps {args.max_steps} trains nothing (the adapter would stay "
+        "at its initial weights); give --num_train_epochs above 0 or --max_steps of at least 1.",
+    )
+    _require(args.weight_decay >= 0, f"--weight_decay must be 0 or more, got {args.weight_decay}.")
+    _require(args.warmup_steps >= 0, f"--warmup_steps must be 0 or more (a fraction below 1, or a step count), got {args.warmup_steps}.")
+    _require(args.max_grad_norm >= 0, f"--max_grad_norm must be 0 (no clipping) or more, got {args.max_grad_norm}.")
+    _require(args.logging_steps > 0, f"--logging_steps must be above 0, got {args.logging_steps}.")
+    if str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps":
+        _require(args.save_steps > 0, f"--save_steps must be above 0 with --save_strategy steps, got {args.save_steps}.")
+    if method_args is not None and hasattr(method_args, "lora_alpha"):
+        _require(method_args.lora_alpha > 0, f"--lora_alpha must be above 0 (the update is scaled by alpha / r), got {method_args.lora_alpha}; try 2 x --lora_r.")
+        _require(method_args.lora_r >= 1, f"--lora_r must be at least 1, got {method_args.lora_r}.")
+    if method_args is not None and hasattr(method_args, "num_virtual_tokens"):
+        _require(method_args.num_virtual_tokens >= 1, f"--num_virtual_tokens must be at least 1, got {method_args.num_virtual_tokens}.")
+
+
+# ---------------------------------------------------------------------------------------------- model folders
+
+
+def looks_like_local_path(model_path: str) -> bool:
+    """True when ``model_path`` names a folder on this machine rather than a hub id ("Qwen/Qwen2.5-0.5B-Instruct")."""
+    from .tiny import TINY_ALIASES
+
+    if model_path in TINY_ALIASES:
+        return False  # built on first use in the cache
+    path = Path(model_path).expanduser()
+    if path.exists() or model_path.startswith((".", "/", "~")) or "\\" in model_path:
+        return True
+    parts = model_path.split("/")
+    return len(parts) != 2 or Path(parts[0]).is_dir()  # "outputs/missing" is a local folder that is not there
+
+
+def read_model_config(folder: Path) -> dict:
+    """config.json of a model folder, or a :class:`ModelFolderError` naming it."""
+    config_file = folder / "config.json"
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelFolderError(f"{config_file} cannot be read ({error}); the model folder is damaged: copy it again.") from None
+
+
+def check_model_type(config: dict, where: str, flag: str = "--model_path") -> None:
+    """Refuse a checkpoint whose architecture the kit does not support, naming what it is and what is supported."""
+    model_type = config.get("model_type")
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return
+    architectures = ", ".join(config.get("architectures") or []) or "no architectures listed"
+    hint = " (Qwen1 checkpoints need remote code; use Qwen1.5 or later)" if model_type == "qwen" else ""
+    raise ModelFolderError(
+        f"{flag} {where} is a {model_type or 'unknown'} model ({architectures}){hint}; this kit supports Qwen "
+        f"checkpoints with model_type {', '.join(SUPPORTED_MODEL_TYPES)} (Qwen1.5, Qwen2, Qwen2.5, Qwen3). Point {flag} at one of those."
+    )
+
+
+def check_model_path(model_path: str, flag: str = "--model_path") -> dict | None:
+    """Check a base model before loading it; return its config.json (None for the tiny alias or a hub id).
+
+    Missing folders, empty folders, folders without config.json, weights or tokenizer files, and
+    architectures other than Qwen's are refused with a sentence naming the folder.
+    """
+    from .tiny import TINY_ALIASES
+
+    if model_path in TINY_ALIASES:
+        return None
+    if not looks_like_local_path(model_path):
+        return None  # a hub id: transformers resolves it (from the local cache when offline)
+    folder = Path(model_path).expanduser()
+    if not folder.exists():
+        raise ModelFolderError(f"{flag} {model_path}: no such folder. Check the path (relative to {Path.cwd()}), or use 'tiny' for the embedded test model.")
+    if not folder.is_dir():
+        raise ModelFolderError(f"{flag} {model_path} is a file; pass the folder that holds config.json and the weights.")
+    if not any(folder.iterdir()):
+        raise ModelFolderError(f"{flag} {model_path} is an empty folder; copy the checkpoint (config.json, weights, tokenizer files) into it.")
+    if not (folder / "config.json").is_file():
+        hint = " It holds an adapter: pass it as --adapter_path, and its base as --model_path." if (folder / "adapter_config.json").is_file() else ""
+        raise ModelFolderError(f"{flag} {model_path} has no config.json, so it is not a model folder.{hint}")
+    config = read_model_config(folder)
+    check_model_type(config, model_path, flag)
+    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        raise ModelFolderError(f"{flag} {model_path} has no weight files (*.safetensors or *.bin); the download or copy is incomplete.")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelFolderError(f"{flag} {model_path} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt); copy them from the original checkpoint.")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape from a safetensors file's header, after checking the file is complete (nothing is loaded)."""
+    size = path.stat().st_size
+    damaged = f"{path} is damaged or truncated ({size} bytes); copy it again or retrain the adapter."
+    try:
+        with path.open("rb") as file:
+            (header_length,) = struct.unpack("<Q", file.read(8))
+            if header_length > size - 8:
+                raise AdapterFileError(damaged)
+            header = json.loads(file.read(header_length))
+    except (struct.error, ValueError, UnicodeDecodeError):
+        raise AdapterFileError(damaged) from None
+    tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    end = max((entry["data_offsets"][1] for entry in tensors.values()), default=0)
+    if 8 + header_length + end > size:
+        raise AdapterFileError(damaged)
+    return {name: entry["shape"] for name, entry in tensors.items()}
+
+
+def read_adapter_files(adapter_path: str) -> tuple[dict, dict, dict[str, list[int]]]:
+    """adapter_config.json, run_config.json ({} when absent) and the weight shapes of an adapter folder, each checked."""
+    folder = Path(adapter_path)
+    config_file = folder / "adapter_config.json"
+    if not folder.is_dir() or not config_file.is_file():
+        return {}, {}, {}  # the adapter loader says what is missing
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise AdapterFileError(f"{config_file} is not valid JSON ({error}); copy the adapter folder again or retrain it.") from None
+    run_file = folder / "run_config.json"
+    try:
+        run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
+    except (ValueError, UnicodeDecodeError) as error:
+        raise AdapterFileError(f"{run_file} is not valid JSON ({error}); delete it and pass --model_path explicitly.") from None
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            return config, run, {}
+        raise AdapterFileError(f"{folder} has no adapter_model.safetensors; the adapter was not saved completely. Retrain it.")
+    return config, run, safetensors_shapes(weights)
+
+
+def expected_linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each adaptable linear layer of a Qwen decoder layer, from its config.json."""
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv_heads = config.get("num_key_value_heads", heads)
+    intermediate = config.get("intermediate_size")
+    shapes = {
+        "q_proj": (hidden, heads * head_dim),
+        "k_proj": (hidden, kv_heads * head_dim),
+        "v_proj": (hidden, kv_heads * head_dim),
+        "o_proj": (heads * head_dim, hidden),
+    }
+    if intermediate and not str(config.get("model_type", "")).endswith("_moe"):
+        shapes.update(gate_proj=(hidden, intermediate), up_proj=(hidden, intermediate), down_proj=(intermediate, hidden))
+    return shapes
+
+
+def adapter_shape_problems(adapter_config: dict, shapes: dict[str, list[int]], base_config: dict) -> list[str]:
+    """Where an adapter's weights do not fit a base of ``base_config``: layer count, widths, soft-prompt size."""
+    problems = []
+    hidden = base_config.get("hidden_size")
+    token_dim = adapter_config.get("token_dim")
+    if token_dim and hidden and token_dim != hidden:
+        problems.append(f"its soft prompt has {token_dim} dimensions per token, the base's hidden size is {hidden}")
+    linear = expected_linear_shapes(base_config) if hidden and base_config.get("num_attention_heads") else {}
+    layers = base_config.get("num_hidden_layers")
+    for name, shape in shapes.items():
+        parts = name.split(".")
+        if "layers" in parts and layers is not None:
+            index = int(parts[parts.index("layers") + 1])
+            if index >= layers:
+                problems.append(f"it has weights for layer {index}, the base has {layers} layers")
+                break
+        module = next((part for part in parts if part in linear), None)
+        if module is None or len(shape) != 2:
+            continue
+        in_features, out_features = linear[module]
+        if "lora_A" in parts and shape[1] != in_features:
+            problems.append(f"{module} takes {shape[1]} inputs in the adapter, {in_features} in the base")
+            break
+        if "lora_B" in parts and shape[0] != out_features:
+            problems.append(f"{module} gives {shape[0]} outputs in the adapter, {out_features} in the base")
+            break
+    return problems
+
+
+BASE_SUMMARY_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
+
+
+def base_summary(config) -> dict:
+    """The architecture facts of a base worth recording beside an adapter (from a config object or dict)."""
+    values = config if isinstance(config, dict) else config.to_dict()
+    return {key: values.get(key) for key in BASE_SUMMARY_KEYS if values.get(key) is not None}
+
+
+def check_adapter_against_base(adapter_path: str, base_model_path: str) -> None:
+    """Refuse, before loading anything, an adapter whose files are damaged or whose architecture or shapes differ from the base.
+
+    Works when the base the adapter recorded is not on this machine: the adapter's own record of its base
+    architecture (run_config.json, written by the kit) and its tensor shapes are compared with the base's config.json.
+    """
+    from .tiny import resolve_model_path
+
+    adapter_config, run, shapes = read_adapter_files(adapter_path)
+    if not adapter_config:
+        return
+    base_folder = Path(resolve_model_path(base_model_path))
+    if not (base_folder / "config.json").is_file():
+        return  # a hub id: nothing to compare against before loading
+    base_config = read_model_config(base_folder)
+    problems = []
+    recorded = run.get("base_model") or {}
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+        if key in recorded and base_config.get(key) is not None and recorded[key] != base_config.get(key):
+            problems.append(f"{key} is {recorded[key]} in the base it was trained on, {base_config.get(key)} in {base_model_path}")
+    problems += adapter_shape_problems(adapter_config, shapes, base_config)
+    if problems:
+        trained_on = run.get("model_path") or adapter_config.get("base_model_name_or_path") or "an unrecorded base"
+        raise AdapterFileError(
+            f"--adapter_path {adapter_path} does not fit --model_path {base_model_path} "
+            f"({base_config.get('model_type')}, hidden size {base_config.get('hidden_size')}): {'; '.join(problems)}. "
+            f"It was trained on {trained_on}: load it on that base, or train an adapter for this one."
+        )
+
+
+def recorded_base_path(adapter_path: str) -> str | None:
+    """The base an adapter records (the kit's run_config.json first, it keeps aliases such as "tiny"; else peft's)."""
+    adapter_config, run, _ = read_adapter_files(adapter_path)
+    return run.get("model_path") or adapter_config.get("base_model_name_or_path")
+
+
+def check_adapter_folder(adapter_path: str, model_path: str | None) -> str | None:
+    """Check an adapter folder and the base it will load on; return that base (``model_path``, else the recorded one)."""
+    folder = Path(adapter_path)
+    if not folder.is_dir():
+        raise AdapterFileError(f"--adapter_path {adapter_path}: no such folder. Train one first (python -m qwen_helpers.train_lora) or fix the path.")
+    if not (folder / "adapter_config.json").is_file():
+        hint = " It looks like a full model folder: pass it as --model_path instead." if (folder / "config.json").is_file() else ""
+        raise AdapterFileError(f"--adapter_path {adapter_path} has no adapter_config.json, so it is not a peft adapter folder.{hint}")
+    if model_path:
+        check_model_path(model_path)
+        base = model_path
+    else:
+        base = recorded_base_path(adapter_path)
+        if not base:
+            raise AdapterFileError(f"--adapter_path {adapter_path} does not record its base model; pass --model_path.")
+        if looks_like_local_path(base) and not Path(base).expanduser().is_dir():
+            raise AdapterFileError(
+                f"--adapter_path {adapter_path} was trained on {base}, which is not on this machine; pass --model_path "
+                "with that base (a copy of the same checkpoint)."
+            )
+        check_model_path(base, flag=f"the base recorded by {adapter_path}")
+    check_adapter_against_base(adapter_path, base)
+    return base
+
+
+def check_inference_inputs(args) -> None:
+    """Everything the inference command can check before loading a model: output file, model folder, adapter."""
+    from .files import check_output_file
+
+    if args.data_path and not args.merge:
+        check_output_file(args.output_file, "--output_file", args.overwrite_output_file, "--overwrite_output_file",
+                          inputs=(args.data_path,))
+    if args.adapter_path:
+        check_adapter_folder(args.adapter_path, args.model_path)
+    elif args.model_path:
+        check_model_path(args.model_path)

@@ -1,0 +1,129 @@
+"""Expected user errors and the command boundary that turns them into one line on stderr and exit code 2.
+
+Every mistake a user can fix (a wrong flag, a missing file, a folder that would be overwritten) raises
+a :class:`KitError` whose message names the file, record, field or flag and says what to do. The
+command entry points are wrapped in :func:`command_boundary`: a ``KitError`` becomes ``error: ...`` on
+one line and exit code 2, with the traceback only under ``--debug``; any other exception is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+import sys
+import traceback
+
+EXIT_USER_ERROR = 2  # argparse's own exit code for bad flags; every expected user error uses it
+DEBUG_FLAG = "--debug"
+
+
+class KitError(Exception):
+    """A problem the user can fix; the message names the file, record, field or flag and says what to do."""
+
+
+class FlagError(KitError, ValueError):
+    """A command-line flag with a bad value, a bad combination of flags, or a flag that does not exist."""
+
+
+class MissingExtraError(KitError, ImportError):
+    """A flag that needs an optional package which is not installed; the message gives the install command."""
+
+
+class ModelFolderError(KitError, ValueError):
+    """A --model_path that is missing, empty, or not a checkpoint the kit supports."""
+
+
+def one_line(message: str) -> str:
+    """The message on a single line: an error that scrolls past a screen is not read."""
+    return " ".join(str(message).split())
+
+
+def _flag_error_from_argparse(parser: argparse.ArgumentParser):
+    def error(message: str):
+        raise FlagError(f"{message}. Run with --help to list every flag.")
+
+    return error
+
+
+def _unknown_flags_message(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """Name each unknown flag with the closest real one, so a typo is fixed in one step."""
+    known = [option for action in parser._actions for option in action.option_strings]
+    parts = []
+    for flag in (item for item in unknown if item.startswith("-")):
+        close = difflib.get_close_matches(flag.split("=")[0], known, n=1)
+        parts.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+    names = ", ".join(parts) or " ".join(unknown)
+    return f"unknown flag or stray value: {names}. Check the spelling; --help lists every flag."
+
+
+def parse_flags(parser, argv: list[str] | None):
+    """``parser.parse_args_into_dataclasses`` with every flag problem raised as a :class:`FlagError`.
+
+    Covers unknown flags (with the closest real name), values argparse rejects, and the sentences the
+    dataclasses' ``__post_init__`` raise. Abbreviated flags are refused: ``--learning_rat`` must not
+    silently become ``--learning_rate``.
+    """
+    parser.allow_abbrev = False
+    parser.error = _flag_error_from_argparse(parser)
+    _, remaining = parser.parse_known_args(args=argv)  # unknown flags first: a typo explains any later complaint
+    if remaining:
+        raise FlagError(_unknown_flags_message(parser, remaining))
+    try:
+        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except FlagError:
+        raise
+    except ImportError as error:  # a flag that needs an optional extra (--deepspeed): the sentence says what to install
+        raise MissingExtraError(str(error)) from error
+    except ValueError as error:  # raised by a config's __post_init__: a sentence about the flags
+        raise FlagError(str(error)) from error
+
+
+def strip_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
+    """Take ``--debug`` (alone, or ``--debug True/False``) out of argv; return the rest and whether it was on.
+
+    ``--debug underflow_overflow`` (a ``TrainingArguments`` option) is left in place for the Trainer.
+    """
+    argv, debug = list(argv), False
+    index = 0
+    while index < len(argv):
+        if argv[index] != DEBUG_FLAG:
+            index += 1
+            continue
+        value = argv[index + 1] if index + 1 < len(argv) else None
+        if value is not None and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            debug = value.lower() in ("true", "1", "yes")
+            del argv[index : index + 2]
+        elif value is None or value.startswith("-"):
+            debug = True
+            del argv[index]
+        else:  # TrainingArguments' own --debug OPTION (e.g. underflow_overflow): leave it to the parser
+            index += 2
+    return argv, debug
+
+
+def report_error(error: BaseException, debug: bool = False) -> int:
+    """Print a user error as one ``error: ...`` line on stderr (its traceback first under --debug); return exit code 2."""
+    if debug:
+        traceback.print_exception(error)
+    print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+    return EXIT_USER_ERROR
+
+
+def command_boundary(main):
+    """Wrap a command's ``main(argv)``: a :class:`KitError` becomes one line on stderr and exit code 2.
+
+    ``--debug`` anywhere in argv shows the traceback as well. Unexpected errors are not caught: their
+    traceback is what a bug report needs.
+    """
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None, *args, **kwargs) -> int:
+        argv, debug = strip_debug_flag(sys.argv[1:] if argv is None else argv)
+        try:
+            return main(argv, *args, **kwargs)
+        except KitError as error:
+            return report_error(error, debug)
+
+    return wrapper

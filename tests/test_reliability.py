@@ -1,0 +1,343 @@
+"""Reliability: nothing the user has is lost, nothing trains silently wrong, every bad input gets one clear line.
+
+The table at the end runs bad inputs through the real commands (``python -m ...``) and checks exit code 2,
+one ``error:`` line naming the flag or file, and no traceback. The kill test interrupts a real
+``--overwrite_output_dir`` run with SIGTERM and resumes it.
+"""
+
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from qwen_helpers import inference, make_tiny_qwen
+from qwen_helpers.checks import AdapterFileError, check_adapter_against_base, safetensors_shapes
+from qwen_helpers.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
+from qwen_helpers.errors import FlagError, KitError, strip_debug_flag
+from qwen_helpers.files import atomic_write_text, staging_folders
+from qwen_helpers.train import train
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``folder``: byte-identical means equal snapshots."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def command(module: str, *flags: str) -> list[str]:
+    return [sys.executable, "-m", f"qwen_helpers.{module}", *flags]
+
+
+def quick_training_flags(data_path: str, output_dir: Path, max_steps: int) -> list[str]:
+    return ["--data_path", data_path, "--output_dir", str(output_dir), "--max_steps", str(max_steps), "--per_device_train_batch_size", "1",
+            "--max_length", "128", "--save_strategy", "steps", "--save_steps", "1", "--disable_tqdm", "True", "--report_to", "none"]
+
+
+# ---------------------------------------------------------------------------------------------- atomic replacement
+
+
+def test_sigterm_during_overwrite_leaves_the_old_folder_then_resume_continues(tmp_path, small_train_file):
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "adapter_model.safetensors").write_bytes(b"the previous run's adapter")
+    (output / "classification_metrics.json").write_text('{"accuracy": 0.9}')  # a file the new run does not write
+    before = snapshot(output)
+
+    run = subprocess.Popen(command("train_lora", *quick_training_flags(small_train_file, output, 200), "--overwrite_output_dir", "True"),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and run.poll() is None:
+            staged = [folder for folder in staging_folders(output) if any(folder.glob("checkpoint-*/trainer_state.json"))]
+            if staged and any(int(path.parent.name.split("-")[1]) >= 2 for path in staged[0].glob("checkpoint-*/trainer_state.json")):
+                break
+            time.sleep(0.5)
+        assert run.poll() is None, "the run ended before it could be interrupted:\n" + run.stdout.read()[-3000:]
+        run.send_signal(signal.SIGTERM)
+        run.wait(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert snapshot(output) == before  # the interrupted run changed nothing in the folder it was to replace
+    (staging,) = staging_folders(output)
+    checkpoints = sorted(staging.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    interrupted_at = int(checkpoints[-1].name.split("-")[1])
+    assert not any(staging.rglob("tokenizer.json")) and not any(staging.rglob("training_args.bin"))  # checkpoints stay small and secret-free
+
+    # A fresh run without a flag must not silently start over the interrupted one.
+    refused = subprocess.run(command("train_lora", *quick_training_flags(small_train_file, tmp_path / "run", 2)), capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--resume_from_checkpoint True" in refused.stderr and "Traceback" not in refused.stderr
+
+    total = interrupted_at + 2
+    resumed = subprocess.run(command("train_lora", *quick_training_flags(small_train_file, output, total), "--resume_from_checkpoint", "True"),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert f"resuming from {checkpoints[-1]}" in resumed.stdout
+    assert staging_folders(output) == []  # swapped in, nothing left beside it
+    files = {path.name for path in output.iterdir()}
+    assert "classification_metrics.json" not in files  # no file of the old run survives the replacement
+    assert {"adapter_model.safetensors", "tokenizer.json", "run_config.json", "loss_history.json", "loss_plot.png"} <= files
+    assert not any(output.rglob("training_args.bin"))
+    assert not any(path.name == "tokenizer.json" for path in output.rglob("checkpoint-*/*"))
+    history = json.loads((output / "loss_history.json").read_text())
+    assert [record["step"] for record in history if "loss" in record] == list(range(1, total + 1))  # every step, before and after the resume
+
+
+def test_overwrite_in_process_replaces_every_old_file(tmp_path, small_train_file):
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "classification_metrics.json").write_text("{}")
+    args = KitTrainingArguments(output_dir=str(output), max_steps=1, per_device_train_batch_size=2, save_strategy="no",
+                                disable_tqdm=True, report_to="none", overwrite_output_dir=True, hub_token="hf_secret_never_written")
+    result = train(ModelArguments(), DataArguments(data_path=small_train_file, max_length=128), args, "lora", LoraArguments())
+    assert result.output_dir == str(output) and staging_folders(output) == []
+    assert not (output / "classification_metrics.json").exists()
+    assert (output / "adapter_model.safetensors").is_file() and not (output / "training_args.bin").exists()
+    run_config = json.loads((output / "run_config.json").read_text())
+    assert run_config["base_model"]["model_type"] == "qwen2"
+    assert not [path for path in output.rglob("*") if path.is_file() and b"hf_secret_never_written" in path.read_bytes()]
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "file.json"
+    target.write_text("old")
+
+    class Unwritable(str):
+        def encode(self, *args):
+            raise OSError("No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write_text(target, Unwritable("new"))
+    assert target.read_text() == "old" and [path.name for path in tmp_path.iterdir()] == ["file.json"]
+
+
+# ---------------------------------------------------------------------------------------------- validation before loading
+
+
+def test_zero_epochs_is_refused_before_the_model_loads(tmp_path, small_train_file, monkeypatch):
+    from qwen_helpers import train as train_module
+
+    monkeypatch.setattr(train_module, "load_tokenizer", lambda *a, **k: pytest.fail("the tokenizer loaded before the flags were checked"))
+    args = KitTrainingArguments(output_dir=str(tmp_path / "run"), num_train_epochs=0)
+    with pytest.raises(FlagError, match="--num_train_epochs 0"):
+        train(ModelArguments(), DataArguments(data_path=small_train_file), args, "lora", LoraArguments())
+    assert not (tmp_path / "run").exists() and staging_folders(tmp_path / "run") == []
+
+
+@pytest.fixture(scope="module")
+def qwen3_adapter(tmp_path_factory):
+    """A LoRA adapter trained (1 step) on a tiny Qwen3 base whose folder is then deleted, as on another machine."""
+    root = tmp_path_factory.mktemp("qwen3")
+    base = root / "qwen3-base"
+    assert make_tiny_qwen.main([str(base), "--arch", "qwen3"]) == 0
+    records = json.loads((DATA / "train.json").read_text(encoding="utf-8"))[:4]
+    (root / "train.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    args = KitTrainingArguments(output_dir=str(root / "adapter"), max_steps=1, per_device_train_batch_size=2, save_strategy="no",
+                                disable_tqdm=True, report_to="none")
+    train(ModelArguments(model_path=str(base)), DataArguments(data_path=str(root / "train.json"), max_length=128), args, "lora", LoraArguments())
+    shutil.rmtree(base)
+    return root / "adapter"
+
+
+def test_wrong_architecture_adapter_is_refused_when_its_base_is_gone(qwen3_adapter, tiny_path, capsys):
+    with pytest.raises(AdapterFileError, match="model_type is qwen3 in the base it was trained on, qwen2"):
+        check_adapter_against_base(str(qwen3_adapter), tiny_path)
+    assert inference.main(["--adapter_path", str(qwen3_adapter), "--model_path", "tiny", "--instruction", "hi"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: --adapter_path") and "qwen3" in line and "\n" not in line
+    assert inference.main(["--adapter_path", str(qwen3_adapter), "--instruction", "hi"]) == 2  # no --model_path: the recorded base is gone
+    assert "which is not on this machine; pass --model_path" in capsys.readouterr().err
+
+
+def test_adapter_shapes_are_checked_against_the_base_config_without_a_record(qwen3_adapter, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(qwen3_adapter, adapter)
+    run_config = json.loads((adapter / "run_config.json").read_text())
+    del run_config["base_model"]  # as an adapter saved by plain peft: only its tensors tell its shape
+    (adapter / "run_config.json").write_text(json.dumps(run_config))
+    narrow = tmp_path / "narrow-base"
+    narrow.mkdir()
+    (narrow / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4,
+                                                    "num_key_value_heads": 2, "num_hidden_layers": 4, "intermediate_size": 256}))
+    with pytest.raises(AdapterFileError, match="[qkv]_proj takes 128 inputs in the adapter, 64 in the base"):
+        check_adapter_against_base(str(adapter), str(narrow))
+    shallow = json.loads((narrow / "config.json").read_text()) | {"hidden_size": 128, "num_hidden_layers": 2}
+    (narrow / "config.json").write_text(json.dumps(shallow))
+    with pytest.raises(AdapterFileError, match="weights for layer 2, the base has 2 layers"):
+        check_adapter_against_base(str(adapter), str(narrow))
+
+
+def test_truncated_adapter_names_the_file(qwen3_adapter, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(qwen3_adapter, adapter)
+    weights = adapter / "adapter_model.safetensors"
+    assert safetensors_shapes(weights)
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(AdapterFileError, match=f"{weights} is damaged or truncated"):
+        safetensors_shapes(weights)
+
+
+# ---------------------------------------------------------------------------------------------- nothing overwritten
+
+
+def test_predictions_file_is_never_replaced_unasked(tmp_path, tiny_path, capsys):
+    data = tmp_path / "test.json"
+    data.write_text(json.dumps(json.loads((DATA / "test.json").read_text(encoding="utf-8"))[:3], ensure_ascii=False), encoding="utf-8")
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text('{"prediction": "an earlier run"}\n')
+    before = snapshot(tmp_path)
+    base = ["--model_path", "tiny", "--data_path", str(data), "--max_new_tokens", "2"]
+    cases = {
+        "--overwrite_output_file True": base + ["--output_file", str(predictions)],
+        "is also an input": base + ["--output_file", str(data), "--overwrite_output_file", "True"],
+        "--max_records must be at least 1": base + ["--output_file", str(predictions), "--max_records", "0", "--overwrite_output_file", "True"],
+    }
+    for expected, argv in cases.items():
+        assert inference.main(argv) == 2, expected
+        assert expected in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+    assert inference.main(base + ["--output_file", str(predictions), "--overwrite_output_file", "True", "--max_records", "2"]) == 0
+    assert len(predictions.read_text(encoding="utf-8").splitlines()) == 2 and data.read_bytes() == (tmp_path / "test.json").read_bytes()
+
+
+def test_make_tiny_qwen_refuses_a_folder_that_holds_a_model(tmp_path, capsys):
+    folder = tmp_path / "real-model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "qwen2", "hidden_size": 4096}')
+    (folder / "model.safetensors").write_bytes(b"seven billion parameters")
+    before = snapshot(folder)
+    assert make_tiny_qwen.main([str(folder)]) == 2
+    assert "--overwrite True" in capsys.readouterr().err
+    assert snapshot(folder) == before
+    assert make_tiny_qwen.main([str(folder), "--overwrite", "True"]) == 0
+    assert json.loads((folder / "config.json").read_text())["hidden_size"] == 128
+    assert [path.name for path in tmp_path.iterdir()] == ["real-model"]  # no staging folder left behind
+
+
+# ---------------------------------------------------------------------------------------------- the command boundary
+
+
+def test_debug_flag_is_taken_out_and_a_trainer_debug_option_is_left():
+    assert strip_debug_flag(["--x", "1", "--debug"]) == (["--x", "1"], True)
+    assert strip_debug_flag(["--debug", "False", "--x", "1"]) == (["--x", "1"], False)
+    assert strip_debug_flag(["--debug", "underflow_overflow"]) == (["--debug", "underflow_overflow"], False)
+
+
+def test_debug_shows_the_traceback_and_unexpected_errors_keep_theirs(tmp_path, capsys):
+    from qwen_helpers.errors import command_boundary
+
+    @command_boundary
+    def main(argv):
+        if argv == ["bug"]:
+            raise ZeroDivisionError("a bug")
+        raise KitError("--flag x: what to do")
+
+    assert main([]) == 2 and capsys.readouterr().err == "error: --flag x: what to do\n"
+    assert main(["--debug"]) == 2 and "Traceback" in capsys.readouterr().err
+    with pytest.raises(ZeroDivisionError):
+        main(["bug"])
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, qwen3_adapter):
+    """Folders and files for the table: a GPT-2 folder, an empty one, a broken JSON file, a truncated adapter, a used output folder."""
+    root = tmp_path_factory.mktemp("bad")
+    gpt2 = root / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 768}))
+    (gpt2 / "model.safetensors").write_bytes(b"")
+    (root / "empty").mkdir()
+    (root / "broken.json").write_text('[{"instruction": "hi", "output": "there"},', encoding="utf-8")
+    truncated = root / "truncated"
+    shutil.copytree(qwen3_adapter, truncated)
+    weights = truncated / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    used = root / "used"
+    used.mkdir()
+    (used / "adapter_model.safetensors").write_bytes(b"x")
+    (root / "preds.jsonl").write_text("{}\n")
+    return root
+
+
+TRAIN = "data/train.json"
+BAD_INPUTS = [  # (command, flags, text the one line must contain); {root} is the fixture folder
+    ("train_lora", ["--learning_rate", "-1"], "--learning_rate"),
+    ("train_lora", ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size"),
+    ("train_lora", ["--lora_alpha", "-32"], "--lora_alpha"),
+    ("train_lora", ["--num_train_epochs", "0"], "--num_train_epochs"),
+    ("train_lora", ["--lerning_rate", "1e-4"], "did you mean --learning_rate"),
+    ("train_lora", ["--learning_rate", "fast"], "--learning_rate"),
+    ("train_lora", ["--model_path", "{root}/no_such_model"], "no such folder"),
+    ("train_lora", ["--model_path", "{root}/empty"], "is an empty folder"),
+    ("train_lora", ["--model_path", "{root}/gpt2"], "is a gpt2 model (GPT2LMHeadModel)"),
+    ("train_lora", ["--data_path", "{root}/missing.json"], "missing.json: no such data file"),
+    ("train_lora", ["--data_path", "{root}/broken.json"], "broken.json"),
+    ("train_lora", ["--output_dir", "{root}/used"], "--overwrite_output_dir True"),
+    ("train_lora", ["--output_dir", "{root}/fresh", "--resume_from_checkpoint", "True"], "--resume_from_checkpoint True: no complete checkpoint"),
+    ("train_lora", ["--max_length", "8"], "--max_length"),
+    ("train_qlora", ["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps"),
+    ("train_prompt_tuning", ["--num_virtual_tokens", "0"], "--num_virtual_tokens"),
+    ("inference", ["--instruction", ""], "--instruction is empty"),
+    ("inference", ["--data_path", "data/test.json", "--output_file", "data/test.json"], "--output_file data/test.json is also an input"),
+    ("inference", ["--data_path", "data/test.json", "--output_file", "{root}/preds.jsonl"], "--overwrite_output_file True"),
+    ("inference", ["--data_path", "data/test.json", "--max_records", "0"], "--max_records"),
+    ("inference", ["--adapter_path", "{root}/no_adapter", "--instruction", "hi"], "--adapter_path {root}/no_adapter: no such folder"),
+    ("inference", ["--adapter_path", "{root}/truncated", "--model_path", "tiny", "--instruction", "hi"], "{root}/truncated/adapter_model.safetensors is damaged"),
+    ("make_tiny_qwen", ["{root}/used"], "--overwrite True"),
+    ("benchmark", ["--no_such_flag", "1"], "--no_such_flag"),
+]
+
+
+def test_bad_inputs_get_one_line_and_exit_code_2(bad_inputs):
+    """Every bad input: exit code 2, no traceback, one ``error:`` line that names the flag or file (run in parallel: each is a fresh interpreter)."""
+
+    def run(case):
+        module, flags, expected = case
+        flags = [flag.format(root=bad_inputs) for flag in flags]
+        if module.startswith("train") and "--data_path" not in flags:
+            flags += ["--data_path", TRAIN]
+        if module.startswith("train") and "--output_dir" not in flags:
+            flags += ["--output_dir", str(bad_inputs / f"out-{module}-{flags[0].strip('-')}")]
+        return case, subprocess.run(command(module, *flags), capture_output=True, text=True, timeout=600), expected.format(root=bad_inputs)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, BAD_INPUTS))
+    failures = []
+    for (module, flags, _), finished, expected in results:
+        errors = [line for line in finished.stderr.splitlines() if line.startswith("error:")]
+        if finished.returncode != 2 or "Traceback" in finished.stderr or len(errors) != 1 or expected not in errors[0]:
+            failures.append(f"{module} {' '.join(flags)} -> exit {finished.returncode}: {finished.stderr[-600:]}")
+    assert not failures, "\n\n".join(failures)
+
+
+# ---------------------------------------------------------------------------------------------- bounded, announced evaluation
+
+
+def test_in_sample_evaluation_is_a_capped_seeded_sample_and_says_so(tmp_path, tiny_path, tokenizer, capsys):
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from qwen_helpers.classification import evaluate_run, in_sample
+
+    records = json.loads((DATA / "classify_train.json").read_text(encoding="utf-8"))[:30]
+    data_file = tmp_path / "labels.json"
+    data_file.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    result = SimpleNamespace(model=AutoModelForCausalLM.from_pretrained(tiny_path).eval(), tokenizer=tokenizer,
+                             trainer=SimpleNamespace(args=SimpleNamespace(per_device_eval_batch_size=8, seed=7)), output_dir=str(tmp_path))
+    line = evaluate_run(result, DataArguments(data_path=str(data_file), max_eval_records=6), prompt_args=None)
+    printed = capsys.readouterr()
+    assert "task: classification (auto-detected" in printed.out and "LoRA runs always auto-detect" in printed.out
+    assert "evaluating 6 records" in printed.out and "label scoring" in printed.err  # announced, with a progress bar
+    written = json.loads((tmp_path / "classification_metrics.json").read_text(encoding="utf-8"))
+    assert written["examples"] == 6 and "6 of 30 records" in line
+    assert in_sample(records, 6, 7) == in_sample(records, 6, 7) != in_sample(records, 6, 8)  # seeded: the same sample each run
+    assert evaluate_run(result, DataArguments(data_path=str(data_file), max_eval_records=0), prompt_args=None).endswith("skipped (--max_eval_records 0)")
