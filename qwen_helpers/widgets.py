@@ -82,8 +82,8 @@ def describe_precision(requested: dict, config) -> str:
     on_cpu = not torch.cuda.is_available() or getattr(config, "use_cpu", False)
     runs = "fp32" if on_cpu else "fp16" if config.fp16 else "bf16" if config.bf16 else "fp32"
     if asked == runs:
-        return f"precision {runs}" + (" (CPU)" if on_cpu else "")
-    return f"precision: {asked} requested -> {runs} on this {'CPU' if on_cpu else 'GPU'}"
+        return f"precision: {runs}" + (" (CPU)" if on_cpu else "")
+    return f"precision: {asked} requested → {runs} on this {'CPU' if on_cpu else 'GPU'}"
 
 
 def describe_effective(requested: dict, config) -> str:
