@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments, to_json_dict
 from .data import load_dataset_for_training, make_collator
@@ -315,6 +316,9 @@ def train(
         processing_class=tokenizer,
         callbacks=[history, nan_guard, *(callbacks or [])],
     )
+    if any(isinstance(callback, ProgressCallback) for callback in callbacks or []):  # the caller's progress display replaces the default one
+        for default in [c for c in trainer.callback_handler.callbacks if type(c) in (ProgressCallback, PrinterCallback)]:
+            trainer.remove_callback(default)
     if training_args.world_size > 1:
         notes.append(describe_distributed(trainer))
         print(f"rank {training_args.process_index}/{training_args.world_size} ready on {training_args.device}", flush=True)
