@@ -38,7 +38,7 @@ STOPS = {
     "steps": [1, 2, 3, 5, 10, 20],
 }
 PANEL_WIDTH = "400px"  # two panels side by side fit a 1280 px JupyterLab window with the file browser open
-DESCRIPTION_WIDTH = "170px"
+DESCRIPTION_WIDTH = "190px"  # fits per_device_train_batch_size
 
 
 def _label(value) -> str:
@@ -62,6 +62,7 @@ def field_widget(name: str, value, field_type, help_text: str = "") -> widgets.W
     if name in STOPS and isinstance(value, (int, float)):
         stops = sorted(set(STOPS[name]) | {value})
         return widgets.SelectionSlider(options=[(_label(stop), stop) for stop in stops], value=value, continuous_update=False, **common)
+    common["layout"] = widgets.Layout(width="96%")  # a text box's border would otherwise overflow the panel's edge
     return widgets.Text(value="" if value is None else str(value), continuous_update=False, **common)
 
 

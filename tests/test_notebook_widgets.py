@@ -23,20 +23,20 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 CASES = {
     "02_lora_fp16.ipynb": {
         "overrides": "MAX_STEPS = 2\nTRAIN_RECORDS = 2\nOUTPUT_DIR = {tmp!r}",
-        "move": "training_panel.set(learning_rate=5e-3, max_steps=3)\nlora_panel.set(lora_r=32)",
+        "move": "training_panel.set(learning_rate=5e-3, max_steps=5)\nlora_panel.set(lora_r=32)",
         "probe": {"trainer.args.learning_rate": 5e-3, "trainer.optimizer.param_groups[0]['initial_lr']": 5e-3,
-                  "trainer.state.global_step": 3, "model.peft_config['default'].r": 32},
+                  "trainer.state.global_step": 5, "model.peft_config['default'].r": 32},
     },
     "03_prompt_tuning.ipynb": {
         "overrides": "MAX_STEPS = 2\nOUTPUT_DIR = {tmp!r}",
-        "move": "training_panel.set(learning_rate=1e-2, max_steps=3)\nprompt_panel.set(num_virtual_tokens=10)",
-        "probe": {"trainer.args.learning_rate": 1e-2, "trainer.state.global_step": 3,
+        "move": "training_panel.set(learning_rate=1e-2, max_steps=5)\nprompt_panel.set(num_virtual_tokens=10)",
+        "probe": {"trainer.args.learning_rate": 1e-2, "trainer.state.global_step": 5,
                   "model.peft_config['default'].num_virtual_tokens": 10},
     },
     "04_qlora_4bit.ipynb": {
         "overrides": "MAX_STEPS = 2\nTRAIN_RECORDS = 2\nOUTPUT_DIR = {tmp!r}\nMERGED_DIR = {tmp!r} + '_merged'",
-        "move": "training_panel.set(learning_rate=5e-3, max_steps=3)\nlora_panel.set(lora_r=8)",
-        "probe": {"trainer.args.learning_rate": 5e-3, "trainer.state.global_step": 3, "model.peft_config['default'].r": 8},
+        "move": "training_panel.set(learning_rate=5e-3, max_steps=5)\nlora_panel.set(lora_r=8)",
+        "probe": {"trainer.args.learning_rate": 5e-3, "trainer.state.global_step": 5, "model.peft_config['default'].r": 8},
     },
     "06_benchmark.ipynb": {  # no Trainer in the notebook itself: the re-run estimate must use the moved workload
         "overrides": "OUTPUT_DIR = {tmp!r}",
