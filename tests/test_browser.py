@@ -263,4 +263,4 @@ def run_notebook_02_like_a_learner(url, token, root, browser):
     assert second["learning_rate"] == pytest.approx(5e-3), second
     assert second["initial_lr"] == pytest.approx(5e-3), second
     assert second["r"] == 32, second
-    print(f"browser test: {time.time() - started:.0f} s in JupyterLab (about 4 minutes on an idle 2-core machine)")
+    print(f"browser test: {time.time() - started:.0f} s in JupyterLab")
