@@ -50,27 +50,30 @@ def compare_adapters(model, tokenizer, records: list[dict], adapter_names: list[
     return comparison.side_by_side()
 
 
-def measure_throughput(model, tokenizer, records: list[dict], batch_size: int, max_new_tokens: int = 32) -> dict:
+def measure_throughput(model, tokenizer, records: list[dict], batch_size: int, max_new_tokens: int = 32, **generate_kwargs) -> dict:
     """New tokens per second of greedy generation over ``records`` at ``batch_size`` (tokens counted until EOS)."""
     generate_ids(model, tokenizer, records[:1], max_new_tokens=2)  # warm-up: first-call allocations and kernels
-    rows = generate_timed(model, tokenizer, records, max_new_tokens, batch_size)
+    rows = generate_timed(model, tokenizer, records, max_new_tokens, batch_size, **generate_kwargs)
     seconds = total_seconds(rows)
     new_tokens = sum(row["new_tokens"] for row in rows)
     return {"batch_size": min(batch_size, len(records)), "records": len(records), "new_tokens": new_tokens, "seconds": seconds, "tokens_per_second": new_tokens / seconds}
 
 
-def throughput_table(model, tokenizer, records: list[dict], batch_sizes: tuple[int, ...] = (1, 8), max_new_tokens: int = 32) -> list[dict]:
-    """Tokens per second of the base (adapter disabled), the adapter unmerged, and merged (LoRA only), per batch size."""
+def throughput_table(model, tokenizer, records: list[dict], batch_sizes: tuple[int, ...] = (1, 8), max_new_tokens: int = 32, **generate_kwargs) -> list[dict]:
+    """Tokens per second of the base (adapter disabled), the adapter unmerged, and merged (LoRA only), per batch size.
+
+    Pass ``min_new_tokens=max_new_tokens`` to compare equal numbers of generated tokens (no early stop).
+    """
     variants = {"base": model.disable_adapter, "adapter": contextlib.nullcontext}
     rows = []
     for name, context in variants.items():
         with context():
-            rows += [{"model": name, **measure_throughput(model, tokenizer, records, size, max_new_tokens)} for size in batch_sizes]
+            rows += [{"model": name, **measure_throughput(model, tokenizer, records, size, max_new_tokens, **generate_kwargs)} for size in batch_sizes]
     try:
         merged = merged_copy(model)
     except AdapterError as error:
         rows.append({"model": "merged", "note": str(error)})
         return rows
-    rows += [{"model": "merged", **measure_throughput(merged, tokenizer, records, size, max_new_tokens)} for size in batch_sizes]
+    rows += [{"model": "merged", **measure_throughput(merged, tokenizer, records, size, max_new_tokens, **generate_kwargs)} for size in batch_sizes]
     del merged
     return rows

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .checks import base_summary, check_model_path, check_training_flags, safetensors_shapes
 from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments, write_run_config
@@ -406,6 +407,9 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
         processing_class=tokenizer,
         callbacks=[history, nan_guard, *(callbacks or [])],
     )
+    if any(isinstance(callback, ProgressCallback) for callback in callbacks or []):  # the caller's progress display replaces the default one
+        for default in [c for c in trainer.callback_handler.callbacks if type(c) in (ProgressCallback, PrinterCallback)]:
+            trainer.remove_callback(default)
     if training_args.world_size > 1:
         notes.append(describe_distributed(trainer))
         print(f"rank {training_args.process_index}/{training_args.world_size} ready on {training_args.device}", flush=True)

@@ -1,90 +1,186 @@
-"""ipywidgets panels generated from the config dataclasses: a slider or box per field, bound to the config.
+"""ipywidgets panels generated from the config dataclasses: a widget per field, and a freshly validated config on demand.
 
-    panel = config_panel(lora_args, ["lora_r", "lora_alpha", "lora_dropout", "target_modules"])
-    display(panel)   # moving a slider sets lora_args.lora_r, which the next cells read
+    training_panel = config_panel(KitTrainingArguments, ["learning_rate", "max_steps"], "Training",
+                                  output_dir=OUTPUT_DIR, learning_rate=LEARNING_RATE, max_steps=MAX_STEPS)
+    show_panels(training_panel)
+    ...
+    trainer = Trainer(model=model, args=training_panel.value(), ...)   # the widgets' values, validated now
 
-Without a display (CI, a plain Python run) nothing is shown and the config keeps the parameters cell's values.
+``value()`` builds a new dataclass from the widgets' current values every time it is called, so its
+``__post_init__`` validation runs and a cell re-run after moving a widget always sees the new value.
+Each panel shows the requested settings and, on its last line, what will actually run (precision on
+this device, steps or epochs). Sliders only offer stops that include the parameters cell's value, so
+showing a panel never changes a value nobody touched. Without a display (CI, a plain Python run)
+nothing is shown and ``value()`` returns the parameters cell's values.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import html
 import typing
 
 import ipywidgets as widgets
 
-# Sensible ranges for numeric fields; anything not listed gets a text box.
-RANGES = {
-    "lora_r": ("int", [1, 2, 4, 8, 16, 32, 64]),
-    "lora_alpha": ("int", [4, 8, 16, 32, 64, 128]),
-    "lora_dropout": ("float", (0.0, 0.3, 0.01)),
-    "learning_rate": ("log", (-5, -1)),
-    "num_train_epochs": ("float", (1, 10, 1)),
-    "per_device_train_batch_size": ("int", [1, 2, 4, 8, 16, 32]),
-    "num_virtual_tokens": ("int", [1, 5, 10, 20, 50, 100]),
-    "max_length": ("int", [128, 256, 512, 1024, 2048]),
-    "max_steps": ("int", (-1, 500, 1)),
-    "seq_len": ("int", [128, 256, 512, 1024, 2048]),
-    "batch_size": ("int", [1, 2, 4, 8, 16]),
+# Slider stops per field; the parameters cell's value is always added, so a panel never rounds it.
+STOPS = {
+    "lora_r": [1, 2, 4, 8, 16, 32, 64],
+    "lora_alpha": [4, 8, 16, 32, 64, 128],
+    "lora_dropout": [0.0, 0.05, 0.1, 0.2, 0.3],
+    "learning_rate": [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2, 1e-1],
+    "num_train_epochs": [1.0, 2.0, 3.0, 5.0, 10.0, 20.0],
+    "per_device_train_batch_size": [1, 2, 4, 8, 16, 32],
+    "num_virtual_tokens": [1, 5, 10, 20, 50, 100],
+    "max_length": [128, 256, 512, 1024, 2048],
+    "max_steps": [-1, 5, 10, 20, 30, 40, 60, 100, 200, 500, 1000],
+    "seq_len": [16, 32, 64, 128, 256, 512, 1024, 2048],
+    "batch_size": [1, 2, 4, 8, 16],
+    "steps": [1, 2, 3, 5, 10, 20],
 }
+PANEL_WIDTH = "400px"  # two panels side by side fit a 1280 px JupyterLab window with the file browser open
+DESCRIPTION_WIDTH = "190px"  # fits per_device_train_batch_size
 
 
-def _help(field: dataclasses.Field) -> str:
-    return field.metadata.get("help", "")
+def _label(value) -> str:
+    """A stop's label: learning rates in e-notation (2e-03), -1 for max_steps spelled out, other numbers as typed."""
+    if isinstance(value, float) and value and abs(value) < 1e-2:
+        return f"{value:.0e}" if float(f"{value:.0e}") == value else f"{value:.3g}"
+    if value == -1:
+        return "-1 (use epochs)"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def field_widget(config, field: dataclasses.Field) -> widgets.Widget:
-    """One widget for one dataclass field, chosen from its type, its Literal choices and RANGES."""
-    value = getattr(config, field.name)
-    description = field.name
-    style = {"description_width": "200px"}
-    layout = widgets.Layout(width="480px")
-    kind = RANGES.get(field.name)
-    field_type = typing.get_type_hints(type(config)).get(field.name, type(value))
+def field_widget(name: str, value, field_type, help_text: str = "") -> widgets.Widget:
+    """One widget for one field, chosen from its type, its Literal choices and STOPS; it starts at ``value`` exactly."""
+    common = {"description": name, "description_tooltip": help_text or name, "style": {"description_width": DESCRIPTION_WIDTH},
+              "layout": widgets.Layout(width="100%")}
     choices = typing.get_args(field_type) if typing.get_origin(field_type) is typing.Literal else None
     if choices:
-        return widgets.Dropdown(options=list(choices), value=value, description=description, style=style, layout=layout, tooltip=_help(field))
+        return widgets.Dropdown(options=list(dict.fromkeys([*choices, value])), value=value, **common)
     if isinstance(value, bool):
-        return widgets.Checkbox(value=value, description=description, style=style, layout=layout)
-    if kind and kind[0] == "log":
-        return widgets.FloatLogSlider(value=value, base=10, min=kind[1][0], max=kind[1][1], description=description, style=style, layout=layout, readout_format=".1e")
-    if kind and isinstance(kind[1], list):
-        options = sorted(set(kind[1]) | {value})
-        return widgets.SelectionSlider(options=options, value=value, description=description, style=style, layout=layout)
-    if kind and kind[0] == "float":
-        low, high, step = kind[1]
-        return widgets.FloatSlider(value=value, min=low, max=max(high, value), step=step, description=description, style=style, layout=layout)
-    if kind and kind[0] == "int":
-        low, high, step = kind[1]
-        return widgets.IntSlider(value=value, min=low, max=max(high, value), step=step, description=description, style=style, layout=layout)
-    return widgets.Text(value="" if value is None else str(value), description=description, style=style, layout=layout)
+        return widgets.Checkbox(value=value, indent=True, **common)
+    if name in STOPS and isinstance(value, (int, float)):
+        stops = sorted(set(STOPS[name]) | {value})
+        return widgets.SelectionSlider(options=[(_label(stop), stop) for stop in stops], value=value, continuous_update=False, **common)
+    common["layout"] = widgets.Layout(width="96%")  # a text box's border would otherwise overflow the panel's edge
+    return widgets.Text(value="" if value is None else str(value), continuous_update=False, **common)
 
 
-def config_panel(config, names: list[str] | None = None, title: str | None = None) -> widgets.VBox:
-    """A panel of widgets for ``names`` (default: every field), each writing back into ``config`` on change."""
-    fields = {field.name: field for field in dataclasses.fields(config) if field.init}
-    children = [widgets.HTML(f"<b>{title}</b>")] if title else []
-    for name in names or list(fields):
-        widget = field_widget(config, fields[name])
-        original = getattr(config, name)
+def _convert(text: str, example):
+    """A Text widget's string as the type of the parameters cell's value (None stays None when left empty)."""
+    if example is None:
+        return text or None
+    if isinstance(example, bool):
+        return text.strip().lower() in ("1", "true", "yes")
+    return type(example)(text)
 
-        def update(change, name=name, original=original):
-            value = change["new"]
-            if isinstance(original, (int, float)) and not isinstance(original, bool) and isinstance(value, str):
-                value = type(original)(value)
-            setattr(config, name, value)
 
-        widget.observe(update, names="value")
-        children.append(widget)
-    return widgets.VBox(children)
+def describe_precision(requested: dict, config) -> str:
+    """'fp16 requested -> fp32 on this CPU': the precision asked for and the one training will use here."""
+    import torch
+
+    asked = "fp16" if requested.get("fp16") else "bf16" if requested.get("bf16") else "fp32"
+    on_cpu = not torch.cuda.is_available() or getattr(config, "use_cpu", False)
+    runs = "fp32" if on_cpu else "fp16" if config.fp16 else "bf16" if config.bf16 else "fp32"
+    if asked == runs:
+        return f"precision: {runs}" + (" (CPU)" if on_cpu else "")
+    return f"precision: {asked} requested → {runs} on this {'CPU' if on_cpu else 'GPU'}"
+
+
+def describe_effective(requested: dict, config) -> str:
+    """What a built config will actually run with, where that can differ from what was asked (precision, steps)."""
+    parts = []
+    if hasattr(config, "fp16") and hasattr(config, "bf16"):
+        parts.append(describe_precision(requested, config))
+    max_steps = getattr(config, "max_steps", None)
+    if max_steps is not None and max_steps > 0:
+        parts.append(f"stops after max_steps={max_steps} optimiser steps (num_train_epochs is not used)")
+    elif hasattr(config, "num_train_epochs"):
+        parts.append(f"{config.num_train_epochs:g} passes over the data (max_steps=-1)")
+    return "; ".join(parts)
+
+
+class ConfigPanel:
+    """Widgets for some fields of a config dataclass; ``value()`` returns a freshly validated config from them."""
+
+    def __init__(self, config_class, values: dict, names: list[str], title: str | None = None):
+        self.config_class = config_class
+        self.requested = dict(values)  # what the parameters cell asked for (never rewritten by validation)
+        fields = {field.name: field for field in dataclasses.fields(config_class) if field.init}
+        hints = typing.get_type_hints(config_class)
+        unknown = [name for name in names if name not in fields]
+        if unknown:
+            raise ValueError(f"config_panel: {config_class.__name__} has no field {', '.join(unknown)}; check the names list.")
+        built = config_class(**self.requested)  # validate the parameters cell's values before any widget shows
+        self.widgets = {}
+        for name in names:
+            value = self.requested.get(name, getattr(built, name))
+            self.requested.setdefault(name, value)
+            self.widgets[name] = field_widget(name, value, hints.get(name, type(value)), fields[name].metadata.get("help", ""))
+        self.effective = widgets.HTML(layout=widgets.Layout(width="100%"))
+        header = [widgets.HTML(f"<b>{html.escape(title)}</b>")] if title else []
+        self.box = widgets.VBox(
+            header + list(self.widgets.values()) + [self.effective],
+            layout=widgets.Layout(width=PANEL_WIDTH, max_width="100%", margin="0 16px 8px 0", overflow="hidden"),
+        )
+        for widget in self.widgets.values():
+            widget.observe(lambda change: self.refresh(), names="value")
+        self.refresh()
+
+    def current(self) -> dict:
+        """The keyword arguments the next ``value()`` will use: the parameters cell's, with every widget's value on top."""
+        values = dict(self.requested)
+        for name, widget in self.widgets.items():
+            value = widget.value
+            values[name] = _convert(value, self.requested[name]) if isinstance(widget, widgets.Text) else value
+        return values
+
+    def value(self):
+        """A new config built from the widgets' current values; its own validation runs, so bad values fail here."""
+        return self.config_class(**self.current())
+
+    build = value
+
+    def refresh(self) -> None:
+        """Rewrite the 'will run' line from a fresh build, or show why the current values are rejected."""
+        try:
+            line = describe_effective(self.current(), self.value())
+            self.effective.value = f"<small>will run: {html.escape(line)}</small>" if line else ""
+        except (ValueError, TypeError) as error:
+            self.effective.value = f"<small style='color:#b00'>not valid: {html.escape(str(error))}</small>"
+
+    def set(self, **values) -> None:
+        """Move widgets from code (what a learner does by hand); a value must be one of a slider's stops."""
+        for name, value in values.items():
+            self.widgets[name].value = value
+
+    def _ipython_display_(self):
+        show_panels(self)
+
+
+def config_panel(config, names: list[str] | None = None, title: str | None = None, **values) -> ConfigPanel:
+    """A panel for ``names`` of a config: pass the dataclass and the parameters cell's values, or an instance."""
+    if isinstance(config, type):
+        config_class = config
+    else:  # an instance: its init fields are the request (fine for the kit's plain dataclasses)
+        config_class = type(config)
+        values = {field.name: getattr(config, field.name) for field in dataclasses.fields(config) if field.init} | values
+    names = names or [field.name for field in dataclasses.fields(config_class) if field.init]
+    return ConfigPanel(config_class, values, names, title)
+
+
+def panel_row(*panels) -> widgets.Box:
+    """Panels in a row that wraps onto the next line when the window is narrow (never a horizontal scrollbar)."""
+    children = [panel.box if isinstance(panel, ConfigPanel) else panel for panel in panels]
+    return widgets.Box(children, layout=widgets.Layout(display="flex", flex_flow="row wrap", align_items="flex-start", width="100%"))
 
 
 def show_panels(*panels) -> None:
-    """Display panels side by side when a notebook front end is attached; do nothing otherwise."""
+    """Display panels side by side (wrapping) when a notebook front end is attached; do nothing otherwise."""
     try:
         from IPython import get_ipython
         from IPython.display import display
     except ImportError:
         return
     if get_ipython() is not None:
-        display(widgets.HBox(list(panels)))
+        display(panel_row(*panels))
