@@ -150,8 +150,6 @@ def load_base_model(model_path: str = "tiny", dtype: torch.dtype = torch.float32
         model.to(device)
     if quantization_config is not None:
         keep_4bit_weights_trainable(model)
-    if str(device).startswith("cpu"):
-        tune_cpu_allocator()
     return model
 
 

@@ -17,8 +17,9 @@ from typing import Literal
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
+from .batching import check_token_budget, kit_trainer_class, make_training_collator, resolve_padding_free
 from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments, to_json_dict
-from .data import load_dataset_for_training, make_collator
+from .data import load_dataset_for_training
 from .modeling import (
     base_dtype,
     build_quantization_config,
@@ -27,6 +28,7 @@ from .modeling import (
     load_base_model,
     load_tokenizer,
 )
+from .speed import apply_cpu_allocator_setting, check_liger
 from .tiny import resolve_model_path
 
 logger = logging.getLogger("qwen_helpers")
@@ -287,6 +289,10 @@ def train(
     resume = resolve_resume(training_args)
     check_output_dir_on_main_process(training_args, resume is not None)
     notes = [training_args.precision_notice, f"device: {training_args.device}"]
+    check_liger(training_args, model_args.model_path)  # before anything loads: a run that cannot use it stops now
+    check_token_budget(training_args.token_budget, data_args.max_length)
+    padding_free, batching_note = resolve_padding_free(training_args.padding_free, method, model_args.attn_implementation)
+    notes += [batching_note, *filter(None, [apply_cpu_allocator_setting(training_args)])]
 
     tokenizer = load_tokenizer(model_args.model_path)
     with training_args.main_process_first(desc="tokenising"):
@@ -306,15 +312,19 @@ def train(
     notes.append(str(parameters))
 
     history, nan_guard = LossHistoryCallback(), NanGuardCallback()
-    trainer = Trainer(
+    trainer = kit_trainer_class()(
         model=model,
         args=training_args,
         train_dataset=train_data.dataset,
         eval_dataset=eval_data.dataset if eval_data else None,
-        data_collator=make_collator(tokenizer),
+        data_collator=make_training_collator(tokenizer, padding_free, model_args.attn_implementation),
         processing_class=tokenizer,
         callbacks=[history, nan_guard, *(callbacks or [])],
+        token_budget=training_args.token_budget,
+        padding_free=padding_free,
     )
+    if trainer.budget_sampler is not None:
+        notes.append(trainer.budget_sampler.describe())
     if training_args.world_size > 1:
         notes.append(describe_distributed(trainer))
         print(f"rank {training_args.process_index}/{training_args.world_size} ready on {training_args.device}", flush=True)
