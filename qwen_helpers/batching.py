@@ -205,10 +205,9 @@ def _build_kit_trainer():
 
 
 def check_token_budget(token_budget: int | None, max_length: int) -> None:
-    """A token budget below one example of --max_length would make single-example steps the rule; refuse it early."""
-    if token_budget is not None and token_budget < max_length:
+    """Refuse a budget too small for any chat example, before anything loads (longer examples than the budget train alone)."""
+    if token_budget is not None and token_budget < 16:
         raise ValueError(
-            f"--token_budget {token_budget} is smaller than --max_length {max_length}: the longest examples would not fit. "
-            f"Use a budget of at least {max_length} (e.g. {max_length * 8}), or lower --max_length."
+            f"--token_budget {token_budget} is too small for a chat-formatted example; use at least {max_length} "
+            f"(--max_length) so the longest examples share their steps, e.g. {max_length * 8}."
         )
-

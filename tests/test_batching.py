@@ -124,8 +124,8 @@ def test_flags_parse_and_bad_values_stop_before_loading(tmp_path, small_train_fi
 
     *_, training_args = parse_training_args("lora", ["--padding_free", "False", "--token_budget", "2048", "--output_dir", str(tmp_path / "x")])
     assert training_args.padding_free is False and training_args.token_budget == 2048
-    small_budget = KitTrainingArguments(output_dir=str(tmp_path / "y"), token_budget=64, report_to="none")
-    with pytest.raises(ValueError, match="--token_budget 64 is smaller than --max_length 512"):
+    small_budget = KitTrainingArguments(output_dir=str(tmp_path / "y"), token_budget=8, report_to="none")
+    with pytest.raises(ValueError, match="--token_budget 8 is too small"):
         train(ModelArguments(model_path="/no/such/model"), DataArguments(data_path=small_train_file), small_budget, "lora", LoraArguments())
     liger = KitTrainingArguments(output_dir=str(tmp_path / "z"), use_liger_kernel=True, report_to="none")
     with pytest.raises(ValueError, match="--use_liger_kernel True: "):
