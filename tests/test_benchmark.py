@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -209,3 +210,26 @@ def test_command_writes_results_with_kit_and_plain_rows_on_cpu(cli_run):
     markdown = (folder / "results.md").read_text()
     assert "| run |" in markdown and "kit / plain tokens/s" in markdown and "not GPU figures" in markdown
     assert "Memory estimate before training" in stdout and "kit / plain" in stdout
+
+
+REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "reference-h200-2026-11-28"
+REFERENCE_NAMES = {"full_bf16_amp": "full", "prompt_fp16": "prompt_tuning"}
+REFERENCE_PRESETS = {"0.5B": "qwen2.5-0.5b", "7B": "qwen2.5-7b"}
+
+
+def _reference_rows():
+    for name, liger in (("plain_hf_h200_2026-11-28.json", False), ("plain_hf_plus_liger_h200_2026-11-28.json", True)):
+        for entry in json.loads((REFERENCE / name).read_text()):
+            method = REFERENCE_NAMES.get(entry["method"], entry["method"])
+            dtype = "fp16" if method in ("lora_fp16", "prompt_tuning") else "bf16"
+            yield REFERENCE_PRESETS[entry["size"]], method, dtype, entry["grad_ckpt"], liger, entry["peak_gib"]
+
+
+def test_estimate_on_committed_reference_rows_it_was_not_checked_against():
+    """The ten H200 rows outside H200_PEAKS (fp16 LoRA, 7B prompt tuning, most Liger rows) are held out from the term choices."""
+    used = {(preset, method, checkpointing, liger) for preset, method, _, checkpointing, liger, _ in H200_PEAKS}
+    held_out = [row for row in _reference_rows() if (row[0], row[1], row[3], row[4]) not in used]
+    assert len(held_out) == 10
+    for preset, method, dtype, checkpointing, liger, measured in held_out:
+        estimate = estimate_memory(preset_config(preset), method, 512, 8, checkpointing, dtype, use_liger=liger)
+        assert estimate["total_bytes"] / GIB == pytest.approx(measured, rel=0.15), (preset, method, checkpointing, liger)

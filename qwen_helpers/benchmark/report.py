@@ -72,6 +72,8 @@ def add_plain_ratios(rows: list[dict]) -> None:
         row["plain_tokens_per_second"] = reference["tokens_per_second"]
         row["plain_peak_bytes"] = measured_peak(reference)
         row["speed_vs_plain"] = row["tokens_per_second"] / reference["tokens_per_second"]
+        if row.get("tokens_per_cpu_second") and reference.get("tokens_per_cpu_second"):
+            row["cpu_time_speed_vs_plain"] = row["tokens_per_cpu_second"] / reference["tokens_per_cpu_second"]
         row["memory_vs_plain"] = measured_peak(row) / measured_peak(reference) if measured_peak(reference) else None
 
 
@@ -115,7 +117,7 @@ CSV_FIELDS = [
     "run", "side", "method", "batching", "label", "gradient_checkpointing", "status", "precision", "trainable", "total", "trainable_percent",
     "peak_bytes", "reserved_bytes", "peak_above_start_bytes", "peak_kind", "estimate_bytes", "estimate_ratio",
     "step_seconds", "tokens_per_second", "real_tokens_per_step", "examples_per_step", "speed_vs_full", "mfu",
-    "plain_tokens_per_second", "plain_peak_bytes", "speed_vs_plain", "memory_vs_plain",
+    "tokens_per_cpu_second", "plain_tokens_per_second", "plain_peak_bytes", "speed_vs_plain", "cpu_time_speed_vs_plain", "memory_vs_plain",
     "baseline_peak_bytes", "baseline_tokens_per_second", "memory_vs_baseline", "speed_vs_baseline",
     "loss_first", "loss_last", "process_seconds", "error",
 ]

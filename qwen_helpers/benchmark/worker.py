@@ -123,7 +123,7 @@ def step_timer(warmup_steps: int):
         """
 
         def __init__(self):
-            self.marks: list[tuple[int, float, int]] = []  # (step, time, tokens seen)
+            self.marks: list[tuple[int, float, int, float]] = []  # (step, wall time, tokens seen, process CPU time)
             self.cuda = torch.cuda.is_available()
             self.rss_at_train_begin = 0
 
@@ -138,15 +138,16 @@ def step_timer(warmup_steps: int):
         def on_step_end(self, args, state, control, **kwargs):
             synchronize()
             if state.global_step >= warmup_steps:
-                self.marks.append((state.global_step, time.perf_counter(), state.num_input_tokens_seen))
+                self.marks.append((state.global_step, time.perf_counter(), state.num_input_tokens_seen, time.process_time()))
 
         def figures(self) -> dict:
-            (first_step, first_time, first_tokens), (last_step, last_time, last_tokens) = self.marks[0], self.marks[-1]
+            (first_step, first_time, first_tokens, first_cpu), (last_step, last_time, last_tokens, last_cpu) = self.marks[0], self.marks[-1]
             steps, seconds, tokens = last_step - first_step, last_time - first_time, last_tokens - first_tokens
             if steps < 1:
                 raise RuntimeError("no timed step: --steps must be at least 1 after --warmup_steps")
+            # CPU time of this process: on a shared machine it moves less with other processes' load than wall time
             row = {"timed_steps": steps, "step_seconds": seconds / steps, "tokens_per_second": tokens / seconds,
-                   "real_tokens_per_step": tokens / steps}
+                   "real_tokens_per_step": tokens / steps, "tokens_per_cpu_second": tokens / max(last_cpu - first_cpu, 1e-9)}
             if self.cuda:
                 row.update(peak_bytes=torch.cuda.max_memory_allocated(), reserved_bytes=torch.cuda.max_memory_reserved(),
                            peak_kind="CUDA max_memory_allocated during training")
