@@ -147,6 +147,22 @@ def example_lengths(dataset) -> list[int]:
     return [len(ids) for ids in dataset["input_ids"]]
 
 
+def only_trained_logits(inputs: dict) -> dict:
+    """Ask the model for logits only where the loss reads them: positions whose next token is trained.
+
+    Prompt tokens never enter the loss (label -100), yet by default the model projects every position
+    onto the 151,936-word vocabulary, the largest matmul and the largest activation of a small Qwen.
+    transformers' own ``logits_to_keep`` (a boolean mask; modeling_utils.slice_logits_to_keep) keeps
+    just the trained positions, and ``shift_labels`` hands the loss their targets already shifted, so
+    the loss is the same number over the same tokens (tests/test_batching.py checks it).
+    """
+    import torch.nn.functional as F
+
+    targets = F.pad(inputs["labels"], (0, 1), value=IGNORE_INDEX)[..., 1:]  # position t predicts token t + 1
+    keep = targets != IGNORE_INDEX
+    return {**inputs, "logits_to_keep": keep, "shift_labels": targets[keep]}
+
+
 def kit_trainer_class():
     """The kit's ``Trainer`` subclass (built on first use, so importing this module stays light)."""
     global _KIT_TRAINER
@@ -169,9 +185,9 @@ def _build_kit_trainer():
         precision, checkpoints) is the ``Trainer``'s own.
         """
 
-        def __init__(self, *args, token_budget: int | None = None, padding_free: bool = False, **kwargs):
+        def __init__(self, *args, token_budget: int | None = None, padding_free: bool = False, trained_logits_only: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
-            self.token_budget, self.padding_free = token_budget, padding_free
+            self.token_budget, self.padding_free, self.trained_logits_only = token_budget, padding_free, trained_logits_only
             if padding_free and self.args.use_cache:
                 # masking_utils only reads packed examples from position_ids when no cache is passed
                 raise ValueError("--use_cache True cannot train padding-free batches (the attention mask would then span examples); "
@@ -189,6 +205,11 @@ def _build_kit_trainer():
             loader = DataLoader(dataset, batch_sampler=self.budget_sampler, collate_fn=self.data_collator,
                                 num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
             return self.accelerator.prepare(loader)  # DDP: each rank takes every world_size-th batch
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.trained_logits_only and not return_outputs and "labels" in inputs:
+                inputs = only_trained_logits(inputs)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             self._examples_since_log += examples_in_batch(inputs)

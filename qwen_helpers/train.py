@@ -322,6 +322,8 @@ def train(
         callbacks=[history, nan_guard, *(callbacks or [])],
         token_budget=training_args.token_budget,
         padding_free=padding_free,
+        # prompt tuning shifts positions by its virtual tokens; Liger's fused loss never materialises the logits anyway
+        trained_logits_only=method != "prompt_tuning" and not training_args.use_liger_kernel,
     )
     if trainer.budget_sampler is not None:
         notes.append(trainer.budget_sampler.describe())

@@ -9,6 +9,7 @@ from qwen_helpers.batching import (
     batch_cost,
     examples_in_batch,
     make_padding_free_collator,
+    only_trained_logits,
     real_tokens_in_batch,
     resolve_padding_free,
 )
@@ -63,6 +64,27 @@ def test_no_attention_crosses_examples(tiny_path, examples, attn_implementation)
     assert not torch.allclose(before[:start], after[:start])  # the first example did change
     torch.testing.assert_close(after[start:], before[start:], atol=1e-5, rtol=0)
     assert leaked.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_logits_only_for_trained_positions_give_the_same_loss_and_gradients(tiny_path, tokenizer, examples, padding_free):
+    from peft import LoraConfig, get_peft_model
+
+    model = _model(tiny_path, "sdpa")
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    batch = make_padding_free_collator()(examples) if padding_free else make_collator(tokenizer)(examples)
+    results = []
+    for inputs in (batch, only_trained_logits(batch)):
+        model.zero_grad()
+        output = model(**inputs)
+        output.loss.backward()
+        results.append((output.loss.detach(), output.logits.shape, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (full_loss, full_shape, full_grads), (kept_loss, kept_shape, kept_grads) = results
+    trained = int((batch["labels"][..., 1:] != -100).sum())
+    assert kept_shape[-2] == trained < full_shape[-2]  # logits only where the loss reads them
+    assert kept_loss.item() == pytest.approx(full_loss.item(), abs=1e-5)
+    for full, kept in zip(full_grads, kept_grads):
+        torch.testing.assert_close(kept, full, atol=1e-5, rtol=1e-4)
 
 
 def test_collated_batches_count_examples_and_real_tokens(tokenizer, examples):
