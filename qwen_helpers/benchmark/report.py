@@ -170,7 +170,7 @@ def results_markdown(result) -> str:
     lines = [
         f"# Benchmark: {settings['model_path'] or settings['preset']} on {env['device_name']}",
         "",
-        f"{workload(settings)}; {settings['steps']} timed Trainer steps after {settings['warmup_steps']} warm-up steps; "
+        f"{'Several parts, each listed under Parts below (the first: ' + workload(settings) + ')' if settings.get('parts') else workload(settings)}; {settings['steps']} timed Trainer steps after {settings['warmup_steps']} warm-up steps; "
         f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, bitsandbytes {env['bitsandbytes']}.",
         f"Command: `{settings.get('command', 'python -m qwen_helpers.benchmark')}`",
         "",

@@ -117,7 +117,7 @@ def run_suite(args: SuiteArguments, echo=print) -> Path:
         echo(f"== {title}")
         part = BenchmarkArguments(**settings, folder=str(folder / f"part{len(parts) + 1}"))
         result = run_benchmark(part, echo=echo, command=_command(part))
-        rows += [dict(row, part=title) for row in result.rows]
+        rows += [dict(row, part=title, run=f"{part.model_name} {row['run']}") for row in result.rows]  # names stay unique across parts
         parts.append({"title": title, "command": _command(part), "folder": str(result.folder)})
         results.append(result)
     add_speed_relative_to_full(rows)  # against the 0.5B full fine-tuning row on a GPU
