@@ -185,7 +185,7 @@ def cli_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("benchmark")
     command = [sys.executable, "-m", "qwen_helpers.benchmark", "--preset", "tiny", "--methods", "lora_bf16,qlora_nf4", "--checkpointing", "off",
                "--steps", "2", "--warmup_steps", "1", "--seq_len", "32", "--batch_size", "2", "--output_dir", str(output), "--compare", "plain"]
-    process = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    process = subprocess.run(command, capture_output=True, text=True, timeout=3600)
     assert process.returncode == 0, process.stderr[-3000:]
     (folder,) = output.iterdir()
     return folder, process.stdout
