@@ -162,6 +162,18 @@ class KitTrainingArguments(TrainingArguments):
         default=True, metadata={"help": "FP16 mixed precision (the seed's recipe; fp32 with a notice on a CPU). --bf16 True asks for bf16 instead."}
     )
     precision: Precision | None = field(default=None, init=False, repr=False)
+    padding_free: bool | None = field(
+        default=None,
+        metadata={"help": "Concatenate each batch's examples into one row with no padding (default: on where the method and attention allow; prompt tuning cannot)."},
+    )
+    token_budget: int | None = field(
+        default=None,
+        metadata={"help": "Batch by tokens: as many examples per step as fit in N tokens, similar lengths together (replaces --per_device_train_batch_size)."},
+    )
+    cpu_allocator_tuning: bool = field(
+        default=True,
+        metadata={"help": "On a CPU, keep freed memory in the process (glibc mallopt): about 2x faster steps, 15-30% more peak RSS that is never returned."},
+    )
     precision_notice: str = field(default="", init=False, repr=False)
 
     def __post_init__(self):

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from .allocator import tune_cpu_allocator
 from .precision import device_type, quantization_compute_dtype
 from .tiny import chat_template, resolve_model_path
 
@@ -110,8 +109,6 @@ def load_base_model(model_path: str = "tiny", dtype: torch.dtype = torch.float32
         model.to(device)
     if quantization_config is not None:
         keep_4bit_weights_trainable(model)
-    if str(device).startswith("cpu"):
-        tune_cpu_allocator()
     return model
 
 

@@ -19,14 +19,16 @@ import torch
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from .batching import check_token_budget, kit_trainer_class, make_training_collator, resolve_padding_free
 from .checks import base_summary, check_model_path, check_training_flags, safetensors_shapes
 from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments, write_run_config
-from .data import chat_tokens_to_train, load_dataset_for_training, make_collator
+from .data import chat_tokens_to_train, load_dataset_for_training
 from .errors import KitError
 from .files import OutputExistsError, base_weights_size, folder_size, human_bytes, is_nonempty_folder, new_staging_folder, remove_folders, staging_folders, swap_in
 from .methods import get_method
 from .modeling import build_quantization_config, check_target_modules, count_parameters, load_base_model, load_tokenizer
 from .precision import base_dtype
+from .speed import apply_cpu_allocator_setting, check_liger
 
 logger = logging.getLogger("qwen_helpers")
 
@@ -315,8 +317,8 @@ def resumed_history(checkpoint: str | None) -> list[dict]:
     return [record for record in state.get("log_history", []) if "train_runtime" not in record]
 
 
-class KitTrainer(Trainer):
-    """``Trainer`` whose saves hold the adapter only.
+class KitTrainer(kit_trainer_class()):
+    """The kit's ``Trainer`` (token-budget batches, see :mod:`qwen_helpers.batching`) whose saves hold the adapter only.
 
     No tokenizer copy per checkpoint (18.6 MB each for Qwen's; the final folder gets one) and no
     ``training_args.bin`` anywhere: it is a pickle of every flag, ``--hub_token`` included, while
@@ -377,6 +379,10 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
     notes = [training_args.precision_notice, f"device: {training_args.device}"]
     if plan.resume_from:
         notes.append(f"resuming from {plan.resume_from}")
+    check_liger(training_args, model_args.model_path)  # before anything loads: a run that cannot use it stops now
+    check_token_budget(training_args.token_budget, data_args.max_length)
+    padding_free, batching_note = resolve_padding_free(training_args.padding_free, method, model_args.attn_implementation)
+    notes += [batching_note, *filter(None, [apply_cpu_allocator_setting(training_args)])]
 
     tokenizer = load_tokenizer(model_args.model_path)
     with training_args.main_process_first(desc="tokenising"):
@@ -403,13 +409,19 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
         args=training_args,
         train_dataset=train_data.dataset,
         eval_dataset=eval_data.dataset if eval_data else None,
-        data_collator=make_collator(tokenizer),
+        data_collator=make_training_collator(tokenizer, padding_free, model_args.attn_implementation),
         processing_class=tokenizer,
         callbacks=[history, nan_guard, *(callbacks or [])],
+        token_budget=training_args.token_budget,
+        padding_free=padding_free,
+        # prompt tuning shifts positions by its virtual tokens; Liger's fused loss never materialises the logits anyway
+        trained_logits_only=method != "prompt_tuning" and not training_args.use_liger_kernel,
     )
     if any(isinstance(callback, ProgressCallback) for callback in callbacks or []):  # the caller's progress display replaces the default one
         for default in [c for c in trainer.callback_handler.callbacks if type(c) in (ProgressCallback, PrinterCallback)]:
             trainer.remove_callback(default)
+    if trainer.budget_sampler is not None:
+        notes.append(trainer.budget_sampler.describe())
     if training_args.world_size > 1:
         notes.append(describe_distributed(trainer))
         print(f"rank {training_args.process_index}/{training_args.world_size} ready on {training_args.device}", flush=True)

@@ -1,0 +1,66 @@
+"""The plain transformers + peft reference: what a user writes without this kit, run on the same data and settings.
+
+``AutoModelForCausalLM.from_pretrained``, a peft config (``LoraConfig``, ``PromptTuningConfig``, or
+``BitsAndBytesConfig`` + ``prepare_model_for_kbit_training`` for QLoRA), ``Trainer`` with the same
+``TrainingArguments`` and ``DataCollatorForSeq2Seq`` padding (to the longest example, or to
+``--seq_len`` for the pad-to-max row). The examples are the kit's tokenisation of the same file, so
+both sides train on identical tokens; only the path that trains them differs. The same ``StepTimer``
+times both, and the CPU allocator setting is applied to both or neither.
+"""
+
+from __future__ import annotations
+
+
+def load_plain_model(spec: dict):
+    """The model as a plain script loads it, with the method's peft wrapper."""
+    import torch
+    from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    args, method, precision = spec["args"], spec["method_spec"], spec["precision"]
+    compute = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if method["load_in_4bit"]:
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=compute)
+        model = AutoModelForCausalLM.from_pretrained(spec["model_path"], quantization_config=quantization, dtype=compute, device_map={"": device})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["gradient_checkpointing"])
+    else:
+        dtype = torch.float32 if method["fp32_master_weights"] else compute
+        model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=dtype).to(device)
+    if method["adapter"] == "lora":
+        targets = args["target_modules"] if args["target_modules"] == "all-linear" else args["target_modules"].split(",")
+        model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=args["lora_r"], lora_alpha=32, lora_dropout=0.05,
+                                                 target_modules=targets))
+    elif method["adapter"] == "prompt_tuning":
+        model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args["num_virtual_tokens"]))
+    return model
+
+
+def run_plain(spec: dict) -> dict:
+    """Train the reference for warm-up + timed steps and return its row (same timer and figures as the kit's)."""
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+
+    from ..data import IGNORE_INDEX, load_dataset_for_training
+    from ..allocator import tune_cpu_allocator
+    from ..modeling import count_parameters
+    from .worker import finish, rss_bytes, step_timer, training_arguments
+
+    args = spec["args"]
+    rss_start = rss_bytes()
+    if spec["cpu_allocator_tuning"] and spec["device"] == "cpu":
+        tune_cpu_allocator()  # the same setting as the kit's side, so it cannot explain a difference
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
+    dataset = load_dataset_for_training(tokenizer, spec["data_path"], args["seq_len"], "truncate_prompt").dataset
+    set_seed(0)
+    model = load_plain_model(spec)
+    padding = {"pad_max": "max_length"}.get(spec["batching"], "longest")
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=padding, max_length=args["seq_len"] if padding == "max_length" else None,
+                                      label_pad_token_id=IGNORE_INDEX)
+    timer = step_timer(args["warmup_steps"])
+    training_args = TrainingArguments(**training_arguments(spec, logging_steps=1, use_cpu=spec["device"] == "cpu"))
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer,
+                      callbacks=[timer])
+    trainer.train()
+    losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
+    return finish({"examples_per_step": float(args["batch_size"])}, timer, losses, count_parameters(model), rss_start)

@@ -1,0 +1,229 @@
+"""The benchmark's settings and plan: which rows to run, on which data, in which order; then run them and report.
+
+Fixed-shape mode (``--data synthetic``, the default) trains every method on examples of exactly
+``--seq_len`` tokens, ``--batch_size`` per step. Variable-length mode (``--data FILE`` or ``--data
+lognormal``) trains LoRA on examples of different lengths and compares the batching modes in one run:
+pad to max, dynamic padding (plain HF and the kit), padding-free and token-budget batches (the kit).
+``--compare plain`` runs the plain transformers + peft reference right after each kit row, in its own
+process on the same data and settings, so the pair shares the machine's state; the table reports
+kit/plain ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from ..files import unused_path
+from .estimate import GIB, METHODS, device_precision, estimate_memory, parse_methods, run_id
+
+BATCHING_MODES = ("pad_max", "dynamic", "padding_free", "token_budget")
+
+
+@dataclass
+class BenchmarkArguments:
+    """What to benchmark and on which workload."""
+
+    preset: str = field(default="tiny", metadata={"help": "Architecture with random weights: tiny, tiny-qwen3, qwen2.5-0.5b|1.5b|3b|7b|14b, qwen3-0.6b|1.7b|4b|8b."})
+    model_path: str | None = field(default=None, metadata={"help": "A real local checkpoint instead of --preset."})
+    methods: str = field(default="all", metadata={"help": f"'all' or a comma list of: {', '.join(METHODS)}."})
+    checkpointing: Literal["both", "off", "on"] = field(default="both", metadata={"help": "Run each method without and/or with gradient checkpointing."})
+    seq_len: int = field(default=512, metadata={"help": "Tokens per example (synthetic data) or max_length (variable-length data)."})
+    batch_size: int = field(default=8, metadata={"help": "Examples per optimiser step (per_device_train_batch_size)."})
+    steps: int = field(default=10, metadata={"help": "Timed Trainer steps."})
+    warmup_steps: int = field(default=2, metadata={"help": "Untimed Trainer steps first (allocator, kernels, compilation)."})
+    data: str = field(default="synthetic", metadata={"help": "'synthetic' (fixed --seq_len), 'lognormal' (variable lengths, mean --mean_length), or a JSON/JSONL data file."})
+    mean_length: int = field(default=240, metadata={"help": "Mean example length of --data lognormal (clipped to 16..--seq_len)."})
+    data_seed: int = field(default=0, metadata={"help": "Seed of the synthetic data."})
+    batching: str = field(default="auto", metadata={"help": f"Variable-length data: 'auto' (all) or a comma list of {', '.join(BATCHING_MODES)}."})
+    token_budget: int | None = field(default=None, metadata={"help": "Tokens per step of the token_budget row (default: --batch_size x the mean example length)."})
+    compare: Literal["none", "plain"] = field(default="none", metadata={"help": "'plain': run the plain transformers+peft reference beside each kit row."})
+    cpu_allocator_tuning: bool = field(default=True, metadata={"help": "On a CPU, the glibc setting for both sides (kit and plain) alike."})
+    use_liger_kernel: bool = field(default=False, metadata={"help": "Liger's fused Triton kernels (GPU only; pip install liger-kernel)."})
+    torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model (GPU only)."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    target_modules: str = field(default="q_proj,k_proj,v_proj", metadata={"help": "LoRA targets, comma list or all-linear."})
+    num_virtual_tokens: int = field(default=20, metadata={"help": "Soft prompt length for prompt tuning."})
+    output_dir: str = field(default="outputs/benchmark", metadata={"help": "Each run writes a <timestamp>/ folder here (or --folder)."})
+    folder: str | None = field(default=None, metadata={"help": "Write the results into exactly this folder instead (e.g. docs/benchmarks/<date>-<gpu>)."})
+    compare_baseline: str | None = field(default=None, metadata={"help": "A committed reference JSON (docs/benchmarks/reference-*) to put beside matching rows."})
+    baseline_size: str | None = field(default=None, metadata={"help": "Which size rows of --compare_baseline to use (default: from --preset; none for other models)."})
+    timeout: int = field(default=1800, metadata={"help": "Seconds before one row's process is stopped."})
+
+    def __post_init__(self):
+        for name in ("seq_len", "batch_size", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup_steps must be 0 or more, got {self.warmup_steps}.")
+        if self.data not in ("synthetic", "lognormal") and not Path(self.data).is_file():
+            raise FileNotFoundError(f"--data {self.data}: no such file. Pass 'synthetic', 'lognormal' or a JSON/JSONL data file.")
+        modes = self.batching_modes()
+        if any(mode not in BATCHING_MODES for mode in modes):
+            raise ValueError(f"--batching {self.batching}: use 'auto' or a comma list of {', '.join(BATCHING_MODES)}.")
+
+    @property
+    def model_name(self) -> str:
+        return self.model_path or self.preset
+
+    @property
+    def variable_length(self) -> bool:
+        return self.data != "synthetic"
+
+    def batching_modes(self) -> list[str]:
+        if self.batching.strip() == "auto":
+            return list(BATCHING_MODES)
+        return [mode.strip() for mode in self.batching.split(",") if mode.strip()]
+
+
+# ---------------------------------------------------------------- data
+
+
+def records_of_length(tokenizer, lengths: list[int]) -> list[dict]:
+    """Instruction records whose chat-formatted examples are exactly these token lengths (when long enough).
+
+    The answer is a run of one-token words, sized from the template's overhead, so both sides train on
+    examples of known length without any data file of that shape in the repository.
+    """
+    from ..data import tokenize_example
+
+    overhead = len(tokenize_example(tokenizer, {"instruction": "Repeat.", "output": ""})["input_ids"])
+    records = []
+    for length in lengths:
+        words = max(1, length - overhead)
+        record = {"instruction": "Repeat.", "output": " ".join(["go"] * words)}
+        for _ in range(3):  # a word can merge with its neighbour; correct by the difference
+            actual = len(tokenize_example(tokenizer, record)["input_ids"])
+            if actual == length or words + length - actual < 1:
+                break
+            words += length - actual
+            record = {"instruction": "Repeat.", "output": " ".join(["go"] * words)}
+        records.append(record)
+    return records
+
+
+def lognormal_lengths(count: int, mean: int, longest: int, seed: int) -> list[int]:
+    """Example lengths drawn log-normally (sigma 0.8, as instruction data), with the given mean, clipped to 16..longest."""
+    import math
+
+    generator = random.Random(seed)
+    sigma = 0.8
+    mu = math.log(mean) - sigma**2 / 2
+    return [min(longest, max(16, round(generator.lognormvariate(mu, sigma)))) for _ in range(count)]
+
+
+def prepare_data(args: BenchmarkArguments, model_path: str, folder: Path) -> tuple[str, list[int]]:
+    """The data file both sides train on, and its example lengths (for the estimate and the MFU)."""
+    from ..data import load_dataset_for_training
+    from ..modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path)
+    if args.data in ("synthetic", "lognormal"):
+        count = args.batch_size * (args.steps + args.warmup_steps) * 2
+        lengths = [args.seq_len] * count if args.data == "synthetic" else lognormal_lengths(count, args.mean_length, args.seq_len, args.data_seed)
+        path = folder / f"{args.data}-data.json"
+        path.write_text(json.dumps(records_of_length(tokenizer, lengths)), encoding="utf-8")
+        data_path = str(path)
+    else:
+        data_path = args.data
+    dataset = load_dataset_for_training(tokenizer, data_path, args.seq_len, "truncate_prompt").dataset
+    return data_path, [len(ids) for ids in dataset["input_ids"]]
+
+
+# ---------------------------------------------------------------- rows
+
+
+def plan_rows(args: BenchmarkArguments, lengths: list[int]) -> list[dict]:
+    """The rows in run order: each kit row followed by its plain reference when ``--compare plain``."""
+    rows = []
+    if not args.variable_length:
+        for name, checkpointing in parse_methods(args.methods, args.checkpointing):
+            rows.append({"side": "kit", "method": name, "gradient_checkpointing": checkpointing, "batching": "kit default"})
+            if args.compare == "plain":
+                rows.append({"side": "plain", "method": name, "gradient_checkpointing": checkpointing, "batching": None})
+        return rows
+    methods = [name for name, _ in parse_methods(args.methods if args.methods != "all" else "lora_bf16", "off")]
+    checkpointing = args.checkpointing == "on"
+    for name in methods:
+        for mode in args.batching_modes():
+            sides = {"pad_max": ["plain"], "dynamic": ["kit", "plain"], "padding_free": ["kit"], "token_budget": ["kit"]}[mode]
+            for side in sides:
+                rows.append({"side": side, "method": name, "gradient_checkpointing": checkpointing, "batching": mode})
+    return rows
+
+
+def default_token_budget(args: BenchmarkArguments, lengths: list[int]) -> int:
+    """The token_budget row's budget: --token_budget, or as many tokens as --batch_size average examples, at least one longest."""
+    mean = sum(lengths) / len(lengths)
+    return args.token_budget or max(max(lengths), round(args.batch_size * mean))
+
+
+def row_spec(row: dict, args: BenchmarkArguments, model_path: str, data_path: str, device: str, bf16_supported: bool, budget: int) -> dict:
+    """Everything the worker process needs for one row (JSON)."""
+    method = METHODS[row["method"]]
+    precision, _ = device_precision(method, device, bf16_supported)
+    padding_free = {"padding_free": True, "token_budget": True}.get(row["batching"], False if row["batching"] in ("dynamic", "pad_max") else None)
+    if method.adapter == "prompt_tuning" and padding_free:
+        padding_free = None  # the kit decides (off for prompt tuning); the row says so in its notes
+    return {"args": asdict(args), **row, "method_spec": {**asdict(method), "fp32_master_weights": method.fp32_master_weights}, "model_path": model_path, "data_path": data_path,
+            "device": device, "precision": precision, "padding_free": padding_free,
+            "token_budget": budget if row["batching"] == "token_budget" else None,
+            "cpu_allocator_tuning": args.cpu_allocator_tuning}
+
+
+def tokens_per_step(row: dict, args: BenchmarkArguments, lengths: list[int], budget: int) -> tuple[int, int]:
+    """(examples, tokens per example) the estimate should assume for a row's batching."""
+    mean, longest = sum(lengths) / len(lengths), max(lengths)
+    if row["batching"] == "token_budget":
+        return 1, budget
+    if row["batching"] == "pad_max":
+        return args.batch_size, args.seq_len
+    if row["batching"] == "padding_free" or (row["batching"] == "kit default" and row["side"] == "kit"):
+        return 1, round(args.batch_size * mean)
+    return args.batch_size, longest  # dynamic padding: the longest example bounds the peak
+
+
+def plan_estimates(args: BenchmarkArguments, config, runs: list, device: str, bf16_supported: bool = True, lengths: list[int] | None = None) -> list[dict]:
+    """The memory estimate of every run, in the precision it will really use on this device.
+
+    ``runs`` are (method, checkpointing) pairs (fixed-shape workload) or planned row dicts.
+    """
+    from ..config import LoraArguments
+
+    targets = LoraArguments(target_modules=args.target_modules).target_module_list()
+    lengths = lengths or [args.seq_len]
+    budget = default_token_budget(args, lengths)
+    estimates = []
+    for run in runs:
+        row = run if isinstance(run, dict) else {"side": "kit", "method": run[0], "gradient_checkpointing": run[1], "batching": "pad_max"}
+        precision, _ = device_precision(METHODS[row["method"]], device, bf16_supported)
+        batch, tokens = tokens_per_step(row, args, lengths, budget)
+        estimates.append(estimate_memory(config, row["method"], tokens, batch, row["gradient_checkpointing"], precision, args.lora_r, targets,
+                                         num_virtual_tokens=args.num_virtual_tokens, use_liger=args.use_liger_kernel))
+    return estimates
+
+
+@dataclass
+class BenchmarkResult:
+    """The rows of one benchmark, where they were written, and the run's settings and environment."""
+
+    rows: list[dict]
+    folder: Path
+    settings: dict
+    environment: dict
+    estimates: list[dict]
+
+
+def result_folder(args: BenchmarkArguments) -> Path:
+    return Path(args.folder) if args.folder else unused_path(Path(args.output_dir) / datetime.now().strftime("%Y%m%d-%H%M%S"))  # never an earlier run's folder
+
+
+def estimate_gib(estimate: dict) -> float:
+    return estimate["total_bytes"] / GIB
+
+
+__all__ = ["BenchmarkArguments", "BenchmarkResult", "plan_rows", "plan_estimates", "prepare_data", "row_spec", "run_id"]

@@ -1,0 +1,222 @@
+"""The benchmark's tables and files: ratios (vs full FT, kit vs plain, vs committed reference data), results.md/json/csv, charts."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from .estimate import GIB, METHODS, causal_context, model_flops_per_token, run_id
+
+WEIGHTS_NOTE = "Weights are random (presets) or as loaded; memory and speed do not depend on weight values."
+CPU_NOTE = "CPU run: peak memory is the process's peak RSS and speeds are CPU speeds; they are not GPU figures."
+REFERENCE_METHOD_NAMES = {"full": "full_bf16_amp", "prompt_tuning": "prompt_fp16"}  # plain_hf_baseline.py's names
+REFERENCE_SIZES = {"qwen2.5-0.5b": "0.5B", "qwen2.5-7b": "7B"}  # the sizes the committed reference data measured
+REFERENCE_BATCHING = {"pad_max": "pad_max", "dynamic": "dynamic", "padding_free": "packed_flat"}
+
+
+def row_name(row: dict) -> str:
+    """A row's name: method (+gc), the batching mode on variable-length data, and '(plain)' for the reference."""
+    name = run_id(row["method"], row["gradient_checkpointing"])
+    if row.get("batching") not in (None, "kit default"):
+        name += f" {row['batching']}"
+    return name + (" (plain)" if row.get("side") == "plain" else "")
+
+
+def measured_peak(row: dict) -> int | None:
+    """The peak the tables report: CUDA max_memory_allocated during training, or on a CPU the process's peak RSS during training."""
+    return row.get("peak_bytes")
+
+
+def finish_row(row: dict, planned: dict, estimate: dict, config, environment: dict, lengths: list[int], num_virtual_tokens: int) -> dict:
+    """Add the row's identity, its estimate, the estimate/measured ratio and the MFU to a worker's row."""
+    from .estimate import device_precision
+
+    method = METHODS[planned["method"]]
+    row = {**planned, "run": row_name(planned), "label": method.label,
+           "precision": device_precision(method, environment["device"], environment.get("bf16_supported", False))[1], **row}
+    row["estimate_bytes"] = estimate["total_bytes"]
+    measured = row.get("peak_above_start_bytes", measured_peak(row)) if environment["device"] != "cuda" else measured_peak(row)
+    row["estimate_ratio"] = estimate["total_bytes"] / measured if measured and row.get("status") == "ok" else None
+    row["mfu"] = None
+    if row.get("status") == "ok" and environment.get("peak_flops"):
+        virtual = num_virtual_tokens if method.adapter == "prompt_tuning" else 0
+        flops = model_flops_per_token(config, causal_context(lengths, virtual), method.adapter == "full")
+        row["mfu"] = row["tokens_per_second"] * flops / environment["peak_flops"]
+    return row
+
+
+def add_speed_relative_to_full(rows: list[dict]) -> None:
+    """Speed relative to the kit's full fine-tuning (same checkpointing setting when available, else without)."""
+    full = {row["gradient_checkpointing"]: row["tokens_per_second"] for row in rows
+            if row["method"] == "full" and row["status"] == "ok" and row.get("side", "kit") == "kit"}
+    for row in rows:
+        reference = full.get(row["gradient_checkpointing"], full.get(False))
+        row["speed_vs_full"] = row["tokens_per_second"] / reference if row.get("status") == "ok" and reference else None
+
+
+def add_plain_ratios(rows: list[dict]) -> None:
+    """Kit / plain ratios of tokens/s and peak memory for each kit row, against the plain row of the same method.
+
+    Fixed shapes: the plain row run right after it. Variable lengths: the plain dynamic-padding row
+    (what a user writes), so every kit batching mode is compared with the same reference.
+    """
+    plain = {}
+    for row in rows:
+        if row.get("side") == "plain" and row["status"] == "ok" and row.get("batching") in ("dynamic", None):
+            plain[(row["method"], row["gradient_checkpointing"])] = row
+    for row in rows:
+        reference = plain.get((row["method"], row["gradient_checkpointing"]))
+        if row.get("side") != "kit" or row["status"] != "ok" or reference is None:
+            continue
+        row["plain_tokens_per_second"] = reference["tokens_per_second"]
+        row["plain_peak_bytes"] = measured_peak(reference)
+        row["speed_vs_plain"] = row["tokens_per_second"] / reference["tokens_per_second"]
+        if row.get("tokens_per_cpu_second") and reference.get("tokens_per_cpu_second"):
+            row["cpu_time_speed_vs_plain"] = row["tokens_per_cpu_second"] / reference["tokens_per_cpu_second"]
+        row["memory_vs_plain"] = measured_peak(row) / measured_peak(reference) if measured_peak(reference) else None
+
+
+def add_baseline(rows: list[dict], args) -> None:
+    """Put committed reference figures (docs/benchmarks/reference-*.json) beside rows of the same size, method and batching.
+
+    Only presets whose size the reference measured are compared; any other model gets no reference column.
+    """
+    baseline = json.loads(Path(args.compare_baseline).read_text(encoding="utf-8"))
+    size = args.baseline_size or (None if args.model_path else REFERENCE_SIZES.get(args.preset))
+    if size is None:
+        return
+    for row in rows:
+        match = _baseline_match(baseline, row, size)
+        if match is None or "error" in match:
+            continue
+        tokens = match.get("tok_s", match.get("real_tok_s"))
+        row.update(baseline_peak_bytes=match["peak_gib"] * GIB if match.get("peak_gib") else None, baseline_tokens_per_second=tokens)
+        if row.get("status") == "ok":
+            row["memory_vs_baseline"] = measured_peak(row) / row["baseline_peak_bytes"] if row["baseline_peak_bytes"] else None
+            row["speed_vs_baseline"] = row["tokens_per_second"] / tokens if tokens else None
+
+
+def _baseline_match(baseline: list[dict], row: dict, size: str) -> dict | None:
+    for entry in baseline:
+        if entry.get("size") != size:
+            continue
+        if "mode" in entry:  # plain_hf_varlen.py: LoRA bf16 by batching mode
+            if row["method"] == "lora_bf16" and entry["mode"] == REFERENCE_BATCHING.get(row.get("batching")):
+                return entry
+        elif entry.get("method") == REFERENCE_METHOD_NAMES.get(row["method"], row["method"]) and entry.get("grad_ckpt") == row["gradient_checkpointing"]:
+            if row.get("batching") in (None, "kit default", "dynamic"):
+                return entry
+    return None
+
+
+# ---------------------------------------------------------------- tables and files
+
+
+CSV_FIELDS = [
+    "run", "side", "method", "batching", "label", "gradient_checkpointing", "status", "precision", "trainable", "total", "trainable_percent",
+    "peak_bytes", "reserved_bytes", "peak_above_start_bytes", "peak_kind", "estimate_bytes", "estimate_ratio",
+    "step_seconds", "tokens_per_second", "real_tokens_per_step", "examples_per_step", "speed_vs_full", "mfu",
+    "tokens_per_cpu_second", "plain_tokens_per_second", "plain_peak_bytes", "speed_vs_plain", "cpu_time_speed_vs_plain", "memory_vs_plain",
+    "baseline_peak_bytes", "baseline_tokens_per_second", "memory_vs_baseline", "speed_vs_baseline",
+    "loss_first", "loss_last", "process_seconds", "error",
+]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The performance table: run, trainable parameters, peak memory, real tokens/s, ratios (vs full, vs plain, vs reference)."""
+    with_plain = any("speed_vs_plain" in row for row in rows)
+    with_baseline = any("baseline_tokens_per_second" in row for row in rows)
+    header = ["run", "runs in", "trainable params", "peak memory (GiB)", "estimate (GiB)", "estimate / measured",
+              "real tokens/s", "examples/step", "speed vs full FT", "MFU"]
+    header += ["kit / plain tokens/s", "kit / plain peak"] if with_plain else []
+    header += ["reference peak (GiB)", "reference tokens/s", "speed vs reference"] if with_baseline else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        ok = row["status"] == "ok"
+        cells = [
+            row["run"] + ("" if ok else f" ({row['status']})"),
+            row.get("precision", ""),
+            f"{row['trainable']:,} ({row['trainable_percent']:.3f}%)" if ok else "",
+            _gib(measured_peak(row)) if ok else row["status"],
+            _gib(row["estimate_bytes"]),
+            _number(row.get("estimate_ratio"), "{:.2f}"),
+            _number(row.get("tokens_per_second"), "{:,.0f}"),
+            _number(row.get("examples_per_step"), "{:.1f}"),
+            _number(row.get("speed_vs_full"), "{:.2f}x"),
+            _number(row.get("mfu"), "{:.1%}"),
+        ]
+        if with_plain:
+            cells += [_number(row.get("speed_vs_plain"), "**{:.2f}x**"), _number(row.get("memory_vs_plain"), "{:.2f}x")]
+        if with_baseline:
+            cells += [_gib(row.get("baseline_peak_bytes")), _number(row.get("baseline_tokens_per_second"), "{:,.0f}"),
+                      _number(row.get("speed_vs_baseline"), "{:.2f}x")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _gib(value) -> str:
+    return f"{value / GIB:.2f}" if value else ""
+
+
+def _number(value, pattern: str) -> str:
+    return pattern.format(value) if value is not None else ""
+
+
+def results_markdown(result) -> str:
+    """results.md: what ran, on what, the table, and how to read it."""
+    env, settings = result.environment, result.settings
+    cpu = env["device"] != "cuda"
+    lines = [
+        f"# Benchmark: {settings['model_path'] or settings['preset']} on {env['device_name']}",
+        "",
+        f"{'Several parts, each listed under Parts below (the first: ' + workload(settings) + ')' if settings.get('parts') else workload(settings)}; {settings['steps']} timed Trainer steps after {settings['warmup_steps']} warm-up steps; "
+        f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, bitsandbytes {env['bitsandbytes']}.",
+        f"Command: `{settings.get('command', 'python -m qwen_helpers.benchmark')}`",
+        "",
+        markdown_table(result.rows),
+        "",
+        f"- {WEIGHTS_NOTE}",
+        "- Every kit row runs `train.train` (the training commands' path: the kit's collator, batching and Trainer); every "
+        "'(plain)' row runs `AutoModelForCausalLM` + peft + `Trainer` + `DataCollatorForSeq2Seq` in its own process, right after the kit row it pairs with.",
+        "- Peak memory: " + ("peak RSS of the process during training (loading excluded by resetting VmHWM); estimate / measured "
+                             "compares with the peak above the RSS before loading." if cpu
+                             else "`torch.cuda.max_memory_allocated` during training (reset after loading); reserved memory is in results.csv."),
+        "- real tokens/s counts non-pad tokens over whole Trainer steps (data, copy, forward, backward, optimiser, logging), "
+        "device synchronised, warm-up excluded. MFU counts model FLOPs with causal attention against the card's dense bf16 rate.",
+        f"- CPU allocator tuning (glibc mallopt): {'on for both sides' if settings.get('cpu_allocator_tuning') else 'off for both sides'}.",
+    ]
+    if cpu:
+        lines.append(f"- {CPU_NOTE} The memory estimate targets CUDA and is shown here for reference only.")
+    return "\n".join(lines) + "\n"
+
+
+def workload(settings: dict) -> str:
+    """One phrase for the workload: tokens per step and which data."""
+    if settings["data"] == "synthetic":
+        return f"{settings['batch_size']} x {settings['seq_len']} tokens per step (examples of exactly {settings['seq_len']} tokens)"
+    data = f"log-normal lengths (mean {settings['mean_length']}, seed {settings['data_seed']})" if settings["data"] == "lognormal" else settings["data"]
+    return f"{settings['batch_size']} examples per step (token_budget row: {settings.get('token_budget_used')} tokens), up to {settings['seq_len']} tokens each, {data}"
+
+
+def write_results(result) -> None:
+    """results.json, results.csv, results.md and the memory and throughput bar charts."""
+    from ..plots import plot_bars, plot_grouped_bars
+
+    folder = result.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"settings": result.settings, "environment": result.environment, "estimates": result.estimates, "rows": result.rows}
+    (folder / "results.json").write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
+    with open(folder / "results.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(result.rows)
+    (folder / "results.md").write_text(results_markdown(result), encoding="utf-8")
+    ok = [row for row in result.rows if row["status"] == "ok"]
+    if not ok:
+        return
+    measured = {row["run"]: measured_peak(row) / GIB for row in ok}
+    memory = {"measured": measured, "estimate": {row["run"]: row["estimate_bytes"] / GIB for row in ok}}
+    plot_grouped_bars(memory, "peak memory (GiB)", "Peak memory per run").savefig(folder / "memory.png", dpi=100)
+    throughput = {row["run"]: row["tokens_per_second"] for row in ok}
+    plot_bars(throughput, "real tokens / s", "Training throughput per run").savefig(folder / "throughput.png", dpi=100)
