@@ -99,7 +99,7 @@ def check_mergeable_adapter(adapter_path: str) -> dict:
     return info
 
 
-def check_export_dir(output_dir: str, adapter_path: str, overwrite: bool) -> None:
+def check_export_dir(output_dir: str, adapter_path: str, overwrite: bool, flag: str = "--overwrite True") -> None:
     """Refuse the adapter's own folder always, and a non-empty folder unless ``overwrite``: nothing is replaced silently."""
     path = Path(output_dir)
     if path.resolve() == Path(adapter_path).resolve():
@@ -107,7 +107,7 @@ def check_export_dir(output_dir: str, adapter_path: str, overwrite: bool) -> Non
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ExportDirExistsError(
             f"--output_dir {output_dir} already holds files. Choose an empty folder, or pass overwrite=True "
-            "(--overwrite True) to replace the model files in it."
+            f"({flag}) to replace the model files in it."
         )
 
 
@@ -243,7 +243,7 @@ def run_export(args: ExportArguments) -> int:
     from .gguf_export import LLAMA_CPP_PYTHON_VERSION, check_gguf_tools, verification_summary
 
     info = check_mergeable_adapter(args.adapter_path)  # prompt tuning stops here, saying why
-    check_export_dir(args.output_dir, args.adapter_path, args.overwrite_output_dir)
+    check_export_dir(args.output_dir, args.adapter_path, args.overwrite_output_dir, "--overwrite_output_dir True")
     tools = check_gguf_tools(args.gguf_type, args.llama_cpp_dir) if args.format == "gguf" else {}
     records = verification_records(args) if args.format == "gguf" else []
     if tools:
