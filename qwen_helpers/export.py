@@ -1,4 +1,4 @@
-"""Merge a LoRA adapter into its base and export a plain transformers model that needs no peft.
+"""Merge a LoRA adapter into its base and export a model people run: a transformers folder, a verified GGUF, a vLLM check.
 
 Merging into a 4-bit base would round the LoRA update into 4-bit weights and lose most of it, so the
 base is always reloaded in 16-bit (fp16 on a GPU, fp32 on a CPU) and merged there with
@@ -8,19 +8,27 @@ the merged model is from what was trained (the 4-bit base + adapter).
 
     report = merge_and_export("outputs/qlora", "outputs/qlora_merged")
     print(report)
+
+The command (GGUF and the vLLM check live in gguf_export.py, ollama.py and serving.py):
+
+    python -m qwen_helpers.export --adapter_path outputs/lora --output_dir outputs/lora_merged --format hf
+    python -m qwen_helpers.export --adapter_path outputs/lora --output_dir outputs/lora_gguf --format gguf --gguf_type q8_0
+    python -m qwen_helpers.export --check vllm --adapter_path outputs/lora --max_lora_rank 16
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from .data import format_prompt
-from .files import OutputExistsError
 from .adapters import AdapterError, load_model_with_adapter, merge_problem, read_adapter_info
-from .files import folder_size, human_bytes
+from .data import DataValidationError, format_prompt, load_records
+from .files import OutputExistsError, folder_size, human_bytes
 from .modeling import evaluation_mode, release_memory
 
 DEFAULT_PROMPTS = [
@@ -92,7 +100,7 @@ def check_mergeable_adapter(adapter_path: str) -> dict:
     return info
 
 
-def check_export_dir(output_dir: str, adapter_path: str, overwrite: bool) -> None:
+def check_export_dir(output_dir: str, adapter_path: str, overwrite: bool, flag: str = "--overwrite True") -> None:
     """Refuse the adapter's own folder always, and a non-empty folder unless ``overwrite``: nothing is replaced silently."""
     path = Path(output_dir)
     if path.resolve() == Path(adapter_path).resolve():
@@ -100,7 +108,7 @@ def check_export_dir(output_dir: str, adapter_path: str, overwrite: bool) -> Non
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ExportDirExistsError(
             f"--output_dir {output_dir} already holds files. Choose an empty folder, or pass overwrite=True "
-            "(--overwrite True) to replace the model files in it."
+            f"({flag}) to replace the model files in it."
         )
 
 
@@ -161,3 +169,125 @@ def export_notes(output_dir: str, trained_on_4bit: bool, merged_dtype: torch.dty
     else:
         notes = [f"merged in {dtype}: the adapter was trained on an unquantised base, so the merged model is the trained model up to rounding"]
     return notes + [f"load it without peft: AutoModelForCausalLM.from_pretrained({output_dir!r})"]
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+
+@dataclass
+class ExportArguments:
+    """Flags of ``python -m qwen_helpers.export``: merge and export an adapter, check it for vLLM, or fetch llama.cpp's converter."""
+
+    adapter_path: str | None = field(default=None, metadata={"help": "The LoRA/QLoRA adapter folder to export or check."})
+    output_dir: str | None = field(default=None, metadata={"help": "Folder for the merged model (and the GGUF, Modelfile and export_report.json)."})
+    format: Literal["hf", "gguf"] = field(default="hf", metadata={"help": "hf: merged transformers folder; gguf: that folder plus a verified GGUF and an Ollama Modelfile."})
+    gguf_type: Literal["f32", "f16", "q8_0", "q4_k_m"] = field(default="q8_0", metadata={"help": "GGUF weight type: f32/f16 (answers must equal transformers'), q8_0, q4_k_m (quantised: agreement is reported)."})
+    verify_prompts: int = field(default=5, metadata={"help": "Prompts from --verify_data on which the GGUF must tokenise and answer like transformers."})
+    verify_data: str = field(default="data/test.json", metadata={"help": "Records (instruction, input) whose prompts the verification uses."})
+    verify_max_new_tokens: int = field(default=16, metadata={"help": "Greedy tokens compared per verification prompt."})
+    model_path: str | None = field(default=None, metadata={"help": "Base model; default: the base the adapter records."})
+    system: str | None = field(default=None, metadata={"help": "System prompt for the Modelfile; default: the one every training record shares, else the template's."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow a non-empty --output_dir (its model files are replaced)."})
+    llama_cpp_dir: str | None = field(default=None, metadata={"help": "A llama.cpp source folder holding convert_hf_to_gguf.py; default: the fetched one."})
+    check: Literal["vllm"] | None = field(default=None, metadata={"help": "vllm: report whether vLLM's LoRA loader takes the adapter (no vLLM needed); exports nothing."})
+    max_lora_rank: int = field(default=16, metadata={"help": "With --check vllm: the --max-lora-rank vLLM will be started with (its default is 16)."})
+    fetch_converter: bool = field(default=False, metadata={"help": "Download llama-cpp-python's pinned source with pip and keep llama.cpp's converter, then stop."})
+
+    def __post_init__(self):
+        if self.fetch_converter:
+            return
+        if not self.adapter_path:
+            raise ValueError("Pass --adapter_path (the adapter to export or check), or --fetch_converter True.")
+        if self.check is None and not self.output_dir:
+            raise ValueError("Pass --output_dir (where the merged model goes), or --check vllm to check the adapter without exporting.")
+        if self.verify_prompts < 1:
+            raise ValueError(f"--verify_prompts must be at least 1 (verification is always on), got {self.verify_prompts}.")
+
+
+def parse_export_args(argv: list[str] | None = None) -> ExportArguments:
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return args
+
+
+def verification_records(args: ExportArguments) -> list[dict]:
+    """The first --verify_prompts records of --verify_data, read before any model loads."""
+    if not Path(args.verify_data).is_file():
+        raise AdapterError(f"--verify_data {args.verify_data} does not exist; pass a JSON/JSONL file of records (instruction, input), e.g. your test set.")
+    return load_records(args.verify_data)[: args.verify_prompts]
+
+
+def training_system(info: dict) -> str | None:
+    """The system prompt every training record shared, if the training file is still where the run recorded it."""
+    from .ollama import training_system_prompt
+
+    data_path = (info.get("kit_run") or {}).get("data_path")
+    return training_system_prompt(load_records(data_path)) if data_path and Path(data_path).is_file() else None
+
+
+def export_gguf(args: ExportArguments, records: list[dict], tools: dict, info: dict) -> tuple[dict, Path]:
+    """Convert the merged folder with llama.cpp's converter, verify it, write the Modelfile; returns (verification, GGUF path)."""
+    from .gguf_export import convert_to_gguf, verify_gguf
+    from .modeling import load_tokenizer
+    from .ollama import write_modelfile
+
+    gguf_file = Path(args.output_dir) / f"model-{args.gguf_type}.gguf"
+    convert_to_gguf(args.output_dir, str(gguf_file), args.gguf_type, tools["converter"])
+    verification = verify_gguf(str(gguf_file), args.output_dir, records, args.gguf_type, args.verify_max_new_tokens)
+    write_modelfile(str(gguf_file), load_tokenizer(args.output_dir), args.system or training_system(info))
+    return verification, gguf_file
+
+
+def run_export(args: ExportArguments) -> int:
+    """Merge, write the transformers folder, and for --format gguf convert, verify and write the Modelfile; 1 if verification fails."""
+    from .gguf_export import LLAMA_CPP_PYTHON_VERSION, check_gguf_tools, verification_summary
+
+    info = check_mergeable_adapter(args.adapter_path)  # prompt tuning stops here, saying why
+    check_export_dir(args.output_dir, args.adapter_path, args.overwrite_output_dir, "--overwrite_output_dir True")
+    tools = check_gguf_tools(args.gguf_type, args.llama_cpp_dir) if args.format == "gguf" else {}
+    records = verification_records(args) if args.format == "gguf" else []
+    if tools:
+        print(f"llama.cpp converter and runtime: llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} ({tools['converter']})", flush=True)
+    merge = merge_and_export(args.adapter_path, args.output_dir, model_path=args.model_path, overwrite=args.overwrite_output_dir)
+    print(merge, flush=True)
+    report = {"adapter_path": args.adapter_path, "format": args.format, "merge": {k: v for k, v in merge.__dict__.items()}, **({"tools": tools} if tools else {})}
+    status = 0
+    if args.format == "gguf":
+        verification, gguf_file = export_gguf(args, records, tools, info)
+        report["verification"] = verification
+        print(verification_summary(verification))
+        print(f"GGUF: {gguf_file}; Ollama: ollama create my-model -f {Path(args.output_dir) / 'Modelfile'} && ollama run my-model")
+        if not verification["passed"]:
+            print(f"error: the GGUF does not match the transformers model (details in {Path(args.output_dir) / 'export_report.json'}).", file=sys.stderr)
+            status = 1
+    (Path(args.output_dir) / "export_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: export an adapter (--format hf|gguf), check it for vLLM (--check vllm), or fetch llama.cpp's converter."""
+    from .gguf_export import LLAMA_CPP_PYTHON_VERSION, MissingToolError, fetch_converter
+    from .serving import check_vllm_adapter
+
+    try:
+        args = parse_export_args(argv)
+    except ValueError as error:  # a bad flag combination, found by ExportArguments.__post_init__
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        if args.fetch_converter:
+            print(f"llama.cpp's converter from llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} is in {fetch_converter()}")
+            return 0
+        if args.check == "vllm":
+            result = check_vllm_adapter(args.adapter_path, args.model_path, args.max_lora_rank)
+            print(result)
+            return 0 if result.passed else 1
+        return run_export(args)
+    except (AdapterError, DataValidationError, FileExistsError, MissingToolError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""GGUF for llama.cpp and Ollama, written by llama.cpp's own converter and checked against transformers.
+
+The converter (``convert_hf_to_gguf.py`` with its ``conversion/`` package and ``gguf-py``) is taken from
+the source distribution of the pinned llama-cpp-python release, the same llama.cpp that
+``llama_cpp.Llama`` runs, so the file is written and read by one version. ``--fetch_converter True``
+downloads that source distribution with pip (PyPI only, into the kit's cache) and keeps the converter;
+``--llama_cpp_dir`` points at a llama.cpp checkout instead.
+
+Verification is always on: the GGUF is loaded with llama-cpp-python, the evaluation prompts must
+tokenise to the same ids as with transformers, and greedy answers are compared with the merged
+transformers model (identical tokens expected for f32/f16; agreement rate and log-prob gap for
+quantised types).
+
+    python -m qwen_helpers.export --fetch_converter True
+    python -m qwen_helpers.export --adapter_path outputs/lora --output_dir outputs/lora_gguf --format gguf --gguf_type q8_0
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import format_prompt
+from .generation import generate_ids, stop_token_ids
+from .tiny import cache_root
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # pinned: converter and runtime come from this one release
+INSTALL_EXTRA = "pip install -e '.[gguf]'"  # llama-cpp-python (built from source, ~15 min once) + sentencepiece
+FETCH_CONVERTER = "python -m qwen_helpers.export --fetch_converter True"
+CONVERTER_SCRIPT = "convert_hf_to_gguf.py"
+CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")  # what the converter imports, and its licence
+CONVERTER_TYPES = ("f32", "f16", "q8_0")  # written directly by the converter
+QUANTIZE_TYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}  # written by llama.cpp's quantizer from an f32 GGUF
+GGUF_TYPES = CONVERTER_TYPES + tuple(QUANTIZE_TYPES)
+EXACT_TYPES = ("f32", "f16")  # same weights as transformers (f16: rounded once): greedy tokens must be identical
+
+
+class MissingToolError(RuntimeError):
+    """A piece the GGUF export needs is not installed; the message holds the one command that installs it."""
+
+
+class VerificationError(RuntimeError):
+    """The GGUF does not tokenise or answer like the transformers model it came from."""
+
+
+# ---------------------------------------------------------------------------------------------- the tools
+
+
+def converter_cache() -> Path:
+    """Where ``--fetch_converter`` keeps llama.cpp's converter: the kit's cache, one folder per pinned version."""
+    return cache_root() / f"llama.cpp-from-llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}"
+
+
+def find_converter(llama_cpp_dir: str | None = None) -> Path:
+    """The converter script: in ``llama_cpp_dir`` if given, else in the cache; a sentence with the fix if it is missing."""
+    folder = Path(llama_cpp_dir) if llama_cpp_dir else converter_cache()
+    script = folder / CONVERTER_SCRIPT
+    if not script.is_file():
+        where = f"--llama_cpp_dir {llama_cpp_dir} has no {CONVERTER_SCRIPT}" if llama_cpp_dir else f"llama.cpp's converter is not in {folder}"
+        raise MissingToolError(f"{where}. Fetch the converter of llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} with: {FETCH_CONVERTER}")
+    return script
+
+
+def check_gguf_tools(gguf_type: str, llama_cpp_dir: str | None = None) -> dict:
+    """Every piece the export needs, checked before any work: llama-cpp-python at the pinned version, sentencepiece, the converter."""
+    try:
+        import llama_cpp
+    except ImportError as error:
+        raise MissingToolError(f"llama-cpp-python is not installed ({error}). Install the kit's gguf extra: {INSTALL_EXTRA}") from error
+    if llama_cpp.__version__ != LLAMA_CPP_PYTHON_VERSION:
+        raise MissingToolError(
+            f"llama-cpp-python {llama_cpp.__version__} is installed; the kit is pinned to {LLAMA_CPP_PYTHON_VERSION} "
+            f"(its converter and runtime must match). Install it with: {INSTALL_EXTRA}"
+        )
+    if importlib.util.find_spec("sentencepiece") is None:
+        raise MissingToolError(f"llama.cpp's converter imports sentencepiece, which is not installed. Install it with: {INSTALL_EXTRA}")
+    if gguf_type in QUANTIZE_TYPES and not hasattr(llama_cpp, "llama_model_quantize"):
+        raise MissingToolError(f"--gguf_type {gguf_type} needs llama.cpp's quantizer, and this llama-cpp-python does not expose llama_model_quantize.")
+    script = find_converter(llama_cpp_dir)
+    return {"llama_cpp_python": llama_cpp.__version__, "converter": str(script)}
+
+
+def fetch_converter() -> Path:
+    """Download llama-cpp-python's pinned source distribution with pip and keep llama.cpp's converter from it (once)."""
+    target = converter_cache()
+    if (target / CONVERTER_SCRIPT).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".converter-") as staging:
+        command = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--quiet",
+                   f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", staging]
+        if subprocess.run(command).returncode != 0:
+            raise MissingToolError(f"pip could not download llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}'s source distribution; check the network and retry: {FETCH_CONVERTER}")
+        archive = next(Path(staging).glob("llama_cpp_python-*.tar.gz"))
+        extracted = Path(staging) / "llama.cpp"
+        with tarfile.open(archive) as tar:
+            prefix = f"{tar.getnames()[0].split('/')[0]}/vendor/llama.cpp/"
+            members = [member for member in tar.getmembers() if member.name.startswith(prefix)
+                       and any(member.name[len(prefix):].startswith(part) for part in CONVERTER_PARTS)]
+            for member in members:
+                member.name = member.name[len(prefix):]
+            tar.extractall(extracted, members=members, filter="data")
+        (extracted / "FETCHED_FROM.json").write_text(json.dumps({"llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "archive": archive.name}), encoding="utf-8")
+        extracted.rename(target)  # complete or absent: a half-extracted converter is never found
+    return target
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+
+
+def convert_to_gguf(hf_dir: str, gguf_file: str, gguf_type: str, converter: str) -> Path:
+    """Run llama.cpp's converter on a transformers folder; quantise with llama.cpp's quantizer for the k-quant types."""
+    if gguf_type not in GGUF_TYPES:
+        raise ValueError(f"--gguf_type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}.")
+    direct = gguf_type if gguf_type in CONVERTER_TYPES else "f32"
+    converted = Path(gguf_file) if direct == gguf_type else Path(gguf_file).with_suffix(".f32-intermediate.gguf")
+    result = subprocess.run([sys.executable, converter, hf_dir, "--outfile", str(converted), "--outtype", direct],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"llama.cpp's converter failed on {hf_dir} (exit {result.returncode}):\n{result.stderr[-3000:]}")
+    if converted != Path(gguf_file):
+        quantize_gguf(str(converted), gguf_file, gguf_type)
+        converted.unlink()
+    return Path(gguf_file)
+
+
+def quantize_gguf(source: str, target: str, gguf_type: str) -> None:
+    """Quantise a GGUF with llama.cpp's own quantizer (``llama_model_quantize``, as the llama-quantize tool)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANTIZE_TYPES[gguf_type])
+    params.nthread = max(1, torch.get_num_threads())
+    status = llama_cpp.llama_model_quantize(source.encode(), target.encode(), params)
+    if status != 0:
+        raise RuntimeError(f"llama.cpp's quantizer failed to write {target} as {gguf_type} (status {status}).")
+
+
+# ---------------------------------------------------------------------------------------------- verification
+
+
+@dataclass
+class PromptComparison:
+    """One prompt: both tokenisations agree?, both greedy answers, and the teacher-forced agreement on transformers' answer."""
+
+    prompt_tokens: int
+    same_prompt_ids: bool
+    transformers_answer: list[int]
+    gguf_answer: list[int]
+    first_divergence: int | None  # index of the first differing new token, None if identical
+    agreement: float  # share of transformers' answer tokens that are also llama.cpp's argmax, fed the same prefix
+    mean_logprob_gap: float  # mean |log p_transformers - log p_llama.cpp| of transformers' answer tokens
+
+
+def load_gguf(gguf_file: str, context_tokens: int):
+    """The GGUF in llama-cpp-python, keeping the logits of every position (needed for the log-prob comparison)."""
+    from llama_cpp import Llama
+
+    return Llama(model_path=gguf_file, n_ctx=context_tokens, logits_all=True, n_threads=max(1, torch.get_num_threads()), verbose=False)
+
+
+def gguf_greedy(llm, prompt_ids: list[int], stops: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy answer from llama.cpp: argmax of its own logits, cut after the first stop token (as the kit's generate)."""
+    llm.reset()
+    llm.eval(prompt_ids)
+    answer = []
+    for _ in range(max_new_tokens):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        answer.append(token)
+        if token in stops:
+            break
+        llm.eval([token])
+    return answer
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+@torch.no_grad()
+def answer_logprobs(model, prompt_ids: list[int], answer: list[int]) -> np.ndarray:
+    """transformers' log-probs at the positions that predict each answer token (rows: answer tokens, columns: vocabulary)."""
+    ids = torch.tensor([prompt_ids + answer], device=model.device)
+    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float().cpu().numpy()
+    return log_softmax(logits)
+
+
+def compare_prompt(model, tokenizer, llm, record: dict, max_new_tokens: int) -> PromptComparison:
+    """Tokenise one prompt both ways, answer it greedily both ways, and score llama.cpp on transformers' answer."""
+    text = format_prompt(tokenizer, record)
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    gguf_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    reference = generate_ids(model, tokenizer, [record], max_new_tokens=max_new_tokens)[0]
+    gguf_answer = gguf_greedy(llm, gguf_ids, stop_token_ids(tokenizer), max_new_tokens)
+    divergence = next((index for index, (a, b) in enumerate(zip(reference, gguf_answer)) if a != b), None)
+    if divergence is None and len(reference) != len(gguf_answer):
+        divergence = min(len(reference), len(gguf_answer))
+    llm.reset()
+    llm.eval(prompt_ids + reference)
+    gguf_logprobs = log_softmax(np.array(llm.scores[len(prompt_ids) - 1 : len(prompt_ids) + len(reference) - 1], dtype=np.float64))
+    hf_logprobs = answer_logprobs(model, prompt_ids, reference).astype(np.float64)
+    rows = np.arange(len(reference))
+    return PromptComparison(
+        prompt_tokens=len(prompt_ids),
+        same_prompt_ids=list(gguf_ids) == prompt_ids,
+        transformers_answer=reference,
+        gguf_answer=gguf_answer,
+        first_divergence=divergence,
+        agreement=float((gguf_logprobs.argmax(axis=1) == np.array(reference)).mean()),
+        mean_logprob_gap=float(np.abs(hf_logprobs[rows, reference] - gguf_logprobs[rows, reference]).mean()),
+    )
+
+
+def verify_gguf(gguf_file: str, hf_dir: str, records: list[dict], gguf_type: str, max_new_tokens: int = 16) -> dict:
+    """Compare the GGUF with the merged transformers model (fp32, on the CPU) on ``records``; the export_report.json content."""
+    from .modeling import load_base_model, load_tokenizer
+
+    tokenizer = load_tokenizer(hf_dir)
+    model = load_base_model(hf_dir, torch.float32).to("cpu").eval()
+    longest = max(len(tokenizer(format_prompt(tokenizer, record), add_special_tokens=False)["input_ids"]) for record in records)
+    llm = load_gguf(gguf_file, context_tokens=longest + max_new_tokens + 8)
+    rows = [compare_prompt(model, tokenizer, llm, record, max_new_tokens) for record in records]
+    del llm
+    identical = all(row.first_divergence is None for row in rows)
+    report = {
+        "gguf_file": str(gguf_file),
+        "gguf_type": gguf_type,
+        "prompts": len(rows),
+        "identical_tokenisation": all(row.same_prompt_ids for row in rows),
+        "identical_greedy_answers": identical,
+        "greedy_answers_identical_count": sum(row.first_divergence is None for row in rows),
+        "agreement_rate": float(np.mean([row.agreement for row in rows])),
+        "mean_logprob_gap": float(np.mean([row.mean_logprob_gap for row in rows])),
+        "exact_type": gguf_type in EXACT_TYPES,
+        "per_prompt": [
+            {**row.__dict__, "transformers_text": tokenizer.decode(row.transformers_answer), "gguf_text": tokenizer.decode(row.gguf_answer)}
+            for row in rows
+        ],
+    }
+    report["passed"] = report["identical_tokenisation"] and (identical or gguf_type not in EXACT_TYPES)
+    return report
+
+
+def verification_summary(report: dict) -> str:
+    """A few lines for the terminal: tokenisation, greedy answers, agreement and log-prob gap."""
+    lines = [
+        f"tokenisation: {'identical' if report['identical_tokenisation'] else 'DIFFERENT'} ids on {report['prompts']} prompts (llama.cpp vs transformers)",
+        f"greedy answers: {report['greedy_answers_identical_count']}/{report['prompts']} identical"
+        + ("" if report["exact_type"] else f" (expected to differ a little for {report['gguf_type']})"),
+        f"agreement on transformers' answer tokens: {report['agreement_rate']:.1%}; mean |log-prob gap|: {report['mean_logprob_gap']:.4f}",
+    ]
+    for index, row in enumerate(report["per_prompt"]):
+        if row["first_divergence"] is not None and report["exact_type"]:
+            position = row["first_divergence"]
+            lines.append(f"  prompt {index}: first divergence at new token {position}: transformers {row['transformers_answer'][position:position + 1]} "
+                         f"vs llama.cpp {row['gguf_answer'][position:position + 1]}")
+    return "\n".join(lines)

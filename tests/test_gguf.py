@@ -1,0 +1,158 @@
+"""GGUF export of the tiny LoRA: llama.cpp's own converter, then llama-cpp-python must tokenise and answer as transformers does.
+
+The end-to-end tests need the gguf extra (``pip install -e '.[gguf]'``, llama-cpp-python built from source)
+and the fetched converter; ``.ci/run`` installs both. Without them they are skipped with the reason; the
+tests of what happens when a piece is missing always run.
+"""
+
+import copy
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from qwen_helpers import export, gguf_export
+from qwen_helpers.gguf_export import FETCH_CONVERTER, INSTALL_EXTRA, LLAMA_CPP_PYTHON_VERSION, MissingToolError, check_gguf_tools
+
+REPO = Path(__file__).resolve().parent.parent
+LLAMA_CPP_MISSING = importlib.util.find_spec("llama_cpp") is None
+needs_llama_cpp = pytest.mark.skipif(LLAMA_CPP_MISSING, reason=f"llama-cpp-python is not installed: {INSTALL_EXTRA} (CI's .ci/run installs it)")
+
+
+@pytest.fixture(scope="module")
+def base_model(tiny_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_path)
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(base_model, tmp_path_factory):
+    """A LoRA on every projection with random A and B (peft's init_lora_weights=False), so merging changes the weights."""
+    from peft import LoraConfig, get_peft_model
+
+    folder = tmp_path_factory.mktemp("gguf") / "lora"
+    config = LoraConfig(task_type="CAUSAL_LM", r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                        init_lora_weights=False)
+    get_peft_model(copy.deepcopy(base_model), config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def converter():
+    if LLAMA_CPP_MISSING:
+        pytest.skip(f"llama-cpp-python is not installed: {INSTALL_EXTRA}")
+    try:
+        return str(gguf_export.find_converter())
+    except MissingToolError:
+        pytest.skip(f"llama.cpp's converter is not fetched: {FETCH_CONVERTER} (CI's .ci/run fetches it)")
+
+
+def exported(adapter: str, output_dir, gguf_type: str) -> dict:
+    code = export.main(["--adapter_path", adapter, "--output_dir", str(output_dir), "--format", "gguf", "--gguf_type", gguf_type,
+                        "--verify_prompts", "3", "--verify_max_new_tokens", "12"])
+    report = json.loads((output_dir / "export_report.json").read_text(encoding="utf-8"))
+    return {"code": code, **report}
+
+
+# ------------------------------------------------------------------------------ end to end (needs the extra)
+
+
+@needs_llama_cpp
+def test_f32_gguf_tokenises_and_answers_exactly_like_transformers(lora_adapter, converter, tmp_path):
+    report = exported(lora_adapter, tmp_path / "f32", "f32")
+    verification = report["verification"]
+    assert report["code"] == 0 and verification["passed"]
+    assert report["tools"]["llama_cpp_python"] == LLAMA_CPP_PYTHON_VERSION
+    assert (tmp_path / "f32" / "model-f32.gguf").is_file() and (tmp_path / "f32" / "model.safetensors").is_file()
+    assert verification["identical_tokenisation"] and verification["prompts"] == 3
+    for row in verification["per_prompt"]:
+        assert row["gguf_answer"] == row["transformers_answer"] and len(row["transformers_answer"]) > 0
+    assert verification["agreement_rate"] == 1.0
+    assert verification["mean_logprob_gap"] < 1e-3  # same fp32 weights: only summation order differs
+    modelfile = (tmp_path / "f32" / "Modelfile").read_text(encoding="utf-8")
+    assert modelfile.startswith("#") and "FROM ./model-f32.gguf" in modelfile
+
+
+@needs_llama_cpp
+def test_q8_0_gguf_reports_its_agreement(lora_adapter, converter, tmp_path):
+    report = exported(lora_adapter, tmp_path / "q8", "q8_0")
+    verification = report["verification"]
+    assert report["code"] == 0 and verification["identical_tokenisation"]
+    assert 0.0 <= verification["agreement_rate"] <= 1.0 and verification["mean_logprob_gap"] > 0.0  # 8-bit weights: not bit-identical
+    assert len(verification["per_prompt"]) == 3
+    assert (tmp_path / "q8" / "model-q8_0.gguf").stat().st_size < (tmp_path / "q8" / "model.safetensors").stat().st_size / 2
+
+
+# ------------------------------------------------------------------------------ missing pieces (always run)
+
+
+def test_missing_llama_cpp_stops_before_any_work_with_the_install_command(lora_adapter, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    with pytest.raises(MissingToolError, match=r"pip install -e '\.\[gguf\]'"):
+        check_gguf_tools("q8_0")
+    output_dir = tmp_path / "never"
+    assert export.main(["--adapter_path", lora_adapter, "--output_dir", str(output_dir), "--format", "gguf"]) == 2
+    assert INSTALL_EXTRA in capsys.readouterr().err
+    assert not output_dir.exists(), "nothing may be written before every tool is found"
+
+
+def test_wrong_llama_cpp_version_or_missing_converter_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(__version__="0.3.1"))
+    with pytest.raises(MissingToolError, match=f"pinned to {LLAMA_CPP_PYTHON_VERSION}"):
+        check_gguf_tools("f32")
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(__version__=LLAMA_CPP_PYTHON_VERSION))
+    if importlib.util.find_spec("sentencepiece") is not None:
+        with pytest.raises(MissingToolError, match=r"--fetch_converter True"):
+            check_gguf_tools("f32", llama_cpp_dir=str(tmp_path))
+        with pytest.raises(MissingToolError, match="llama_model_quantize"):
+            check_gguf_tools("q4_k_m", llama_cpp_dir=str(tmp_path))
+
+
+def test_export_refuses_prompt_tuning_and_a_full_folder(base_model, lora_adapter, tmp_path, capsys):
+    from peft import PromptTuningConfig, get_peft_model
+
+    prompt = tmp_path / "prompt"
+    get_peft_model(copy.deepcopy(base_model), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(prompt)
+    assert export.main(["--adapter_path", str(prompt), "--output_dir", str(tmp_path / "out")]) == 2
+    assert "cannot be merged" in capsys.readouterr().err
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine", encoding="utf-8")
+    assert export.main(["--adapter_path", lora_adapter, "--output_dir", str(occupied)]) == 2
+    assert "--overwrite_output_dir True" in capsys.readouterr().err
+    assert [path.name for path in occupied.iterdir()] == ["notes.txt"]
+
+
+def test_hf_export_writes_the_merged_folder_and_its_report(lora_adapter, tmp_path):
+    output_dir = tmp_path / "hf"
+    assert export.main(["--adapter_path", lora_adapter, "--output_dir", str(output_dir), "--format", "hf"]) == 0
+    report = json.loads((output_dir / "export_report.json").read_text(encoding="utf-8"))
+    assert report["format"] == "hf" and report["merge"]["max_abs_diff_vs_16bit_adapter"] < 1e-3
+    assert (output_dir / "model.safetensors").is_file() and not (output_dir / "adapter_config.json").exists()
+    assert not list(output_dir.glob("*.gguf"))
+
+
+def test_notebook05_export_cells_run_on_the_tiny_adapter(lora_adapter, tmp_path, capsys):
+    """The cells docs/notebook05_export_cells.json adds to notebook 05 run with that notebook's variables."""
+    import pandas as pd
+
+    cells = json.loads((REPO / "docs" / "notebook05_export_cells.json").read_text(encoding="utf-8"))
+    assert cells[0]["cell_type"] == "markdown" and len(cells) <= 6
+    shown = []
+    namespace = {"OUTPUTS": str(tmp_path), "TEST_PATH": str(REPO / "data" / "test.json"), "OVERWRITE": False, "pd": pd,
+                 "selected": {"lora": lora_adapter}, "kinds": {"lora": "lora"}, "demo_name": "lora", "display": shown.append}
+    for cell in cells:
+        if cell["cell_type"] == "code":
+            exec(compile(cell["source"], "notebook05_export_cell", "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert "--enable-lora" in printed  # the vLLM check passed on the plain LoRA and printed its command
+    if LLAMA_CPP_MISSING:
+        assert INSTALL_EXTRA in printed and not shown
+    elif (tmp_path / "nb05_gguf" / "export_report.json").is_file():
+        assert "TEMPLATE" in printed and len(shown[0]) == 3
+    else:
+        assert FETCH_CONVERTER in printed
