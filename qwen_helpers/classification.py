@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .data import IGNORE_INDEX, label_set, load_records, make_collator, tokenize_example
+from .data import IGNORE_INDEX, make_collator, tokenize_example
+from .records import label_set, load_records
 from .generation import generate, uses_soft_prompt
 from .methods import build_lora_config
 from .modeling import check_target_modules, evaluation_mode, load_tokenizer

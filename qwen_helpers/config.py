@@ -17,7 +17,7 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
-from .data import FieldMap
+from .records import FieldMap
 from .files import atomic_write_text
 from .precision import Precision, apply_precision_policy
 

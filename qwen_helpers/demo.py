@@ -87,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_demo(args: argparse.Namespace) -> DemoResult:
     """Answer, train LoRA on the first ``args.records`` records, answer again; the adapter is saved in a new folder."""
     from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
-    from .data import load_records
+    from .records import load_records
     from .generation import generate
     from .modeling import load_base_model, load_tokenizer
     from .plots import plot_loss

@@ -27,7 +27,8 @@ from typing import Literal
 import torch
 
 from .adapters import AdapterError, load_model_with_adapter, merge_problem, read_adapter_info
-from .data import DataValidationError, format_prompt, load_records
+from .data import format_prompt
+from .records import DataValidationError, load_records
 from .files import OutputExistsError, folder_size, human_bytes
 from .modeling import evaluation_mode, release_memory
 

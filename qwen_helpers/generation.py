@@ -13,7 +13,8 @@ from typing import Iterator
 
 import torch
 
-from .data import format_prompt, split_reasoning
+from .data import format_prompt
+from .records import split_reasoning
 from .modeling import synchronize
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # end of an assistant turn; end of a document (base models)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .adapters import load_base_for_inference, load_model_with_adapter
 from .checks import check_inference_inputs
-from .data import load_records
+from .records import load_records
 from .errors import command_boundary, parse_flags
 from .files import atomic_write_text
 from .generation import generate, generate_timed, total_seconds

@@ -15,7 +15,8 @@ from typing import Literal
 
 from transformers import HfArgumentParser
 
-from .data import IGNORE_INDEX, DataValidationError, build_messages, format_prompt, load_records, tokenize_example
+from .data import IGNORE_INDEX, build_messages, format_prompt, tokenize_example
+from .records import DataValidationError, load_records
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 

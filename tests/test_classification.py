@@ -18,7 +18,8 @@ from qwen_helpers.classification import (
     score_labels,
 )
 from qwen_helpers.config import LoraArguments
-from qwen_helpers.data import IGNORE_INDEX, load_records, tokenize_example
+from qwen_helpers.data import IGNORE_INDEX, tokenize_example
+from qwen_helpers.records import load_records
 from qwen_helpers.modeling import load_base_model
 
 from conftest import DATA

@@ -4,18 +4,8 @@ import json
 
 import pytest
 
-from qwen_helpers.data import (
-    IGNORE_INDEX,
-    DataValidationError,
-    FieldMap,
-    format_prompt,
-    label_set,
-    length_stats,
-    load_records,
-    make_collator,
-    tokenize_example,
-    tokenize_records,
-)
+from qwen_helpers.data import IGNORE_INDEX, format_prompt, length_stats, make_collator, tokenize_example, tokenize_records
+from qwen_helpers.records import DataValidationError, FieldMap, label_set, load_records
 
 RECORD = {"instruction": "翻译为英文", "input": "你好", "output": "Hello"}
 
@@ -191,7 +181,7 @@ def test_a_mapped_optional_field_that_no_record_has_is_an_error():
 
 
 def test_think_blocks_are_split_off_answers():
-    from qwen_helpers.data import split_reasoning
+    from qwen_helpers.records import split_reasoning
 
     assert split_reasoning("<think>\nstep 1\n</think>\n\nAnswer") == ("step 1", "Answer")
     assert split_reasoning("Plain answer") == (None, "Plain answer")

@@ -8,7 +8,8 @@ from peft import PeftModel, PromptTuningConfig, PromptTuningInit, TaskType, get_
 
 from qwen_helpers import train_prompt_tuning
 from qwen_helpers.config import PromptTuningArguments
-from qwen_helpers.data import format_prompt, load_records
+from qwen_helpers.data import format_prompt
+from qwen_helpers.records import load_records
 from qwen_helpers.generation import generate_new_tokens
 from qwen_helpers.modeling import load_base_model
 from qwen_helpers.methods import build_prompt_tuning_config

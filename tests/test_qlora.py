@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from qwen_helpers.config import KitTrainingArguments, LoraArguments, ModelArguments
-from qwen_helpers.data import load_records, make_collator, tokenize_example
+from qwen_helpers.data import make_collator, tokenize_example
+from qwen_helpers.records import load_records
 from qwen_helpers.train import attach_adapter, load_model_for_training
 
 DATA = Path(__file__).resolve().parent.parent / "data"

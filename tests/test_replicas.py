@@ -18,10 +18,10 @@ from qwen_helpers.data import (
     chat_tokens_to_train,
     format_prompt,
     is_base_checkpoint,
-    load_records,
     tokenize_example,
     tokenize_prompt,
 )
+from qwen_helpers.records import load_records
 from qwen_helpers.inspect_data import inspect_record
 from qwen_helpers.modeling import load_tokenizer
 from qwen_helpers.tiny import REPLICAS

@@ -1,0 +1,273 @@
+"""Load and validate training records: alpaca, messages and ShareGPT files, one error line per bad record.
+
+    JSON array or JSON Lines ──load_records──▶ validated records (the last answer in ``output``, earlier turns in ``messages``)
+
+Every problem names the file, the record index and the field, and says what to do. Rendering and
+tokenising the records is :mod:`qwen_helpers.data`'s job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+from .errors import KitError
+
+class DataValidationError(KitError, ValueError):
+    """A data file or record that cannot be used, with the file, record and field named."""
+
+
+DataFormat = Literal["auto", "alpaca", "messages", "sharegpt"]
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+REASONING_FIELDS = ("reasoning_content", "reasoning")  # where records carry an answer's reasoning (Qwen3 thinking mode)
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """Which keys of a record hold the instruction, the optional input, the output and the optional system prompt.
+
+    Other schemas (``{"question": ..., "answer": ...}``) map onto the kit's by naming fields, not editing code.
+    """
+
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    system: str = "system"
+
+
+class _DuplicateKeys(dict):
+    """A JSON object in which some key appeared more than once (kept to report, never to train on)."""
+
+    duplicates: list[str]
+
+
+def _object_without_duplicates(pairs):
+    counts = Counter(key for key, _ in pairs)
+    result = dict(pairs)
+    duplicates = [key for key, count in counts.items() if count > 1]
+    if duplicates:
+        result = _DuplicateKeys(result)
+        result.duplicates = duplicates
+    return result
+
+
+def _duplicate_key(value) -> str | None:
+    """The first key that appears twice in ``value`` or anything nested in it, else None."""
+    if isinstance(value, _DuplicateKeys):
+        return value.duplicates[0]
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return next((key for child in children if (key := _duplicate_key(child))), None)
+
+
+def _read_json_or_jsonl(path: Path) -> list[Any]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataValidationError(
+            f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}). Convert it first, e.g. "
+            f"`iconv -f GBK -t UTF-8 {path} > {path.with_suffix('.utf8' + path.suffix)}` for a file saved in GBK."
+        ) from None
+    stripped = text.lstrip()
+    if not stripped:
+        raise DataValidationError(f"{path}: the file is empty. Expected a JSON array of records or JSON Lines.")
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text, object_pairs_hook=_object_without_duplicates)
+        except json.JSONDecodeError as error:
+            raise DataValidationError(
+                f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}. "
+                "Fix the file (a JSON array of objects) or save it as JSON Lines, one object per line."
+            ) from None
+        return data
+    records = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line, object_pairs_hook=_object_without_duplicates))
+        except json.JSONDecodeError as error:
+            raise DataValidationError(
+                f"{path}: malformed JSON on line {line_number}, column {error.colno}: {error.msg}. "
+                "Each line of a JSON Lines file must be one complete JSON object."
+            ) from None
+    return records
+
+
+def detect_format(record: Any) -> str:
+    """The record format of a file, from its first record: ``messages``, ``sharegpt`` (``conversations``) or ``alpaca``."""
+    if isinstance(record, dict) and "messages" in record:
+        return "messages"
+    if isinstance(record, dict) and "conversations" in record:
+        return "sharegpt"
+    return "alpaca"
+
+
+def load_records(
+    source: str | os.PathLike | Iterable[dict],
+    fields: FieldMap = FieldMap(),
+    data_format: DataFormat = "auto",
+) -> list[dict]:
+    """Load a JSON array, a JSONL file or a list of dicts, and validate every record.
+
+    Three formats, detected from the first record unless ``data_format`` forces one: alpaca
+    (``instruction``, ``input``, ``output``, ``system``), ``{"messages": [{"role", "content"}]}`` and
+    ShareGPT ``{"conversations": [{"from", "value"}]}``. Every record comes back with the kit's keys:
+    ``output`` (the last assistant turn: the reference answer), ``instruction`` and ``input`` (the last
+    user turn, for display), ``reasoning`` when the answer carries one, and, for multi-turn formats,
+    ``messages``: every turn before the answer. Unknown extra fields are kept. Anything that cannot be
+    trained on raises :class:`DataValidationError` naming the file, the record index and what is wrong.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise DataValidationError(f"{path}: no such data file. Check --data_path (paths are relative to {Path.cwd()}).")
+        raw, where = _read_json_or_jsonl(path), str(path)
+    else:
+        raw, where = list(source), "records"
+    if not isinstance(raw, list):
+        raise DataValidationError(f"{where}: expected a JSON array of records, found a {type(raw).__name__}.")
+    if not raw:
+        raise DataValidationError(f"{where}: no records found.")
+    file_format = detect_format(raw[0]) if data_format == "auto" else data_format
+    records = []
+    for index, record in enumerate(raw):
+        if (key := _duplicate_key(record)) is not None:
+            raise DataValidationError(
+                f"{where}, record {index}: the key '{key}' appears twice, so one of its values would be silently lost. Keep one."
+            )
+        if file_format == "alpaca":
+            records.append(_validate_alpaca(record, index, where, fields))
+        else:
+            records.append(_validate_conversation(record, index, where, file_format))
+    if file_format == "alpaca":
+        _check_mapped_fields_exist(raw, where, fields)
+    return records
+
+
+def _check_mapped_fields_exist(raw: list[dict], where: str, fields: FieldMap) -> None:
+    """A renamed optional field (``--input_field``, ``--system_field``) that no record has is a typo, not an absence."""
+    defaults = FieldMap()
+    for flag, name, default in (("input", fields.input, defaults.input), ("system", fields.system, defaults.system)):
+        if name != default and not any(name in record for record in raw):
+            found = sorted({key for record in raw for key in record})
+            raise DataValidationError(
+                f"{where}: --{flag}_field {name}: no record has a field '{name}'. Fields found: {found}. Fix the flag or drop it."
+            )
+
+
+def _validate_alpaca(record: Any, index: int, where: str, fields: FieldMap) -> dict:
+    if not isinstance(record, dict):
+        raise DataValidationError(f"{where}, record {index}: expected an object, found {type(record).__name__}: {record!r:.80}.")
+    required = {"instruction": fields.instruction, "output": fields.output}
+    optional = {"input": fields.input, "system": fields.system}
+    for key, name in required.items():
+        if name not in record:
+            raise DataValidationError(
+                f"{where}, record {index}: missing field '{name}'. Found fields {sorted(record)}; "
+                f"if your file names it differently, pass --{key}_field NAME (or --data_format messages|sharegpt for chat records)."
+            )
+    for name in [*required.values(), *optional.values(), *REASONING_FIELDS]:
+        if name in record and not isinstance(record[name], str):
+            raise DataValidationError(
+                f"{where}, record {index}, field '{name}': expected a string, found {type(record[name]).__name__} ({record[name]!r:.60})."
+            )
+    if not record[fields.instruction].strip():
+        raise DataValidationError(f"{where}, record {index}, field '{fields.instruction}': the instruction is empty.")
+    if not record[fields.output].strip():
+        raise DataValidationError(
+            f"{where}, record {index}, field '{fields.output}': the output is empty, so there is nothing to learn. "
+            "Fill it in or remove the record."
+        )
+    renamed = {key: record[name] for key, name in {**required, **optional}.items() if name in record}
+    extra = {key: value for key, value in record.items() if key not in {*required.values(), *optional.values(), *REASONING_FIELDS}}
+    result = {"input": "", **extra, **renamed}
+    reasoning = next((record[name] for name in REASONING_FIELDS if record.get(name)), None)
+    if reasoning is None:
+        reasoning, result["output"] = split_reasoning(result["output"])
+    if reasoning:
+        result["reasoning"] = reasoning
+    return result
+
+
+def _validate_conversation(record: Any, index: int, where: str, file_format: str) -> dict:
+    """Check one messages/ShareGPT record and split it into the turns before the answer and the answer."""
+    key, role_key, text_key = ("messages", "role", "content") if file_format == "messages" else ("conversations", "from", "value")
+    at = f"{where}, record {index}"
+    if not isinstance(record, dict):
+        raise DataValidationError(f"{at}: expected an object, found {type(record).__name__}: {record!r:.80}.")
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise DataValidationError(
+            f"{at}: expected a non-empty list under '{key}' ({file_format} format). Found fields {sorted(record)}; "
+            f"pass --data_format alpaca|messages|sharegpt if the file is in another format."
+        )
+    if file_format == "messages" and isinstance(record.get("output"), str) and turns[-1].get("role") != "assistant":
+        # the kit's own form (load_records' output written back to a file): the turns before the answer, then "output"
+        answer = {"role": "assistant", "content": record["output"], "reasoning_content": record.get("reasoning")}
+        turns = [*turns, {key: value for key, value in answer.items() if value is not None}]
+    messages = []
+    for position, turn in enumerate(turns):
+        if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
+            raise DataValidationError(f"{at}, turn {position}: expected an object with '{role_key}' and '{text_key}', found {turn!r:.80}.")
+        role = turn[role_key] if file_format == "messages" else SHAREGPT_ROLES.get(turn[role_key], turn[role_key])
+        if role not in ROLES:
+            allowed = ROLES if file_format == "messages" else sorted(SHAREGPT_ROLES)
+            raise DataValidationError(f"{at}, turn {position}: unknown role {turn[role_key]!r}; the roles this kit trains on are {', '.join(allowed)}.")
+        if not isinstance(turn[text_key], str):
+            raise DataValidationError(f"{at}, turn {position}: '{text_key}' must be a string, found {type(turn[text_key]).__name__}.")
+        message = {"role": role, "content": turn[text_key]}
+        if role == "assistant":
+            reasoning = next((turn[name] for name in REASONING_FIELDS if isinstance(turn.get(name), str) and turn[name]), None)
+            if reasoning is None:
+                reasoning, message["content"] = split_reasoning(message["content"])
+            if reasoning:
+                message["reasoning_content"] = reasoning
+            if not message["content"].strip():
+                raise DataValidationError(f"{at}, turn {position}: the assistant turn is empty, so there is nothing to learn. Fill it in or remove it.")
+        messages.append(message)
+    _check_turn_order(messages, at)
+    *history, answer = messages
+    last_user = history[-1]["content"]
+    extra = {name: value for name, value in record.items() if name not in (key, "instruction", "input", "output", "reasoning")}
+    result = {**extra, "messages": history, "instruction": last_user, "input": "", "output": answer["content"]}
+    if answer.get("reasoning_content"):
+        result["reasoning"] = answer["reasoning_content"]
+    return result
+
+
+def _check_turn_order(messages: list[dict], at: str) -> None:
+    """An optional system turn first, then user and assistant turns alternating, ending with the assistant's answer."""
+    roles = [message["role"] for message in messages]
+    body = roles[1:] if roles[0] == "system" else roles
+    expected = ["user", "assistant"] * (len(body) // 2 + 1)
+    if not body or body != expected[: len(body)] or body[-1] != "assistant":
+        raise DataValidationError(
+            f"{at}: turn order {' -> '.join(roles)} cannot be rendered by a Qwen chat template for training: it must be "
+            "an optional system turn, then user and assistant turns alternating, ending with an assistant turn."
+        )
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """Split ``<think>reasoning</think>answer`` into (reasoning, answer); (None, text) when there is no think block.
+
+    Used on records (an answer that carries its reasoning inline) and on Qwen3 predictions, whose
+    reasoning goes to a separate field so metrics compare answers only.
+    """
+    stripped = text.lstrip()
+    if not stripped.startswith("<think>") or "</think>" not in stripped:
+        return None, text
+    reasoning, _, answer = stripped[len("<think>"):].partition("</think>")
+    return reasoning.strip("\n"), answer.lstrip("\n")
+
+
+def label_set(records: list[dict], max_labels: int = 20) -> list[str] | None:
+    """The sorted label set when the records look like classification (few distinct, repeated outputs), else None."""
+    counts = Counter(record["output"].strip() for record in records)
+    if len(counts) <= min(max_labels, max(2, len(records) // 4)) and min(counts.values()) >= 2:
+        return sorted(counts)
+    return None
