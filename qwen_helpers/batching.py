@@ -22,6 +22,8 @@ import logging
 import random
 from typing import Iterator
 
+from .errors import FlagError
+
 logger = logging.getLogger("qwen_helpers")
 
 # Attention implementations whose transformers 5 masks separate packed examples from position_ids alone.
@@ -42,7 +44,7 @@ def resolve_padding_free(requested: bool | None, method: str, attn_implementatio
     """Decide padding-free batching: on by default where it works; an explicit True that cannot work is an error."""
     problem = padding_free_problem(method, attn_implementation)
     if requested is True and problem:
-        raise ValueError(f"--padding_free True: {problem}. Use --padding_free False.")
+        raise FlagError(f"--padding_free True: {problem}. Use --padding_free False.")
     if requested is False:
         return False, "batches: padded to the longest example (--padding_free False)"
     if problem:
@@ -228,7 +230,7 @@ def _build_kit_trainer():
 def check_token_budget(token_budget: int | None, max_length: int) -> None:
     """Refuse a budget too small for any chat example, before anything loads (longer examples than the budget train alone)."""
     if token_budget is not None and token_budget < 16:
-        raise ValueError(
+        raise FlagError(
             f"--token_budget {token_budget} is too small for a chat-formatted example; use at least {max_length} "
             f"(--max_length) so the longest examples share their steps, e.g. {max_length * 8}."
         )

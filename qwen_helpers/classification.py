@@ -162,7 +162,7 @@ def evaluate_run(result, data_args, prompt_args) -> str | None:
     Returns a line for the report, or None for generation data.
     """
     fields = data_args.field_map()
-    train_records = load_records(data_args.data_path, fields)
+    train_records = load_records(data_args.data_path, fields, data_args.data_format)
     task, label_flag = (prompt_args.task, prompt_args.labels) if prompt_args is not None else ("auto", None)
     detected = detect_task(train_records, task)
     print(describe_task(train_records, task, detected, prompt_args is not None), flush=True)
@@ -171,7 +171,7 @@ def evaluate_run(result, data_args, prompt_args) -> str | None:
     labels = resolve_labels(train_records, label_flag)
     eval_path = data_args.eval_data_path or data_args.data_path
     if data_args.eval_data_path:
-        eval_records, split = load_records(eval_path, fields), "held-out"
+        eval_records, split = load_records(eval_path, fields, data_args.data_format), "held-out"
     else:
         eval_records = in_sample(train_records, data_args.max_eval_records, getattr(result.trainer.args, "seed", 42))
         if not eval_records:

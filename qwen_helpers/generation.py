@@ -1,6 +1,7 @@
 """Generate with a loaded model: chat-formatted prompts, left-padded batches, stop at ``<|im_end|>``, a soft prompt once.
 
-Prompts are formatted by :func:`qwen_helpers.data.format_prompt`, the same function training uses;
+Prompts are rendered and tokenised by :func:`qwen_helpers.data.tokenize_prompt`, exactly as training does
+(same template options such as Qwen3's ``enable_thinking``; special-token text in a record stays text);
 generation stops at ``<|im_end|>`` (the end of an assistant turn) and batches are left-padded, so
 the last prompt token of every row sits next to its first new token.
 """
@@ -13,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from .data import format_prompt
+from .data import tokenize_prompt
 from .records import split_reasoning
 from .modeling import synchronize
 
@@ -66,15 +67,16 @@ def generate_new_tokens(model, batch, **generate_kwargs):
     return output[:, prompt_length:]
 
 
+def prompt_batch(tokenizer, records: list[dict], enable_thinking: bool = False):
+    """The records' prompts as one left-padded batch of ids, tokenised exactly as training tokenises them."""
+    ids = [tokenize_prompt(tokenizer, record, enable_thinking) for record in records]
+    return tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
+
+
 @torch.no_grad()
-def generate_ids(model, tokenizer, records: list[dict], max_new_tokens: int = 64, **generate_kwargs) -> list[list[int]]:
+def generate_ids(model, tokenizer, records: list[dict], max_new_tokens: int = 64, enable_thinking: bool = False, **generate_kwargs) -> list[list[int]]:
     """New token ids for one left-padded batch of records, each cut after its first stop token; greedy by default."""
-    previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        prompts = [format_prompt(tokenizer, record) for record in records]
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    finally:
-        tokenizer.padding_side = previous_side
+    batch = prompt_batch(tokenizer, records, enable_thinking).to(model.device)
     generate_kwargs.setdefault("do_sample", False)
     output = generate_new_tokens(
         model, batch, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, **generate_kwargs
@@ -83,7 +85,8 @@ def generate_ids(model, tokenizer, records: list[dict], max_new_tokens: int = 64
     return [cut_at_stop(row, stops) for row in output.tolist()]
 
 
-def generate_timed(model, tokenizer, records: list[dict], max_new_tokens: int = 64, batch_size: int = 8, progress: bool = False, **generate_kwargs) -> list[dict]:
+def generate_timed(model, tokenizer, records: list[dict], max_new_tokens: int = 64, batch_size: int = 8, progress: bool = False,
+                   enable_thinking: bool = False, **generate_kwargs) -> list[dict]:
     """Answer every record in batches; per record: prediction, new tokens (EOS included) and its batch's time."""
     from tqdm.auto import tqdm
 
@@ -93,7 +96,7 @@ def generate_timed(model, tokenizer, records: list[dict], max_new_tokens: int = 
             chunk = records[start : start + batch_size]
             synchronize()
             began = time.perf_counter()
-            rows = generate_ids(model, tokenizer, chunk, max_new_tokens, **generate_kwargs)
+            rows = generate_ids(model, tokenizer, chunk, max_new_tokens, enable_thinking, **generate_kwargs)
             synchronize()
             seconds = time.perf_counter() - began
             for ids in rows:
@@ -118,12 +121,12 @@ def generate(model, tokenizer, records: list[dict], max_new_tokens: int = 64, ba
     return [row["prediction"] for row in generate_timed(model, tokenizer, records, max_new_tokens, batch_size, **generate_kwargs)]
 
 
-def stream(model, tokenizer, record: dict, max_new_tokens: int = 64, **generate_kwargs) -> Iterator[str]:
+def stream(model, tokenizer, record: dict, max_new_tokens: int = 64, enable_thinking: bool = False, **generate_kwargs) -> Iterator[str]:
     """Yield the answer to one record piece by piece as it is generated (``TextIteratorStreamer`` + a thread)."""
     from transformers import TextIteratorStreamer
 
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    inputs = tokenizer([format_prompt(tokenizer, record)], return_tensors="pt", add_special_tokens=False).to(model.device)
+    inputs = prompt_batch(tokenizer, [record], enable_thinking).to(model.device)
     generate_kwargs.setdefault("do_sample", False)
     errors = []
 

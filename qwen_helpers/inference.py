@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapters import load_base_for_inference, load_model_with_adapter
+from .adapters import load_base_for_inference, load_model_with_adapter, read_adapter_info
 from .checks import check_inference_inputs
 from .records import load_records
 from .errors import command_boundary, parse_flags
@@ -44,6 +44,9 @@ class InferenceArguments:
     temperature: float = field(default=0.7, metadata={"help": "With --do_sample: softmax temperature (lower is more conservative)."})
     top_p: float = field(default=0.9, metadata={"help": "With --do_sample: nucleus sampling mass."})
     top_k: int = field(default=50, metadata={"help": "With --do_sample: sample among the k most likely tokens."})
+    enable_thinking: bool | None = field(
+        default=None, metadata={"help": "Qwen3: prompt in thinking mode; default: as the adapter was trained (its run_config.json), else False."}
+    )
     repetition_penalty: float = field(default=1.0, metadata={"help": "Above 1.0 discourages repeating tokens (1.0 = off)."})
     merge: bool = field(default=False, metadata={"help": "Merge the LoRA adapter into its base and save a plain model to --output_dir."})
     output_dir: str | None = field(default=None, metadata={"help": "With --merge: folder for the merged model."})
@@ -66,13 +69,22 @@ class InferenceArguments:
             raise ValueError(f"--temperature must be above 0 when sampling, got {self.temperature}; use --do_sample False for greedy.")
 
     def generation_kwargs(self) -> dict:
-        """Keyword arguments for generate: sampling settings only when sampling (greedy ignores them)."""
-        options = {"do_sample": self.do_sample}
+        """Keyword arguments for generate: the prompt's template options, and sampling settings only when sampling."""
+        options = {"do_sample": self.do_sample, "enable_thinking": self.thinking_mode()}
         if self.do_sample:
             options.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         if self.repetition_penalty != 1.0:
             options["repetition_penalty"] = self.repetition_penalty
         return options
+
+
+    def thinking_mode(self) -> bool:
+        """Prompt as training did: --enable_thinking if given, else the adapter's recorded setting (False without one)."""
+        if self.enable_thinking is not None:
+            return self.enable_thinking
+        if not self.adapter_path:
+            return False
+        return bool(read_adapter_info(self.adapter_path).get("kit_run", {}).get("enable_thinking", False))
 
 
 def parse_inference_args(argv: list[str] | None = None) -> InferenceArguments:

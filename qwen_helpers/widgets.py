@@ -76,15 +76,15 @@ def _convert(text: str, example):
 
 
 def describe_precision(requested: dict, config) -> str:
-    """'fp16 requested -> fp32 on this CPU': the precision asked for and the one training will use here."""
-    import torch
+    """'fp16 requested -> fp32 on this CPU': the precision asked for and the one training will use here (the kit's one policy)."""
+    from .precision import decide_precision
 
-    asked = "fp16" if requested.get("fp16") else "bf16" if requested.get("bf16") else "fp32"
-    on_cpu = not torch.cuda.is_available() or getattr(config, "use_cpu", False)
-    runs = "fp32" if on_cpu else "fp16" if config.fp16 else "bf16" if config.bf16 else "fp32"
-    if asked == runs:
-        return f"precision: {runs}" + (" (CPU)" if on_cpu else "")
-    return f"precision: {asked} requested → {runs} on this {'CPU' if on_cpu else 'GPU'}"
+    precision = decide_precision(bool(requested.get("fp16")), bool(requested.get("bf16")), use_cpu=getattr(config, "use_cpu", False),
+                                 missing_bf16="fp16")
+    where = "CPU" if precision.device != "cuda" else "GPU"
+    if precision.requested == precision.effective:
+        return f"precision: {precision.effective}" + (" (CPU)" if where == "CPU" else "")
+    return f"precision: {precision.requested} requested → {precision.effective} on this {where}"
 
 
 def describe_effective(requested: dict, config) -> str:

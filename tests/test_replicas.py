@@ -179,7 +179,8 @@ def test_lora_trains_loads_with_plain_peft_generates_and_merges(model_path, chat
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from qwen_helpers import inference, train_lora
+    from qwen_helpers import generation, inference, train_lora
+    from qwen_helpers.adapters import load_model_with_adapter
     from qwen_helpers.tiny import resolve_model_path
 
     adapter = tmp_path / "lora"
@@ -192,10 +193,10 @@ def test_lora_trains_loads_with_plain_peft_generates_and_merges(model_path, chat
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_path))
     PeftModel.from_pretrained(base, adapter)  # plain peft, nothing from the kit
 
-    model, tokenizer = inference.load_model_with_adapter(str(adapter))
+    model, tokenizer = load_model_with_adapter(str(adapter))
     records = load_records(chat_file)[:3]
-    batched = inference.generate_ids(model, tokenizer, records, max_new_tokens=4)
-    assert batched == [inference.generate_ids(model, tokenizer, [record], max_new_tokens=4)[0] for record in records]
+    batched = generation.generate_ids(model, tokenizer, records, max_new_tokens=4)
+    assert batched == [generation.generate_ids(model, tokenizer, [record], max_new_tokens=4)[0] for record in records]
 
     merged_dir = tmp_path / "merged"
     assert inference.main(["--merge", "True", "--adapter_path", str(adapter), "--output_dir", str(merged_dir)]) == 0
@@ -222,11 +223,11 @@ def test_prompt_tuning_trains_and_scores_labels(model_path, tmp_path):
 
 
 def test_predictions_keep_the_think_block_in_a_separate_field(qwen3, monkeypatch):
-    from qwen_helpers import inference
+    from qwen_helpers import generation
 
     answer = qwen3.encode("<think>\nadd them\n</think>\n\n4", add_special_tokens=False) + [IM_END]
-    monkeypatch.setattr(inference, "generate_ids", lambda *args, **kwargs: [answer])
-    (row,) = inference.generate_timed(None, qwen3, [SINGLE], max_new_tokens=8)
+    monkeypatch.setattr(generation, "generate_ids", lambda *args, **kwargs: [answer])
+    (row,) = generation.generate_timed(None, qwen3, [SINGLE], max_new_tokens=8)
     assert (row["prediction"], row["reasoning"]) == ("4", "add them")
 
 
