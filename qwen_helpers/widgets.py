@@ -57,6 +57,8 @@ def field_widget(name: str, value, field_type, help_text: str = "") -> widgets.W
     choices = typing.get_args(field_type) if typing.get_origin(field_type) is typing.Literal else None
     if choices:
         return widgets.Dropdown(options=list(dict.fromkeys([*choices, value])), value=value, **common)
+    if _optional_of(field_type) is bool:  # None means "the kit decides": a three-way choice, not a text box
+        return widgets.Dropdown(options=[("auto", None), ("True", True), ("False", False)], value=value, **common)
     if isinstance(value, bool):
         return widgets.Checkbox(value=value, indent=True, **common)
     if name in STOPS and isinstance(value, (int, float)):
@@ -66,10 +68,17 @@ def field_widget(name: str, value, field_type, help_text: str = "") -> widgets.W
     return widgets.Text(value="" if value is None else str(value), continuous_update=False, **common)
 
 
-def _convert(text: str, example):
-    """A Text widget's string as the type of the parameters cell's value (None stays None when left empty)."""
+def _optional_of(field_type):
+    """``int`` for ``int | None`` (``Optional[int]``), else None."""
+    arguments = [argument for argument in typing.get_args(field_type) if argument is not type(None)]
+    return arguments[0] if len(arguments) == 1 and len(typing.get_args(field_type)) == 2 else None
+
+
+def _convert(text: str, example, field_type=None):
+    """A Text widget's string as the field's type (or the parameters cell value's type); empty is None for optional fields."""
     if example is None:
-        return text or None
+        inner = _optional_of(field_type)
+        return (inner(text.strip()) if inner in (int, float) else text) if text.strip() else None
     if isinstance(example, bool):
         return text.strip().lower() in ("1", "true", "yes")
     return type(example)(text)
@@ -107,7 +116,7 @@ class ConfigPanel:
         self.config_class = config_class
         self.requested = dict(values)  # what the parameters cell asked for (never rewritten by validation)
         fields = {field.name: field for field in dataclasses.fields(config_class) if field.init}
-        hints = typing.get_type_hints(config_class)
+        self.hints = hints = typing.get_type_hints(config_class)
         unknown = [name for name in names if name not in fields]
         if unknown:
             raise ValueError(f"config_panel: {config_class.__name__} has no field {', '.join(unknown)}; check the names list.")
@@ -132,7 +141,7 @@ class ConfigPanel:
         values = dict(self.requested)
         for name, widget in self.widgets.items():
             value = widget.value
-            values[name] = _convert(value, self.requested[name]) if isinstance(widget, widgets.Text) else value
+            values[name] = _convert(value, self.requested[name], self.hints.get(name)) if isinstance(widget, widgets.Text) else value
         return values
 
     def value(self):

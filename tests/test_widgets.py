@@ -68,3 +68,17 @@ def test_panels_wrap_instead_of_scrolling(tmp_path):
     row = panel_row(training_panel(tmp_path), config_panel(LoraArguments, ["lora_r"]))
     assert row.layout.flex_flow == "row wrap"
     assert all(child.layout.width == "400px" for child in row.children)
+
+
+def test_optional_fields_get_a_tri_state_choice_and_typed_text():
+    """padding_free (bool | None) is auto/True/False; token_budget (int | None) reads as an int, empty as None."""
+    from qwen_helpers.config import KitTrainingArguments
+    from qwen_helpers.widgets import config_panel
+
+    panel = config_panel(KitTrainingArguments, ["padding_free", "token_budget"], output_dir="unused", padding_free=None, token_budget=None)
+    assert panel.value().padding_free is None and panel.value().token_budget is None
+    panel.set(padding_free=False, token_budget="2048")
+    built = panel.value()
+    assert built.padding_free is False and built.token_budget == 2048
+    panel.set(token_budget="")
+    assert panel.value().token_budget is None
