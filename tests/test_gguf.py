@@ -72,7 +72,7 @@ def test_f32_gguf_tokenises_and_answers_exactly_like_transformers(lora_adapter, 
     for row in verification["per_prompt"]:
         assert row["gguf_answer"] == row["transformers_answer"] and len(row["transformers_answer"]) > 0
     assert verification["agreement_rate"] == 1.0
-    assert verification["mean_logprob_gap"] < 1e-3  # same fp32 weights: only summation order differs
+    assert verification["mean_logprob_gap"] < 1e-4  # same fp32 weights, f32 KV cache: only summation order differs
     modelfile = (tmp_path / "f32" / "Modelfile").read_text(encoding="utf-8")
     assert modelfile.startswith("#") and "FROM ./model-f32.gguf" in modelfile
 
