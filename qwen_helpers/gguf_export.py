@@ -162,10 +162,15 @@ class PromptComparison:
 
 
 def load_gguf(gguf_file: str, context_tokens: int):
-    """The GGUF in llama-cpp-python, keeping the logits of every position (needed for the log-prob comparison)."""
-    from llama_cpp import Llama
+    """The GGUF in llama-cpp-python, keeping the logits of every position (needed for the log-prob comparison).
 
-    return Llama(model_path=gguf_file, n_ctx=context_tokens, logits_all=True, n_threads=max(1, torch.get_num_threads()), verbose=False)
+    The KV cache is kept in f32 (llama.cpp's default is f16): its rounding would otherwise be measured as a
+    difference of the exported weights, and it flips near-tied greedy tokens of an exact f32 export.
+    """
+    from llama_cpp import GGML_TYPE_F32, Llama
+
+    return Llama(model_path=gguf_file, n_ctx=context_tokens, logits_all=True, n_threads=max(1, torch.get_num_threads()),
+                 type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False, verbose=False)
 
 
 def gguf_greedy(llm, prompt_ids: list[int], stops: list[int], max_new_tokens: int) -> list[int]:
@@ -242,6 +247,7 @@ def verify_gguf(gguf_file: str, hf_dir: str, records: list[dict], gguf_type: str
         "agreement_rate": float(np.mean([row.agreement for row in rows])),
         "mean_logprob_gap": float(np.mean([row.mean_logprob_gap for row in rows])),
         "exact_type": gguf_type in EXACT_TYPES,
+        "kv_cache": "f32",  # llama.cpp's default f16 cache is left out of the comparison
         "per_prompt": [
             {**row.__dict__, "transformers_text": tokenizer.decode(row.transformers_answer), "gguf_text": tokenizer.decode(row.gguf_answer)}
             for row in rows

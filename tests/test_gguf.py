@@ -72,7 +72,7 @@ def test_f32_gguf_tokenises_and_answers_exactly_like_transformers(lora_adapter, 
     for row in verification["per_prompt"]:
         assert row["gguf_answer"] == row["transformers_answer"] and len(row["transformers_answer"]) > 0
     assert verification["agreement_rate"] == 1.0
-    assert verification["mean_logprob_gap"] < 1e-3  # same fp32 weights: only summation order differs
+    assert verification["mean_logprob_gap"] < 1e-4  # same fp32 weights, f32 KV cache: only summation order differs
     modelfile = (tmp_path / "f32" / "Modelfile").read_text(encoding="utf-8")
     assert modelfile.startswith("#") and "FROM ./model-f32.gguf" in modelfile
 
@@ -156,3 +156,18 @@ def test_notebook05_export_cells_run_on_the_tiny_adapter(lora_adapter, tmp_path,
         assert "TEMPLATE" in printed and len(shown[0]) == 3
     else:
         assert FETCH_CONVERTER in printed
+
+
+@needs_llama_cpp
+def test_qwen3_f32_gguf_answers_exactly_like_transformers(converter, tmp_path):
+    """The tiny Qwen3 (q/k norms, explicit head_dim) goes through the same converter and verification."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qwen_helpers.tiny import resolve_model_path
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-qwen3"))
+    config = LoraConfig(task_type="CAUSAL_LM", r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(tmp_path / "lora")
+    report = exported(str(tmp_path / "lora"), tmp_path / "out", "f32")
+    assert report["code"] == 0 and report["verification"]["identical_tokenisation"] and report["verification"]["identical_greedy_answers"]
