@@ -36,7 +36,8 @@ def weights_are_sharded(trainer) -> bool:
 def run_training_command(method: str, argv: list[str] | None = None, **defaults) -> int:
     """Entry point body of train_lora / train_qlora / train_prompt_tuning."""
     from .plots import plot_loss
-    from .train import NanGuardCallback, publish_run, report, train
+    from .callbacks import NanGuardCallback
+    from .train import publish_run, report, train
 
     model_args, data_args, method_args, training_args = parse_training_args(method, argv, **defaults)
     prompt_args = method_args if get_method(method).adapter == "prompt_tuning" else None

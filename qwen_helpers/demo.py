@@ -91,7 +91,7 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     from .generation import generate
     from .modeling import load_base_model, load_tokenizer
     from .plots import plot_loss
-    from .train import report, train
+    from .train import train
 
     output_dir = Path(args.output_dir) if args.output_dir else REPO / "outputs" / time.strftime("demo-lora-%Y%m%d-%H%M%S")
     trained = load_records(REPO / "data" / "train.json")[: args.records]

@@ -7,7 +7,6 @@ import importlib.metadata
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 

@@ -7,146 +7,28 @@ which peft config wraps it; full fine-tuning (the benchmark's baseline) is the s
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import Trainer, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .batching import check_token_budget, kit_trainer_class, make_training_collator, resolve_padding_free
-from .checks import base_summary, check_model_path, check_training_flags, safetensors_shapes
+from .callbacks import LossHistoryCallback, NanGuardCallback, train_losses
+from .checks import base_summary, check_model_path, check_training_flags
 from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments, write_run_config
 from .data import chat_tokens_to_train, load_dataset_for_training
-from .errors import KitError
-from .files import OutputExistsError, base_weights_size, folder_size, human_bytes, is_nonempty_folder, new_staging_folder, remove_folders, staging_folders, swap_in
+from .files import base_weights_size, folder_size, human_bytes, remove_folders, swap_in
 from .methods import get_method
 from .modeling import build_quantization_config, check_target_modules, count_parameters, load_base_model, load_tokenizer
 from .precision import base_dtype
+from .run_folder import OutputPlan, complete_checkpoints, plan_output_on_main_process, resumed_history
 from .speed import apply_cpu_allocator_setting, check_liger
 
 logger = logging.getLogger("qwen_helpers")
-
-
-class OutputDirExistsError(OutputExistsError):
-    """The output folder already holds a previous run (or an interrupted one)."""
-
-
-class ResumeError(KitError, FileNotFoundError):
-    """--resume_from_checkpoint names nothing that can be resumed."""
-
-
-def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
-    """Refuse to replace a non-empty folder, or to start over an interrupted run, unless asked to overwrite or resume."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise OutputDirExistsError(f"--output_dir {output_dir} is a file; choose a folder name.")
-    if overwrite or resuming:
-        return
-    if is_nonempty_folder(path):
-        raise OutputDirExistsError(
-            f"--output_dir {output_dir} already holds files from an earlier run. Choose another folder, "
-            "pass --overwrite_output_dir True to replace them, or --resume_from_checkpoint True to continue that run."
-        )
-    interrupted = [folder for folder in staging_folders(path) if complete_checkpoints(folder)]
-    if interrupted:
-        raise OutputDirExistsError(
-            f"--output_dir {output_dir}: an interrupted run left its files in {interrupted[0]}. Pass "
-            "--resume_from_checkpoint True to continue it, or --overwrite_output_dir True to start again (it is removed when the new run completes)."
-        )
-
-
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def complete_checkpoints(folder: str | os.PathLike) -> list[Path]:
-    """checkpoint-N folders whose save finished (trainer_state.json written last, adapter weights intact), newest first.
-
-    A save cut short by a full disk or a kill leaves a checkpoint without its trainer state, or with a
-    truncated adapter file; resuming from it would fail, so it is skipped.
-    """
-    folder = Path(folder)
-    found = []
-    for path in folder.iterdir() if folder.is_dir() else []:
-        match = _CHECKPOINT.match(path.name)
-        if not (match and path.is_dir() and (path / "trainer_state.json").is_file()):
-            continue
-        weights = path / "adapter_model.safetensors"
-        try:
-            if weights.is_file():
-                safetensors_shapes(weights)
-        except KitError:
-            continue
-        found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found, reverse=True)]
-
-
-@dataclass
-class OutputPlan:
-    """Where a run writes (its staging folder), what it resumes from, and the interrupted runs it replaces."""
-
-    target: str
-    staging: str | None = None
-    resume_from: str | None = None
-    stale: list[str] = field(default_factory=list)
-
-
-def plan_output(training_args: KitTrainingArguments, staged: bool = True) -> OutputPlan:
-    """Check the output folder and decide the staging folder and the checkpoint to resume from.
-
-    ``--resume_from_checkpoint True`` continues the newest interrupted run of this output folder (its
-    staging folder), else the last checkpoint of the finished run in the folder itself; a path is used as given.
-    """
-    target = training_args.output_dir
-    value = training_args.resume_from_checkpoint
-    resuming = value not in (None, "", "False", "false")
-    check_output_dir(target, training_args.overwrite_output_dir, resuming)
-    interrupted = staging_folders(target)
-    plan = OutputPlan(target)
-    if value in ("True", "true", "last"):
-        for folder in interrupted:
-            checkpoints = complete_checkpoints(folder)
-            if checkpoints:
-                plan.staging, plan.resume_from = str(folder), str(checkpoints[0])
-                break
-        else:
-            checkpoints = complete_checkpoints(target)
-            if not checkpoints:
-                raise ResumeError(
-                    f"--resume_from_checkpoint True: no complete checkpoint-* folder in {target} or in an interrupted run beside it. "
-                    "Checkpoints are written with --save_strategy steps|epoch; start a fresh run instead."
-                )
-            plan.resume_from = str(checkpoints[0])
-    elif resuming:
-        if not (Path(value) / "trainer_state.json").is_file():
-            raise ResumeError(f"--resume_from_checkpoint {value}: no such checkpoint folder (a checkpoint-N folder holds trainer_state.json).")
-        plan.resume_from = value
-    if staged:
-        plan.stale = [str(folder) for folder in interrupted if str(folder) != plan.staging]
-        plan.staging = plan.staging or str(new_staging_folder(target))
-    return plan
-
-
-def plan_output_on_main_process(training_args: KitTrainingArguments, staged: bool = True) -> OutputPlan:
-    """Plan the output on the main process only and share the plan, so every rank writes to the same staging folder or all stop."""
-    verdict = [None]
-    if training_args.process_index == 0:
-        try:
-            verdict = [plan_output(training_args, staged)]
-        except KitError as error:
-            verdict = [error]
-    if training_args.world_size > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(verdict, from_process=0)
-    if isinstance(verdict[0], KitError):
-        raise verdict[0]
-    return verdict[0]
 
 
 def check_distributed_launch(training_args: KitTrainingArguments) -> None:
@@ -222,71 +104,6 @@ def load_model_for_training(model_args: ModelArguments, training_args: KitTraini
     )
 
 
-class LossHistoryCallback(TrainerCallback):
-    """Collect every logged training and evaluation record (step, loss, learning rate, grad norm)."""
-
-    def __init__(self):
-        self.history: list[dict] = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and state.is_world_process_zero:
-            self.history.append({"step": state.global_step, "epoch": state.epoch, **logs})
-
-    def train_losses(self) -> list[float]:
-        return train_losses(self.history)
-
-
-def train_losses(history: list[dict]) -> list[float]:
-    """The training losses of a logged history, in order (evaluation records carry eval_loss instead)."""
-    return [record["loss"] for record in history if "loss" in record]
-
-
-class NanGuardCallback(TrainerCallback):
-    """Stop a run whose loss or gradient norm stays non-finite, and put back the last good trainable weights.
-
-    The trainable weights are small for adapters, so a copy is kept at every good log; after
-    ``patience`` bad logs in a row the run stops and that copy is restored before saving.
-    Under DDP, FSDP and DeepSpeed every rank logs the same values (the loss is averaged over all
-    ranks before logging, the gradient norm is the global one), so all ranks stop at the same step.
-    """
-
-    ADVICE = (
-        "The loss became NaN/inf and the run was stopped; the adapter saved is the last good one. "
-        "Try: a lower --learning_rate (e.g. half), --bf16 True instead of --fp16 True on Ampere+ GPUs "
-        "(Qwen2.5+ activations can overflow fp16), --max_grad_norm 0.3, or checking the data for empty answers."
-    )
-
-    def __init__(self, patience: int = 3):
-        self.patience = patience
-        self.bad_logs = 0
-        self.triggered = False
-        self.last_good: dict[str, torch.Tensor] | None = None
-
-    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
-        # Under fp16 loss scaling an inf gradient norm is the scaler's normal overflow signal (the step is
-        # skipped and the scale halved), so only the loss counts there.
-        keys = ("loss",) if args.fp16 else ("loss", "grad_norm")
-        values = [logs.get(key) for key in keys if logs and logs.get(key) is not None]
-        if not values:
-            return
-        if all(math.isfinite(value) for value in values):
-            self.bad_logs = 0
-            if model is not None:
-                self.last_good = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-            return
-        self.bad_logs += 1
-        if self.bad_logs >= self.patience:
-            self.triggered = True
-            control.should_training_stop = True
-            control.should_save = False
-            if model is not None and self.last_good is not None:
-                with torch.no_grad():
-                    for name, parameter in model.named_parameters():
-                        if name in self.last_good:
-                            parameter.copy_(self.last_good[name])
-            logger.warning(self.ADVICE)
-
-
 @dataclass
 class TrainResult:
     """What a run produced: the trained model and tokenizer, the trainer, the loss history and where it was saved."""
@@ -307,14 +124,6 @@ class TrainResult:
     @property
     def train_losses(self) -> list[float]:
         return train_losses(self.history)
-
-
-def resumed_history(checkpoint: str | None) -> list[dict]:
-    """The log records of the run up to ``checkpoint`` (its trainer_state.json), so a resumed run's history covers every step."""
-    if not checkpoint:
-        return []
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
-    return [record for record in state.get("log_history", []) if "train_runtime" not in record]
 
 
 class KitTrainer(kit_trainer_class()):
@@ -376,6 +185,7 @@ def train(
 
 def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_args, method, lora_args, prompt_args, callbacks, save, publish) -> TrainResult:
     """The body of :func:`train` once the output is planned: load, attach, train, save into the staging folder, publish."""
+    adapter = get_method(method).adapter
     notes = [training_args.precision_notice, f"device: {training_args.device}"]
     if plan.resume_from:
         notes.append(f"resuming from {plan.resume_from}")
@@ -445,7 +255,7 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
         stale_runs=plan.stale,
     )
     if save:
-        save_run(result, model_args, data_args, target_args, lora_args if get_method(method).adapter == "lora" else prompt_args, method)
+        save_run(result, model_args, data_args, target_args, lora_args if adapter == "lora" else prompt_args, method)
         if publish:
             publish_run(result)
     return result

@@ -15,7 +15,9 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from qwen_helpers import modeling, precision
 from qwen_helpers.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
 from qwen_helpers.methods import build_lora_config
-from qwen_helpers.train import NanGuardCallback, OutputDirExistsError, train
+from qwen_helpers.callbacks import NanGuardCallback
+from qwen_helpers.run_folder import OutputDirExistsError
+from qwen_helpers.train import train
 
 ADAPTER_FILES = {"adapter_model.safetensors", "adapter_config.json", "run_config.json", "loss_history.json", "tokenizer.json"}
 

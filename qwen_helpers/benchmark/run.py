@@ -27,7 +27,6 @@ from .report import (
     add_plain_ratios,
     add_speed_relative_to_full,
     finish_row,
-    markdown_table,
     measured_peak,
     write_results,
 )

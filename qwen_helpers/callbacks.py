@@ -1,0 +1,76 @@
+"""The kit's Trainer callbacks: the loss history every plot and report reads, and the NaN guard."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from transformers import TrainerCallback
+
+logger = logging.getLogger("qwen_helpers")
+
+
+class LossHistoryCallback(TrainerCallback):
+    """Collect every logged training and evaluation record (step, loss, learning rate, grad norm)."""
+
+    def __init__(self):
+        self.history: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            self.history.append({"step": state.global_step, "epoch": state.epoch, **logs})
+
+    def train_losses(self) -> list[float]:
+        return train_losses(self.history)
+
+
+def train_losses(history: list[dict]) -> list[float]:
+    """The training losses of a logged history, in order (evaluation records carry eval_loss instead)."""
+    return [record["loss"] for record in history if "loss" in record]
+
+
+class NanGuardCallback(TrainerCallback):
+    """Stop a run whose loss or gradient norm stays non-finite, and put back the last good trainable weights.
+
+    The trainable weights are small for adapters, so a copy is kept at every good log; after
+    ``patience`` bad logs in a row the run stops and that copy is restored before saving.
+    Under DDP, FSDP and DeepSpeed every rank logs the same values (the loss is averaged over all
+    ranks before logging, the gradient norm is the global one), so all ranks stop at the same step.
+    """
+
+    ADVICE = (
+        "The loss became NaN/inf and the run was stopped; the adapter saved is the last good one. "
+        "Try: a lower --learning_rate (e.g. half), --bf16 True instead of --fp16 True on Ampere+ GPUs "
+        "(Qwen2.5+ activations can overflow fp16), --max_grad_norm 0.3, or checking the data for empty answers."
+    )
+
+    def __init__(self, patience: int = 3):
+        self.patience = patience
+        self.bad_logs = 0
+        self.triggered = False
+        self.last_good: dict[str, torch.Tensor] | None = None
+
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+        # Under fp16 loss scaling an inf gradient norm is the scaler's normal overflow signal (the step is
+        # skipped and the scale halved), so only the loss counts there.
+        keys = ("loss",) if args.fp16 else ("loss", "grad_norm")
+        values = [logs.get(key) for key in keys if logs and logs.get(key) is not None]
+        if not values:
+            return
+        if all(math.isfinite(value) for value in values):
+            self.bad_logs = 0
+            if model is not None:
+                self.last_good = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+            return
+        self.bad_logs += 1
+        if self.bad_logs >= self.patience:
+            self.triggered = True
+            control.should_training_stop = True
+            control.should_save = False
+            if model is not None and self.last_good is not None:
+                with torch.no_grad():
+                    for name, parameter in model.named_parameters():
+                        if name in self.last_good:
+                            parameter.copy_(self.last_good[name])
+            logger.warning(self.ADVICE)
