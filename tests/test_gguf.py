@@ -17,7 +17,6 @@ import pytest
 from qwen_helpers import export, gguf_export
 from qwen_helpers.gguf_export import FETCH_CONVERTER, INSTALL_EXTRA, LLAMA_CPP_PYTHON_VERSION, MissingToolError, check_gguf_tools
 
-REPO = Path(__file__).resolve().parent.parent
 LLAMA_CPP_MISSING = importlib.util.find_spec("llama_cpp") is None
 needs_llama_cpp = pytest.mark.skipif(LLAMA_CPP_MISSING, reason=f"llama-cpp-python is not installed: {INSTALL_EXTRA} (CI's .ci/run installs it)")
 
@@ -134,28 +133,6 @@ def test_hf_export_writes_the_merged_folder_and_its_report(lora_adapter, tmp_pat
     assert report["format"] == "hf" and report["merge"]["max_abs_diff_vs_16bit_adapter"] < 1e-3
     assert (output_dir / "model.safetensors").is_file() and not (output_dir / "adapter_config.json").exists()
     assert not list(output_dir.glob("*.gguf"))
-
-
-def test_notebook05_export_cells_run_on_the_tiny_adapter(lora_adapter, tmp_path, capsys):
-    """The cells docs/notebook05_export_cells.json adds to notebook 05 run with that notebook's variables."""
-    import pandas as pd
-
-    cells = json.loads((REPO / "docs" / "notebook05_export_cells.json").read_text(encoding="utf-8"))
-    assert cells[0]["cell_type"] == "markdown" and len(cells) <= 6
-    shown = []
-    namespace = {"OUTPUTS": str(tmp_path), "TEST_PATH": str(REPO / "data" / "test.json"), "OVERWRITE": False, "pd": pd,
-                 "selected": {"lora": lora_adapter}, "kinds": {"lora": "lora"}, "demo_name": "lora", "display": shown.append}
-    for cell in cells:
-        if cell["cell_type"] == "code":
-            exec(compile(cell["source"], "notebook05_export_cell", "exec"), namespace)
-    printed = capsys.readouterr().out
-    assert "--enable-lora" in printed  # the vLLM check passed on the plain LoRA and printed its command
-    if LLAMA_CPP_MISSING:
-        assert INSTALL_EXTRA in printed and not shown
-    elif (tmp_path / "nb05_gguf" / "export_report.json").is_file():
-        assert "TEMPLATE" in printed and len(shown[0]) == 3
-    else:
-        assert FETCH_CONVERTER in printed
 
 
 @needs_llama_cpp
