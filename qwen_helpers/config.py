@@ -172,7 +172,7 @@ class KitTrainingArguments(TrainingArguments):
     )
     cpu_allocator_tuning: bool = field(
         default=True,
-        metadata={"help": "On a CPU, keep freed memory in the process (glibc mallopt): about 2x faster steps, 15-30% more peak RSS that is never returned."},
+        metadata={"help": "On a CPU, keep freed memory in the process (glibc mallopt): about 2x faster steps, 15-30 percent more peak RSS that is never returned."},
     )
     precision_notice: str = field(default="", init=False, repr=False)
 
