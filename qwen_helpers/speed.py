@@ -41,7 +41,10 @@ def check_liger(training_args, model_path: str) -> None:
 
         from .tiny import resolve_model_path
 
-        model_type = AutoConfig.from_pretrained(resolve_model_path(model_path)).model_type
+        try:
+            model_type = AutoConfig.from_pretrained(resolve_model_path(model_path)).model_type
+        except (OSError, ValueError):  # an unreadable --model_path is reported by the model-folder check that follows
+            return
     problem = liger_problem(model_type, torch.cuda.is_available(), installed)
     if problem:
         raise FlagError(f"--use_liger_kernel True: {problem}.")

@@ -67,7 +67,12 @@ def describe_text_init(tokenizer, prompt_args: PromptTuningArguments) -> str:
 
 
 def attach_adapter(model, method: str, model_path: str, lora_args=None, prompt_args=None, tokenizer=None):
-    """Wrap the base with the method's peft adapter (see :mod:`qwen_helpers.methods`); full fine-tuning leaves every weight trainable."""
+    """Wrap the base with the method's peft adapter (see :mod:`qwen_helpers.methods`); full fine-tuning leaves every weight trainable.
+
+    With the base's ``tokenizer``, LoRA on a base checkpoint also trains its ``<|im_start|>``/``<|im_end|>`` rows
+    (:func:`qwen_helpers.data.chat_tokens_to_train`, ``--train_chat_tokens``); without one (the benchmark's
+    random-weight presets) only the LoRA matrices train.
+    """
     from peft import get_peft_model
 
     kind = get_method(method)
@@ -75,7 +80,7 @@ def attach_adapter(model, method: str, model_path: str, lora_args=None, prompt_a
         return model
     if kind.adapter == "lora":
         check_target_modules(model, lora_args.target_module_list())
-        chat_tokens, notice = chat_tokens_to_train(tokenizer or load_tokenizer(model_path), lora_args.train_chat_tokens)
+        chat_tokens, notice = chat_tokens_to_train(tokenizer, lora_args.train_chat_tokens) if tokenizer is not None else ([], None)
         if notice:
             print(notice, flush=True)
         return get_peft_model(model, kind.peft_config(lora_args, model_path, trainable_token_indices=chat_tokens))
@@ -168,6 +173,8 @@ def train(
     if adapter == "full" and save:
         raise ValueError("Full fine-tuning is the benchmark's baseline only; the kit saves adapters, never full weights.")
     check_training_flags(training_args, lora_args if adapter == "lora" else prompt_args)
+    check_token_budget(training_args.token_budget, data_args.max_length)
+    check_liger(training_args, model_args.model_path)  # before anything loads: a run that cannot use it stops now
     check_model_path(model_args.model_path)
     check_distributed_launch(training_args)
     plan = plan_output_on_main_process(training_args, staged=save)
@@ -189,8 +196,6 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
     notes = [training_args.precision_notice, f"device: {training_args.device}"]
     if plan.resume_from:
         notes.append(f"resuming from {plan.resume_from}")
-    check_liger(training_args, model_args.model_path)  # before anything loads: a run that cannot use it stops now
-    check_token_budget(training_args.token_budget, data_args.max_length)
     padding_free, batching_note = resolve_padding_free(training_args.padding_free, method, model_args.attn_implementation)
     notes += [batching_note, *filter(None, [apply_cpu_allocator_setting(training_args)])]
 
