@@ -123,7 +123,7 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
 
 def print_report(demo: DemoResult, model_path: str) -> None:
     """The trained records before -> after (memorised), the held-out prompts (noise), and where the files went."""
-    from .cli import report
+    from .train import report
 
     print(f"\n=== the {len(demo.trained)} trained records: {demo.exact} answered word for word after training (memorised) ===")
     for record, old, new in zip(demo.trained, demo.before, demo.after):
