@@ -37,6 +37,7 @@ STOPS = {
     "batch_size": [1, 2, 4, 8, 16],
     "steps": [1, 2, 3, 5, 10, 20],
 }
+AUTO = "auto"  # a tri-state widget's stand-in for None ("the kit decides")
 PANEL_WIDTH = "400px"  # two panels side by side fit a 1280 px JupyterLab window with the file browser open
 DESCRIPTION_WIDTH = "190px"  # fits per_device_train_batch_size
 
@@ -58,7 +59,8 @@ def field_widget(name: str, value, field_type, help_text: str = "") -> widgets.W
     if choices:
         return widgets.Dropdown(options=list(dict.fromkeys([*choices, value])), value=value, **common)
     if _optional_of(field_type) is bool:  # None means "the kit decides": a three-way choice, not a text box
-        return widgets.Dropdown(options=[("auto", None), ("True", True), ("False", False)], value=value, **common)
+        # ipywidgets shows a None value as no selection, so "auto" stands for it in the widget (see ConfigPanel.current)
+        return widgets.Dropdown(options=[("auto", AUTO), ("True", True), ("False", False)], value=AUTO if value is None else value, **common)
     if isinstance(value, bool):
         return widgets.Checkbox(value=value, indent=True, **common)
     if name in STOPS and isinstance(value, (int, float)):
@@ -141,7 +143,11 @@ class ConfigPanel:
         values = dict(self.requested)
         for name, widget in self.widgets.items():
             value = widget.value
-            values[name] = _convert(value, self.requested[name], self.hints.get(name)) if isinstance(widget, widgets.Text) else value
+            if isinstance(widget, widgets.Text):
+                value = _convert(value, self.requested[name], self.hints.get(name))
+            elif isinstance(widget, widgets.Dropdown) and value == AUTO and _optional_of(self.hints.get(name)) is bool:
+                value = None
+            values[name] = value
         return values
 
     def value(self):
@@ -161,7 +167,7 @@ class ConfigPanel:
     def set(self, **values) -> None:
         """Move widgets from code (what a learner does by hand); a value must be one of a slider's stops."""
         for name, value in values.items():
-            self.widgets[name].value = value
+            self.widgets[name].value = AUTO if value is None and isinstance(self.widgets[name], widgets.Dropdown) else value
 
     def _ipython_display_(self):
         show_panels(self)

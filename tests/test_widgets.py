@@ -76,9 +76,10 @@ def test_optional_fields_get_a_tri_state_choice_and_typed_text():
     from qwen_helpers.widgets import config_panel
 
     panel = config_panel(KitTrainingArguments, ["padding_free", "token_budget"], output_dir="unused", padding_free=None, token_budget=None)
+    assert panel.widgets["padding_free"].label == "auto"  # shown as a choice, not as an empty selection
     assert panel.value().padding_free is None and panel.value().token_budget is None
     panel.set(padding_free=False, token_budget="2048")
     built = panel.value()
     assert built.padding_free is False and built.token_budget == 2048
-    panel.set(token_budget="")
-    assert panel.value().token_budget is None
+    panel.set(token_budget="", padding_free=None)
+    assert panel.value().token_budget is None and panel.value().padding_free is None
