@@ -14,7 +14,7 @@ from .checks import check_adapter_against_base
 from .config import RUN_CONFIG, ModelArguments
 from .errors import KitError
 from .methods import adapter_kind
-from .modeling import build_quantization_config, load_base_model, load_tokenizer, release_memory
+from .modeling import base_config_of, build_quantization_config, load_base_model, load_tokenizer, release_memory
 from .precision import inference_dtype
 from .tiny import resolve_model_path
 
@@ -112,7 +112,7 @@ def check_base_matches(model, adapter_path: str, info: dict) -> None:
     LoRA weights of the wrong shape make peft raise, but a soft prompt of the wrong width loads
     silently (peft 0.21) and a same-shaped but different architecture would too; this check catches both.
     """
-    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    config = base_config_of(model)
     problems = []
     token_dim = info.get("token_dim")
     if token_dim and token_dim != config.hidden_size:

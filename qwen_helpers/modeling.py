@@ -179,6 +179,11 @@ def check_target_modules(model, target_modules) -> None:
         )
 
 
+def base_config_of(model):
+    """The config of the base model under any peft wrapper (the model's own config when it has none)."""
+    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+
+
 @dataclass
 class ParameterCount:
     trainable: int

@@ -23,7 +23,7 @@ from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArg
 from .data import chat_tokens_to_train, load_dataset_for_training
 from .files import base_weights_size, folder_size, human_bytes, remove_folders, swap_in
 from .methods import get_method
-from .modeling import build_quantization_config, check_target_modules, count_parameters, load_base_model, load_tokenizer
+from .modeling import base_config_of, build_quantization_config, check_target_modules, count_parameters, load_base_model, load_tokenizer
 from .precision import base_dtype
 from .run_folder import OutputPlan, complete_checkpoints, plan_output_on_main_process, resumed_history
 from .speed import apply_cpu_allocator_setting, check_liger
@@ -277,11 +277,6 @@ def save_run(result: TrainResult, model_args, data_args, training_args, method_a
     configs = [model_args, data_args, training_args] + ([method_args] if method_args is not None else [])
     write_run_config(result.output_dir, *configs, method=method, history=result.history, stopped_by_nan_guard=result.stopped_by_nan_guard,
                      base_model=base_summary(base_config_of(result.model)))  # lets a later load check the base without it
-
-
-def base_config_of(model):
-    """The config of the base model under any adapter wrapper."""
-    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
 
 
 def publish_run(result: TrainResult) -> None:
