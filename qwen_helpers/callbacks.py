@@ -1,4 +1,4 @@
-"""The kit's Trainer callbacks: the loss history every plot and report reads, and the NaN guard."""
+"""The kit's Trainer callbacks: the loss history every plot and report reads, the NaN guard, the demo's loss lines."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 logger = logging.getLogger("qwen_helpers")
 
@@ -74,3 +75,18 @@ class NanGuardCallback(TrainerCallback):
                         if name in self.last_good:
                             parameter.copy_(self.last_good[name])
             logger.warning(self.ADVICE)
+
+
+class LossLineProgress(ProgressCallback):
+    """The Trainer's progress bar, with one readable line per log: step, loss, learning rate, gradient norm."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not (state.is_world_process_zero and self.training_bar is not None and logs):
+            return
+        if "loss" in logs:
+            self.training_bar.write(
+                f"step {state.global_step:>4}/{state.max_steps}  loss {logs['loss']:7.4f}  "
+                f"learning rate {logs.get('learning_rate', float('nan')):.2e}  grad norm {logs.get('grad_norm', float('nan')):.3f}"
+            )
+        elif "train_runtime" in logs:
+            self.training_bar.write(f"trained {state.global_step} steps in {logs['train_runtime']:.1f} s, mean loss {logs['train_loss']:.4f}")

@@ -50,10 +50,30 @@ def check_training_flags(training_args, method_args=None) -> None:
     if str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps":
         _require(args.save_steps > 0, f"--save_steps must be above 0 with --save_strategy steps, got {args.save_steps}.")
     if method_args is not None and hasattr(method_args, "lora_alpha"):
-        _require(method_args.lora_alpha > 0, f"--lora_alpha must be above 0 (the update is scaled by alpha / r), got {method_args.lora_alpha}; try 2 x --lora_r.")
-        _require(method_args.lora_r >= 1, f"--lora_r must be at least 1, got {method_args.lora_r}.")
+        check_lora_flags(method_args)
     if method_args is not None and hasattr(method_args, "num_virtual_tokens"):
-        _require(method_args.num_virtual_tokens >= 1, f"--num_virtual_tokens must be at least 1, got {method_args.num_virtual_tokens}.")
+        check_prompt_tuning_flags(method_args)
+
+
+def check_data_flags(args) -> None:
+    """The data flags' ranges (``DataArguments`` runs them on construction, the commands before anything imports)."""
+    _require(args.max_length >= 16, f"--max_length {args.max_length} is too small for a chat-formatted example; use 128 or more.")
+    _require(args.max_eval_records >= 0,
+             f"--max_eval_records must be 0 (skip the in-sample evaluation) or more, got {args.max_eval_records}.")
+
+
+def check_lora_flags(args) -> None:
+    """LoRA's rank, scale and dropout (``LoraArguments`` runs them on construction)."""
+    _require(args.lora_r >= 1, f"--lora_r must be at least 1, got {args.lora_r}.")
+    _require(args.lora_alpha > 0, f"--lora_alpha must be above 0 (the update is scaled by alpha / r), got {args.lora_alpha}; try 2 x --lora_r.")
+    _require(0 <= args.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {args.lora_dropout}.")
+
+
+def check_prompt_tuning_flags(args) -> None:
+    """The soft prompt's length and initialisation (``PromptTuningArguments`` runs them on construction)."""
+    _require(args.num_virtual_tokens >= 1, f"--num_virtual_tokens must be at least 1, got {args.num_virtual_tokens}.")
+    _require(args.prompt_tuning_init != "TEXT" or bool(args.prompt_init_text.strip()),
+             "--prompt_tuning_init TEXT needs a non-empty --prompt_init_text (or use RANDOM).")
 
 
 # ---------------------------------------------------------------------------------------------- model folders

@@ -1,15 +1,28 @@
-"""Shared plumbing of the training commands: parse flags with HfArgumentParser, train, report, write the loss plot."""
+"""Shared plumbing of the training commands: parse flags with HfArgumentParser, train, report, write the loss plot.
+
+Flags are checked before torch or transformers is imported (:mod:`qwen_helpers.quickflags`): ``--help``,
+a misspelled flag, a value of the wrong type or out of range each answer in about a second.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 
-from transformers import HfArgumentParser
+from .checks import check_data_flags, check_training_flags
+from .quickflags import dataclass_parser, parse_command_flags
 
-from .config import DataArguments, KitTrainingArguments, ModelArguments
-from .errors import parse_flags
-from .methods import get_method
+
+def check_flag_values(method: str, flags: argparse.Namespace) -> None:
+    """Every check of the flags' values that needs no library, on the quick parse's namespace."""
+    from .batching import check_token_budget, resolve_padding_free
+
+    check_data_flags(flags)
+    check_training_flags(flags, flags)  # the method's own checks apply where its flags are present
+    check_token_budget(flags.token_budget, flags.max_length)
+    resolve_padding_free(flags.padding_free, method, flags.attn_implementation)
 
 
 def parse_training_args(method: str, argv: list[str] | None = None, **defaults):
@@ -17,12 +30,20 @@ def parse_training_args(method: str, argv: list[str] | None = None, **defaults):
 
     Returns (model, data, method, training) arguments; the method's is None for full fine-tuning (it has no flags).
     """
-    kind = get_method(method)
-    groups = (ModelArguments, DataArguments, *([kind.arguments] if kind.arguments else []), KitTrainingArguments)
-    parser = HfArgumentParser(groups)
-    parser.set_defaults(**{**kind.command_defaults, **defaults})
-    parsed = parse_flags(parser, argv)  # every flag problem is one line naming the flag
-    return parsed if kind.arguments else (parsed[0], parsed[1], None, parsed[2])
+    command = f"train/{method}/{json.dumps(defaults, sort_keys=True, default=str)}"
+
+    def build_parser():
+        from .config import DataArguments, KitTrainingArguments, ModelArguments
+        from .methods import get_method
+
+        kind = get_method(method)
+        parser = dataclass_parser(ModelArguments, DataArguments, *([kind.arguments] if kind.arguments else []), KitTrainingArguments)
+        parser.set_defaults(**{**kind.command_defaults, **defaults})
+        return parser
+
+    # --help and flag mistakes are answered before anything heavy is imported; every problem is one line naming the flag
+    parsed = parse_command_flags(command, build_parser, argv, check=lambda flags: check_flag_values(method, flags))
+    return parsed if len(parsed) == 4 else (parsed[0], parsed[1], None, parsed[2])
 
 
 def weights_are_sharded(trainer) -> bool:
@@ -35,11 +56,13 @@ def weights_are_sharded(trainer) -> bool:
 
 def run_training_command(method: str, argv: list[str] | None = None, **defaults) -> int:
     """Entry point body of train_lora / train_qlora / train_prompt_tuning."""
-    from .plots import plot_loss
+    model_args, data_args, method_args, training_args = parse_training_args(method, argv, **defaults)
+
     from .callbacks import NanGuardCallback
+    from .methods import get_method
+    from .plots import plot_loss
     from .train import publish_run, report, train
 
-    model_args, data_args, method_args, training_args = parse_training_args(method, argv, **defaults)
     prompt_args = method_args if get_method(method).adapter == "prompt_tuning" else None
     lora_args = method_args if get_method(method).adapter == "lora" else None
     # publish=False: the loss plot joins the run's folder before it replaces --output_dir

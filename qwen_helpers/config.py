@@ -17,6 +17,7 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
+from .checks import check_data_flags, check_lora_flags, check_prompt_tuning_flags
 from .records import FieldMap
 from .files import atomic_write_text
 from .precision import Precision, apply_precision_policy
@@ -76,10 +77,7 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        if self.max_length < 16:
-            raise ValueError(f"--max_length {self.max_length} is too small for a chat-formatted example; use 128 or more.")
-        if self.max_eval_records < 0:
-            raise ValueError(f"--max_eval_records must be 0 (skip the in-sample evaluation) or more, got {self.max_eval_records}.")
+        check_data_flags(self)
 
     def field_map(self) -> FieldMap:
         return FieldMap(self.instruction_field, self.input_field, self.output_field, self.system_field)
@@ -102,10 +100,7 @@ class LoraArguments:
     )
 
     def __post_init__(self):
-        if self.lora_r < 1:
-            raise ValueError(f"--lora_r must be at least 1, got {self.lora_r}.")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        check_lora_flags(self)
 
     def target_module_list(self) -> list[str] | str:
         if self.target_modules.strip() == "all-linear":
@@ -128,10 +123,7 @@ class PromptTuningArguments:
     labels: str | None = field(default=None, metadata={"help": "Comma-separated label set; default: the training outputs."})
 
     def __post_init__(self):
-        if self.num_virtual_tokens < 1:
-            raise ValueError(f"--num_virtual_tokens must be at least 1, got {self.num_virtual_tokens}.")
-        if self.prompt_tuning_init == "TEXT" and not self.prompt_init_text.strip():
-            raise ValueError("--prompt_tuning_init TEXT needs a non-empty --prompt_init_text (or use RANDOM).")
+        check_prompt_tuning_flags(self)
 
 
 @dataclass

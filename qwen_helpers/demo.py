@@ -18,8 +18,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers.trainer_callback import ProgressCallback
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -33,21 +31,6 @@ def quiet_library_warnings() -> None:
     datasets.disable_progress_bars()  # tokenising four records needs no progress bar of its own
     transformers.utils.logging.disable_progress_bar()  # nor does loading a 90 MB checkpoint
     transformers.utils.logging.set_verbosity_error()
-
-
-class LossLineProgress(ProgressCallback):
-    """The Trainer's progress bar, with one readable line per log: step, loss, learning rate, gradient norm."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not (state.is_world_process_zero and self.training_bar is not None and logs):
-            return
-        if "loss" in logs:
-            self.training_bar.write(
-                f"step {state.global_step:>4}/{state.max_steps}  loss {logs['loss']:7.4f}  "
-                f"learning rate {logs.get('learning_rate', float('nan')):.2e}  grad norm {logs.get('grad_norm', float('nan')):.3f}"
-            )
-        elif "train_runtime" in logs:
-            self.training_bar.write(f"trained {state.global_step} steps in {logs['train_runtime']:.1f} s, mean loss {logs['train_loss']:.4f}")
 
 
 @dataclass
@@ -70,7 +53,7 @@ class DemoResult:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model_path", default="tiny", help="'tiny' (default) or a Qwen folder / hub id.")
     parser.add_argument("--records", type=int, default=4, help="Train on the first N records of data/train.json (4 memorises in a minute on tiny).")
     parser.add_argument("--learning_rate", type=float, default=1e-2, help="1e-2 memorises 4 records on the random tiny model; use 3e-4 on a real Qwen.")
@@ -86,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_demo(args: argparse.Namespace) -> DemoResult:
     """Answer, train LoRA on the first ``args.records`` records, answer again; the adapter is saved in a new folder."""
+    from .callbacks import LossLineProgress
     from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
     from .records import load_records
     from .generation import generate

@@ -10,6 +10,7 @@ and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import functools
 import sys
@@ -58,26 +59,43 @@ def _unknown_flags_message(parser: argparse.ArgumentParser, unknown: list[str]) 
     return f"unknown flag or stray value: {names}. Check the spelling; --help lists every flag."
 
 
-def parse_flags(parser, argv: list[str] | None):
-    """``parser.parse_args_into_dataclasses`` with every flag problem raised as a :class:`FlagError`.
+def strict_parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args`` with every flag problem raised as a :class:`FlagError`.
 
-    Covers unknown flags (with the closest real name), values argparse rejects, and the sentences the
-    dataclasses' ``__post_init__`` raise. Abbreviated flags are refused: ``--learning_rat`` must not
-    silently become ``--learning_rate``.
+    Unknown flags are named with the closest real one, and reported before any value problem (a typo
+    explains a later complaint). Abbreviated flags are refused: ``--learning_rat`` must not silently
+    become ``--learning_rate``.
     """
     parser.allow_abbrev = False
     parser.error = _flag_error_from_argparse(parser)
-    _, remaining = parser.parse_known_args(args=argv)  # unknown flags first: a typo explains any later complaint
+    namespace, remaining = parser.parse_known_args(args=argv)
     if remaining:
         raise FlagError(_unknown_flags_message(parser, remaining))
+    return namespace
+
+
+@contextlib.contextmanager
+def flag_sentences():
+    """Raise what a config's ``__post_init__`` or a flag check says as a :class:`FlagError` (a missing extra as
+    :class:`MissingExtraError`): sentences about the flags, not bugs."""
     try:
-        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    except FlagError:
+        yield
+    except KitError:
         raise
     except ImportError as error:  # a flag that needs an optional extra (--deepspeed): the sentence says what to install
         raise MissingExtraError(str(error)) from error
-    except ValueError as error:  # raised by a config's __post_init__: a sentence about the flags
+    except ValueError as error:
         raise FlagError(str(error)) from error
+
+
+def parse_flags(parser, argv: list[str] | None):
+    """``parser.parse_args_into_dataclasses`` with every flag problem raised as a :class:`FlagError`.
+
+    Covers what :func:`strict_parse` does, plus the sentences the dataclasses' ``__post_init__`` raise.
+    """
+    strict_parse(parser, argv)
+    with flag_sentences():
+        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
 
 
 def strip_debug_flag(argv: list[str]) -> tuple[list[str], bool]:

@@ -15,13 +15,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapters import load_base_for_inference, load_model_with_adapter, read_adapter_info
 from .checks import check_inference_inputs
 from .records import load_records
-from .errors import command_boundary, parse_flags
+from .errors import command_boundary
 from .files import atomic_write_text
-from .generation import generate, generate_timed, total_seconds
 from .metrics import format_table, scores_by_task
+from .quickflags import dataclass_parser, parse_command_flags
 
 
 @dataclass
@@ -84,18 +83,22 @@ class InferenceArguments:
             return self.enable_thinking
         if not self.adapter_path:
             return False
+        from .adapters import read_adapter_info
+
         return bool(read_adapter_info(self.adapter_path).get("kit_run", {}).get("enable_thinking", False))
 
 
 def parse_inference_args(argv: list[str] | None = None) -> InferenceArguments:
-    from transformers import HfArgumentParser
-
-    (args,) = parse_flags(HfArgumentParser(InferenceArguments), argv)
+    """The flags, checked (types, choices and ``__post_init__``'s sentences) before torch or transformers is imported."""
+    (args,) = parse_command_flags("inference", lambda: dataclass_parser(InferenceArguments), argv,
+                                  check=lambda flags: InferenceArguments(**vars(flags)))
     return args
 
 
 def load_for_command(args: InferenceArguments):
     """The model the flags ask for: base + adapter, or the base alone when no --adapter_path is given."""
+    from .adapters import load_base_for_inference, load_model_with_adapter
+
     if args.adapter_path:
         return load_model_with_adapter(args.adapter_path, args.model_path, args.load_in_4bit)
     return load_base_for_inference(args.model_path or "tiny", bool(args.load_in_4bit))
@@ -103,6 +106,8 @@ def load_for_command(args: InferenceArguments):
 
 def run_evaluation(args: InferenceArguments, model, tokenizer, records: list[dict] | None = None) -> None:
     """Answer every record of --data_path, write --output_file (JSON lines, whole or not at all), print the scores and the speed."""
+    from .generation import generate_timed, total_seconds
+
     records = (records if records is not None else load_records(args.data_path))[: args.max_records]
     rows = generate_timed(model, tokenizer, records, args.max_new_tokens, args.batch_size, progress=True, **args.generation_kwargs())
     output = Path(args.output_file)
@@ -114,8 +119,8 @@ def run_evaluation(args: InferenceArguments, model, tokenizer, records: list[dic
 
 
 def run_merge(args: InferenceArguments) -> None:
-    """Merge the LoRA adapter into its 16-bit base and save a plain model folder (via export.merge_and_export)."""
-    from .export import merge_and_export  # refuses prompt-tuning adapters, saying why
+    """Merge the LoRA adapter into its 16-bit base and save a plain model folder (via merge.merge_and_export)."""
+    from .merge import merge_and_export  # refuses prompt-tuning adapters, saying why
 
     print(merge_and_export(args.adapter_path, args.output_dir, model_path=args.model_path, overwrite=args.overwrite))
 
@@ -131,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     records = load_records(args.data_path) if args.data_path else None  # a bad data file is reported before loading too
     model, tokenizer = load_for_command(args)
     if args.instruction:
+        from .generation import generate
+
+
         record = {"instruction": args.instruction, "input": args.input, **({"system": args.system} if args.system else {})}
         answer = generate(model, tokenizer, [record], args.max_new_tokens, 1, **args.generation_kwargs())[0]
         print(answer if answer else "(empty answer: the model ended its turn with <|im_end|> at once)")

@@ -13,9 +13,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from transformers import HfArgumentParser
-
 from .data import IGNORE_INDEX, build_messages, format_prompt, tokenize_example
+from .errors import command_boundary
+from .quickflags import dataclass_parser, parse_command_flags
 from .records import DataValidationError, load_records
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
@@ -67,23 +67,19 @@ def marked_text(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     return "".join(pieces)
 
 
+@command_boundary
 def main(argv: list[str] | None = None) -> int:
-    (args,) = HfArgumentParser(InspectArguments).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    try:
-        records = load_records(args.data_path, data_format=args.data_format)
-        if not 0 <= args.index < len(records):
-            raise DataValidationError(f"--index {args.index}: {args.data_path} has {len(records)} records (0 to {len(records) - 1}).")
-    except DataValidationError as error:
-        print(error, file=sys.stderr)
-        return 2
+    (args,) = parse_command_flags("inspect_data", lambda: dataclass_parser(InspectArguments), argv)
+    records = load_records(args.data_path, data_format=args.data_format)
+    if not 0 <= args.index < len(records):
+        raise DataValidationError(f"--index {args.index}: {args.data_path} has {len(records)} records (0 to {len(records) - 1}).")
     from .modeling import load_tokenizer
 
     tokenizer = load_tokenizer(args.model_path)
     try:
         view = inspect_record(tokenizer, records[args.index], args.enable_thinking)
     except ValueError as error:
-        print(f"{args.data_path}, record {args.index}: {error}", file=sys.stderr)
-        return 2
+        raise DataValidationError(f"{args.data_path}, record {args.index}: {error}") from None
     if args.json:
         print(json.dumps(view, ensure_ascii=False))
         return 0

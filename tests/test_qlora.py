@@ -130,7 +130,7 @@ def test_train_qlora_adapter_loads_with_plain_peft_on_a_4bit_base(qlora_adapter,
 def test_merged_model_matches_16bit_base_plus_adapter(qlora_adapter, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from qwen_helpers.export import DEFAULT_PROMPTS, merge_and_export, max_logits_difference
+    from qwen_helpers.merge import DEFAULT_PROMPTS, merge_and_export, max_logits_difference
     from qwen_helpers.adapters import load_model_with_adapter
 
     report = merge_and_export(qlora_adapter, str(tmp_path / "merged"))
@@ -145,7 +145,7 @@ def test_merged_model_matches_16bit_base_plus_adapter(qlora_adapter, tmp_path):
 
 
 def test_export_refuses_prompt_tuning_and_a_full_folder(qlora_adapter, tmp_path):
-    from qwen_helpers.export import ExportDirExistsError, merge_and_export
+    from qwen_helpers.merge import ExportDirExistsError, merge_and_export
     from qwen_helpers.adapters import AdapterError
 
     prompt_tuning = tmp_path / "prompt_tuning"

@@ -10,7 +10,8 @@ from __future__ import annotations
 import shlex
 import sys
 
-from ..errors import command_boundary, parse_flags
+from ..errors import command_boundary
+from ..quickflags import dataclass_parser, parse_command_flags
 from .worker import WORKER_FLAG
 
 
@@ -21,11 +22,9 @@ def main(argv: list[str] | None = None) -> int:
         from .worker import worker_main
 
         return worker_main(argv[1])
-    from transformers import HfArgumentParser
-
     from .plan import BenchmarkArguments
 
-    (args,) = parse_flags(HfArgumentParser(BenchmarkArguments), argv)
+    (args,) = parse_command_flags("benchmark", lambda: dataclass_parser(BenchmarkArguments), argv)
     from .report import markdown_table
     from .run import run_benchmark
 

@@ -18,7 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import command_boundary, parse_flags
+from ..errors import command_boundary
+from ..quickflags import dataclass_parser, parse_command_flags
 
 REFERENCE = "docs/benchmarks/reference-h200-2026-11-28"
 
@@ -157,9 +158,7 @@ def _command(args) -> str:
 
 @command_boundary
 def main(argv: list[str] | None = None) -> int:
-    from transformers import HfArgumentParser
-
-    (args,) = parse_flags(HfArgumentParser(SuiteArguments), argv)
+    (args,) = parse_command_flags("benchmark.suite", lambda: dataclass_parser(SuiteArguments), argv)
     run_suite(args)
     return 0
 
