@@ -49,10 +49,15 @@ def describe_distributed(trainer: Trainer) -> str:
     strategy = state.distributed_type.value
     if state.deepspeed_plugin is not None:
         strategy += f" ZeRO-{state.deepspeed_plugin.zero_stage}"
-    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    accumulation, processes = args.gradient_accumulation_steps, args.world_size
+    if getattr(args, "token_budget", None):  # --per_device_train_batch_size plays no part: each rank fills its own budget
+        budget = args.token_budget
+        return (f"distributed: {strategy}, world size {processes}; global batch up to {budget} tokens per device x {accumulation} "
+                f"accumulation x {processes} processes = up to {budget * accumulation * processes} tokens")
+    per_device = args.per_device_train_batch_size
     return (
-        f"distributed: {strategy}, world size {args.world_size}; global batch {args.per_device_train_batch_size} per device "
-        f"x {args.gradient_accumulation_steps} accumulation x {args.world_size} processes = {global_batch}"
+        f"distributed: {strategy}, world size {processes}; global batch {per_device} per device "
+        f"x {accumulation} accumulation x {processes} processes = {per_device * accumulation * processes}"
     )
 
 
