@@ -18,7 +18,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .batching import check_token_budget, kit_trainer_class, make_training_collator, resolve_padding_free
 from .callbacks import LossHistoryCallback, NanGuardCallback, train_losses
-from .checks import base_summary, check_model_path, check_training_flags
+from .checks import base_summary, check_classification_flags, check_model_path, check_training_flags
 from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments, write_run_config
 from .data import chat_tokens_to_train, load_dataset_for_training
 from .files import base_weights_size, folder_size, human_bytes, remove_folders, swap_in
@@ -181,6 +181,8 @@ def train(
     check_token_budget(training_args.token_budget, data_args.max_length)
     check_liger(training_args, model_args.model_path)  # before anything loads: a run that cannot use it stops now
     check_model_path(model_args.model_path)
+    task, labels = (prompt_args.task, prompt_args.labels) if adapter == "prompt_tuning" and prompt_args else ("auto", None)
+    check_classification_flags(data_args, task, labels)  # a bad --labels now, not after training
     check_distributed_launch(training_args)
     plan = plan_output_on_main_process(training_args, staged=save)
     target_args = training_args
