@@ -96,8 +96,11 @@ class TokenBudgetBatchSampler:
     cost (``batch_cost``) stays within the budget, so each step does similar work and padded batches
     waste little. The batches are formed once, so their number is fixed for ``len()`` and the learning
     rate schedule; each epoch shuffles their order with ``seed + epoch``. An example longer than the
-    budget gets a batch of its own (it is never dropped). Under DDP, ``accelerate`` hands each rank
-    every world_size-th batch, so each rank works to its own budget per step.
+    budget gets a batch of its own (it is never dropped). Under DDP, ``accelerate`` (``BatchSamplerShard``,
+    even_batches) hands each rank every world_size-th batch of the epoch's order, so each rank works to its
+    own budget per step and the ranks see disjoint examples; when the batch count is not a multiple of
+    world_size, the ranks left short repeat the epoch's first batches, so every rank takes the same number
+    of steps and none waits forever in the gradient all-reduce (tests/test_distributed.py checks this).
     """
 
     def __init__(self, lengths: list[int], token_budget: int, padding_free: bool, seed: int = 42, shuffle: bool = True):

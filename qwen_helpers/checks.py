@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import FlagError, KitError, ModelFolderError
@@ -76,6 +77,30 @@ def check_prompt_tuning_flags(args) -> None:
              "--prompt_tuning_init TEXT needs a non-empty --prompt_init_text (or use RANDOM).")
 
 
+def check_classification_flags(data_args, task: str = "auto", labels: str | None = None) -> list[str] | None:
+    """--task and --labels against the training and evaluation data, before anything loads (evaluation after training needs them).
+
+    Returns the label set evaluation will use, or None when there is nothing to check (generation, no --labels, no eval file).
+    """
+    from .records import check_labels_fit, check_labels_known, detect_task, load_records, parse_labels
+
+    named = parse_labels(labels)
+    if named is None and (task == "generation" or not data_args.eval_data_path):
+        return None  # without --labels only the evaluation file's answers can be wrong
+    fields = data_args.field_map()
+    records = load_records(data_args.data_path, fields, data_args.data_format)
+    if detect_task(records, task) != "classification":
+        if named is not None:
+            how = f"--task {task}" if task != "auto" else "auto-detected: its answers are not a few repeated labels"
+            raise FlagError(f"--labels {labels}: {data_args.data_path} is generation data ({how}), so no label set is used; "
+                            "drop --labels, or pass --task classification.")
+        return None
+    label_list = check_labels_fit(records, named, f"the training data {data_args.data_path}") if named else sorted({record["output"].strip() for record in records})
+    if data_args.eval_data_path:
+        check_labels_known(load_records(data_args.eval_data_path, fields, data_args.data_format), label_list, data_args.eval_data_path)
+    return label_list
+
+
 # ---------------------------------------------------------------------------------------------- model folders
 
 
@@ -114,8 +139,64 @@ def check_model_type(config: dict, where: str, flag: str = "--model_path") -> No
     )
 
 
+def uncached_hub_message(model_id: str, flag: str, why: str) -> str:
+    """The sentence for a hub id that this machine does not have: where the cache is, why it was not fetched, what to do."""
+    from huggingface_hub import constants
+
+    option = flag if flag.startswith("--") else "--model_path"  # "the base recorded by ADAPTER": the flag that replaces it
+    return (f"{flag} {model_id} is neither a local folder nor in the Hugging Face cache ({constants.HF_HUB_CACHE}, set by "
+            f"HF_HUB_CACHE or HF_HOME), {why}. On a machine with internet run `hf download {model_id}` and copy the cache over "
+            f"(or set HF_HOME to it), or pass {option} a local folder holding the checkpoint (config.json, weights, tokenizer files).")
+
+
+def check_hub_model(model_id: str, flag: str = "--model_path") -> dict | None:
+    """A hub id: its config.json from the local Hugging Face cache, checked like a folder's; no network is used.
+
+    Not cached and downloads off (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``): refused in one line. Not cached and
+    downloads allowed: None, and transformers downloads it (:func:`hub_download_errors` words a failed download).
+    """
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(model_id, "config.json")
+    except ValueError as error:  # huggingface_hub's HFValidationError: not a well-formed "owner/name"
+        raise ModelFolderError(f"{flag} {model_id}: no such folder, and not a hub id ({error}). Check the path or the id.") from None
+    if isinstance(cached, str):
+        config = read_model_config(Path(cached).parent)
+        check_model_type(config, model_id, flag)
+        if is_offline_mode():  # online, transformers fetches what a partial download lacks
+            check_model_files(Path(cached).parent, f"{model_id} (cached in {Path(cached).parent})", flag)
+        return config
+    if is_offline_mode():
+        raise ModelFolderError(uncached_hub_message(model_id, flag, "and downloads are off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)"))
+    print(f"note: {flag} {model_id} is not in the Hugging Face cache; transformers downloads it from the Hub.", flush=True)
+    return None
+
+
+@contextmanager
+def hub_download_errors(model_path: str, flag: str = "--model_path"):
+    """Around a ``from_pretrained``: a hub id that could not be fetched (no network, unknown or private id) becomes one line."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from .tiny import TINY_ALIASES
+
+    try:
+        yield
+    except OSError as error:
+        if model_path in TINY_ALIASES or looks_like_local_path(model_path):
+            raise
+        try:
+            cached = isinstance(try_to_load_from_cache(model_path, "config.json"), str)
+        except ValueError:  # not a well-formed hub id either: transformers' own error says so
+            raise error from None
+        if cached:
+            raise  # a cached model that failed for another reason (disk full, ...): the error as it is
+        reason = " ".join(str(error).split()).split(". ")[0]
+        raise ModelFolderError(uncached_hub_message(model_path, flag, f"and it could not be downloaded ({reason})")) from error
+
+
 def check_model_path(model_path: str, flag: str = "--model_path") -> dict | None:
-    """Check a base model before loading it; return its config.json (None for the tiny alias or a hub id).
+    """Check a base model before loading it; return its config.json (None for the tiny alias, or a hub id still to download).
 
     Missing folders, empty folders, folders without config.json, weights or tokenizer files, and
     architectures other than Qwen's are refused with a sentence naming the folder.
@@ -125,7 +206,7 @@ def check_model_path(model_path: str, flag: str = "--model_path") -> dict | None
     if model_path in TINY_ALIASES:
         return None
     if not looks_like_local_path(model_path):
-        return None  # a hub id: transformers resolves it (from the local cache when offline)
+        return check_hub_model(model_path, flag)
     folder = Path(model_path).expanduser()
     if not folder.exists():
         raise ModelFolderError(f"{flag} {model_path}: no such folder. Check the path (relative to {Path.cwd()}), or use 'tiny' for the embedded test model.")
@@ -138,11 +219,16 @@ def check_model_path(model_path: str, flag: str = "--model_path") -> dict | None
         raise ModelFolderError(f"{flag} {model_path} has no config.json, so it is not a model folder.{hint}")
     config = read_model_config(folder)
     check_model_type(config, model_path, flag)
-    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
-        raise ModelFolderError(f"{flag} {model_path} has no weight files (*.safetensors or *.bin); the download or copy is incomplete.")
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelFolderError(f"{flag} {model_path} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt); copy them from the original checkpoint.")
+    check_model_files(folder, model_path, flag)
     return config
+
+
+def check_model_files(folder: Path, where: str, flag: str = "--model_path") -> None:
+    """Refuse a model folder (or a cached snapshot) without weight or tokenizer files."""
+    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        raise ModelFolderError(f"{flag} {where} has no weight files (*.safetensors or *.bin); the download or copy is incomplete.")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelFolderError(f"{flag} {where} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt); copy them from the original checkpoint.")
 
 
 # ---------------------------------------------------------------------------------------------- adapters

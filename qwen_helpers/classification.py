@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .data import IGNORE_INDEX, make_collator, tokenize_example
-from .records import label_set, load_records
+from .records import check_labels_fit, check_labels_known, detect_task, load_records, parse_labels
 from .generation import generate, uses_soft_prompt
 from .methods import build_lora_config
 from .modeling import check_target_modules, evaluation_mode, load_tokenizer
@@ -27,33 +27,15 @@ from .tiny import resolve_model_path
 METRICS_FILE = "classification_metrics.json"
 
 
-def resolve_labels(train_records: list[dict], labels: str | list[str] | None = None) -> list[str]:
-    """The label set: ``labels`` (a list or "a,b,c") when given, else every distinct training output, sorted."""
-    if isinstance(labels, str):
-        labels = [label.strip() for label in labels.split(",") if label.strip()]
-    if labels:
-        unknown = sorted({record["output"].strip() for record in train_records} - set(labels))
-        if unknown:
-            raise ValueError(f"--labels {','.join(labels)}: the training data also answers {unknown[:5]}; add them to --labels or fix the data.")
-        return list(labels)
+def resolve_labels(train_records: list[dict], labels: str | list[str] | None = None, where: str = "the training data") -> list[str]:
+    """The label set: ``labels`` (a list or "a,b,c") when given, checked against the training answers, else every distinct answer, sorted.
+
+    Training commands check the flag before the model loads (:func:`qwen_helpers.checks.check_classification_flags`).
+    """
+    named = parse_labels(labels)
+    if named:
+        return check_labels_fit(train_records, named, where)
     return sorted({record["output"].strip() for record in train_records})
-
-
-def detect_task(train_records: list[dict], task: str = "auto") -> str:
-    """'classification' or 'generation': the --task flag, or with 'auto' whether every output is one of a few repeated labels."""
-    if task != "auto":
-        return task
-    return "classification" if label_set(train_records) is not None else "generation"
-
-
-def check_labels_known(records: list[dict], labels: list[str], where: str) -> None:
-    """Refuse evaluation records whose answer is not in the label set (they could never be predicted)."""
-    for index, record in enumerate(records):
-        if record["output"].strip() not in labels:
-            raise ValueError(
-                f"{where}, record {index}: the answer {record['output']!r} is not in the label set {labels}. "
-                "Pass it in --labels or fix the record."
-            )
 
 
 def label_pairs(tokenizer, records: list[dict], labels: list[str]) -> list[dict]:
@@ -168,7 +150,7 @@ def evaluate_run(result, data_args, prompt_args) -> str | None:
     print(describe_task(train_records, task, detected, prompt_args is not None), flush=True)
     if detected != "classification":
         return None
-    labels = resolve_labels(train_records, label_flag)
+    labels = resolve_labels(train_records, label_flag, f"the training data {data_args.data_path}")
     eval_path = data_args.eval_data_path or data_args.data_path
     if data_args.eval_data_path:
         eval_records, split = load_records(eval_path, fields, data_args.data_format), "held-out"

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import hub_download_errors
 from .precision import device_type, quantization_compute_dtype
 from .tiny import chat_template, resolve_model_path
 
@@ -20,7 +21,8 @@ def load_tokenizer(model_path: str = "tiny"):
     """Load the tokenizer, with a pad token and right padding for training (left padding is set for generation)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_path))
+    with hub_download_errors(str(model_path)):  # a hub id that cannot be fetched: one line, not transformers' traceback
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_path))
     if tokenizer.pad_token is None:  # Qwen1.5 base checkpoints ship without one
         tokenizer.pad_token = "<|endoftext|>"
     if tokenizer.chat_template is None:  # a folder without one (released Qwen base checkpoints do ship one)
@@ -101,9 +103,10 @@ def load_base_model(model_path: str = "tiny", dtype: torch.dtype = torch.float32
     device = device or _local_device()
     if quantization_config is not None and device_map is None:
         device_map = {"": device}  # bitsandbytes quantises while loading, on the device it will run on
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, quantization_config=quantization_config, attn_implementation=attn_implementation, device_map=device_map
-    )
+    with hub_download_errors(str(model_path)):
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, quantization_config=quantization_config, attn_implementation=attn_implementation, device_map=device_map
+        )
     if quantization_config is None and device_map is None:
         model.to(device)
     if quantization_config is not None:

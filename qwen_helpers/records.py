@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from .errors import KitError
+from .errors import FlagError, KitError
 
 class DataValidationError(KitError, ValueError):
     """A data file or record that cannot be used, with the file, record and field named."""
@@ -271,3 +271,46 @@ def label_set(records: list[dict], max_labels: int = 20) -> list[str] | None:
     if len(counts) <= min(max_labels, max(2, len(records) // 4)) and min(counts.values()) >= 2:
         return sorted(counts)
     return None
+
+
+def detect_task(records: list[dict], task: str = "auto") -> str:
+    """'classification' or 'generation': the --task flag, or with 'auto' whether every output is one of a few repeated labels."""
+    if task != "auto":
+        return task
+    return "classification" if label_set(records) is not None else "generation"
+
+
+def parse_labels(labels: str | list[str] | None, flag: str = "--labels") -> list[str] | None:
+    """The --labels value as a list ("a,b,c" or a list; None when not given); a value naming no label, or one label twice, is refused."""
+    if labels is None:
+        return None
+    named = [label.strip() for label in (labels.split(",") if isinstance(labels, str) else labels) if label.strip()]
+    if not named:
+        raise FlagError(f"{flag} {labels!r} names no label; give them comma-separated (e.g. {flag} 正面,负面,中性), or omit {flag} to use the training answers.")
+    repeated = sorted({label for label in named if named.count(label) > 1})
+    if repeated:
+        raise FlagError(f"{flag} {','.join(named)}: {', '.join(repeated)} is listed more than once; list each label once.")
+    return named
+
+
+def check_labels_fit(records: list[dict], labels: list[str], where: str, flag: str = "--labels") -> list[str]:
+    """``labels`` when they are exactly the training answers; else a :class:`FlagError` naming the answers left out or the labels never taught."""
+    answers = sorted({record["output"].strip() for record in records})
+    unknown = [answer for answer in answers if answer not in labels]
+    if unknown:
+        raise FlagError(f"{flag} {','.join(labels)}: {where} also answers {unknown[:5]}; add them to {flag} or fix the data.")
+    never = [label for label in labels if label not in answers]
+    if never:
+        raise FlagError(f"{flag} {','.join(labels)}: {where} never answers {never[:5]}, so the model is never taught them "
+                        f"(its answers are {answers[:10]}); list only those (check the spelling), or omit {flag}.")
+    return labels
+
+
+def check_labels_known(records: list[dict], labels: list[str], where: str) -> None:
+    """Refuse evaluation records whose answer is not in the label set (they could never be predicted)."""
+    for index, record in enumerate(records):
+        if record["output"].strip() not in labels:
+            raise DataValidationError(
+                f"{where}, record {index}: the answer {record['output']!r} is not in the label set {labels}. "
+                "Pass it in --labels or fix the record."
+            )

@@ -18,7 +18,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .batching import check_token_budget, kit_trainer_class, make_training_collator, resolve_padding_free
 from .callbacks import LossHistoryCallback, NanGuardCallback, train_losses
-from .checks import base_summary, check_model_path, check_training_flags
+from .checks import base_summary, check_classification_flags, check_model_path, check_training_flags
 from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments, write_run_config
 from .data import chat_tokens_to_train, load_dataset_for_training
 from .files import base_weights_size, folder_size, human_bytes, remove_folders, swap_in
@@ -49,10 +49,15 @@ def describe_distributed(trainer: Trainer) -> str:
     strategy = state.distributed_type.value
     if state.deepspeed_plugin is not None:
         strategy += f" ZeRO-{state.deepspeed_plugin.zero_stage}"
-    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    accumulation, processes = args.gradient_accumulation_steps, args.world_size
+    if getattr(args, "token_budget", None):  # --per_device_train_batch_size plays no part: each rank fills its own budget
+        budget = args.token_budget
+        return (f"distributed: {strategy}, world size {processes}; global batch up to {budget} tokens per device x {accumulation} "
+                f"accumulation x {processes} processes = up to {budget * accumulation * processes} tokens")
+    per_device = args.per_device_train_batch_size
     return (
-        f"distributed: {strategy}, world size {args.world_size}; global batch {args.per_device_train_batch_size} per device "
-        f"x {args.gradient_accumulation_steps} accumulation x {args.world_size} processes = {global_batch}"
+        f"distributed: {strategy}, world size {processes}; global batch {per_device} per device "
+        f"x {accumulation} accumulation x {processes} processes = {per_device * accumulation * processes}"
     )
 
 
@@ -176,6 +181,8 @@ def train(
     check_token_budget(training_args.token_budget, data_args.max_length)
     check_liger(training_args, model_args.model_path)  # before anything loads: a run that cannot use it stops now
     check_model_path(model_args.model_path)
+    task, labels = (prompt_args.task, prompt_args.labels) if adapter == "prompt_tuning" and prompt_args else ("auto", None)
+    check_classification_flags(data_args, task, labels)  # a bad --labels now, not after training
     check_distributed_launch(training_args)
     plan = plan_output_on_main_process(training_args, staged=save)
     target_args = training_args

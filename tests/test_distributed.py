@@ -9,6 +9,7 @@ With lora_dropout 0 and plain SGD, a data-parallel step on 2 x 2 examples equals
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -165,6 +166,71 @@ def test_every_rank_refuses_a_non_empty_output_dir(launches):
         assert "error: --output_dir" in refused.rank_log(rank, "stderr")  # one line from the command boundary, on every rank
     assert sorted(os.listdir(refused.output_dir)) == ["earlier_run.txt"]
 
+
+
+def gloo_available() -> bool:
+    import torch.distributed
+
+    return torch.distributed.is_available() and torch.distributed.is_gloo_available()
+
+
+BUDGET = 150  # 16 examples of 36-108 tokens (max_length 256) make 7 padding-free batches: an odd count for 2 ranks
+
+
+@pytest.mark.skipif(not gloo_available(), reason="torch.distributed with the gloo backend is not available in this PyTorch build")
+def test_token_budget_batches_under_ddp_are_per_rank_disjoint_and_even(tmp_path):
+    """torchrun x 2 on train_lora --token_budget (tests/budget_probe.py records each rank's micro-batches, the command runs as is)."""
+    from qwen_helpers.files import staging_folders
+
+    records = json.loads((REPO / "data" / "train.json").read_text(encoding="utf-8"))[:16]
+    data = tmp_path / "train16.json"
+    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    probe, output = tmp_path / "probe", tmp_path / "run"
+    probe.mkdir()
+    flags = ["--data_path", str(data), "--output_dir", str(output), "--max_length", "256", "--token_budget", str(BUDGET),
+             "--gradient_accumulation_steps", "2", "--num_train_epochs", "2", "--save_strategy", "no", "--report_to", "none",
+             "--use_cpu", "True", "--disable_tqdm", "True"]
+    process = subprocess.Popen([*torchrun(tmp_path / "logs"), str(REPO / "tests" / "budget_probe.py"), *flags], cwd=REPO,
+                               env={**child_env(), "PROBE_DIR": str(probe), "PYTHONPATH": str(REPO)},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launch = trained(Launch(output, process, tmp_path / "logs").wait(timeout=300))  # a rank left without a batch would hang here
+    rank0, rank1 = launch.rank_log(0), launch.rank_log(1)
+    assert "rank 0/2 ready" in rank0 and "rank 1/2 ready" in rank1
+    assert f"global batch up to {BUDGET} tokens per device x 2 accumulation x 2 processes = up to {4 * BUDGET} tokens" in rank0
+    batches = int(re.search(rf"token budget {BUDGET} \(padding-free tokens\): (\d+) batches", rank0).group(1))
+    assert batches % WORLD_SIZE == 1, "the data must make an odd number of batches for the uneven case to be tested"
+
+    notes = {rank: [json.loads(line) for line in (probe / f"rank{rank}.jsonl").read_text().splitlines()] for rank in range(WORLD_SIZE)}
+    per_rank = -(-batches // WORLD_SIZE)  # every rank the same number of micro-batches: the short one repeats a batch
+    assert [len(notes[rank]) for rank in range(WORLD_SIZE)] == [2 * per_rank] * WORLD_SIZE
+    assert [note["step"] for note in notes[0]] == [note["step"] for note in notes[1]]  # same optimiser steps, in step
+    for rank, rank_notes in notes.items():
+        for note in rank_notes:
+            assert note["world_size"] == WORLD_SIZE and note["padding_free"] is True
+            lengths = [len(example) for example in note["examples"]]
+            assert sum(lengths) <= BUDGET or len(lengths) == 1, f"rank {rank} step {note['step']}: {lengths} exceeds the budget"
+
+    epochs = []
+    for epoch in range(2):
+        assert {note["epoch"] for rank in notes for note in notes[rank][epoch * per_rank:(epoch + 1) * per_rank]} == {epoch}
+        taken = [tuple(map(tuple, note["examples"])) for rank in range(WORLD_SIZE) for note in notes[rank][epoch * per_rank:(epoch + 1) * per_rank]]
+        assert len(set(taken)) == batches  # every batch once, plus the one repeat that evens the ranks out
+        examples = [example for batch in set(taken) for example in batch]
+        assert len(examples) == len(set(examples)) == 16  # disjoint shards that cover the data
+        shard0 = {example for note in notes[0][epoch * per_rank:(epoch + 1) * per_rank] for example in map(tuple, note["examples"])}
+        shard1 = {example for note in notes[1][epoch * per_rank:(epoch + 1) * per_rank] for example in map(tuple, note["examples"])}
+        assert len(shard0 & shard1) <= max(len(batch) for batch in taken)  # only the repeated batch is shared
+        epochs.append(taken)
+    assert epochs[0] != epochs[1]  # the batch order is reshuffled per epoch (set_epoch reaches the sampler under DDP)
+
+    steps = 2 * -(-per_rank // 2)  # two epochs of per_rank micro-batches, two per optimiser step
+    printed = [float(value) for value in re.findall(r"'examples_per_step': '([\d.]+)'", rank0)]
+    own = [sum(len(note["examples"]) for note in notes[0] if note["step"] == step) for step in range(steps)]
+    assert printed == own  # rank 0 logs its own examples per step (accumulation 2: two micro-batches each)
+    assert rank0.count("adapter saved to") == 1 and "adapter saved to" not in rank1
+    assert (output / "adapter_model.safetensors").is_file() and staging_folders(output) == []  # published once, no staging left
+    history = json.loads((output / "loss_history.json").read_text(encoding="utf-8"))
+    assert [record["step"] for record in history if "loss" in record] == list(range(1, steps + 1))
 
 def test_launch_that_did_not_become_distributed_is_refused(monkeypatch, tmp_path):
     from qwen_helpers.config import KitTrainingArguments

@@ -7,6 +7,8 @@ one ``error:`` line naming the flag or file, and no traceback. The kill test int
 
 import hashlib
 import json
+import os
+import re
 import shutil
 import signal
 import subprocess
@@ -130,6 +132,66 @@ def test_zero_epochs_is_refused_before_the_model_loads(tmp_path, small_train_fil
     with pytest.raises(FlagError, match="--num_train_epochs 0"):
         train(ModelArguments(), DataArguments(data_path=small_train_file), args, "lora", LoraArguments())
     assert not (tmp_path / "run").exists() and staging_folders(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize("labels, expected", [
+    ("正面,负面", "also answers ['中性']"),
+    ("正面,负面,中性,中立", "never answers ['中立']"),
+    ("正面,正面,负面,中性", "正面 is listed more than once"),
+    ("", "names no label"),
+])
+def test_bad_labels_are_refused_before_the_model_loads(tmp_path, monkeypatch, labels, expected):
+    from qwen_helpers import train as train_module
+    from qwen_helpers.config import PromptTuningArguments
+
+    monkeypatch.setattr(train_module, "load_tokenizer", lambda *a, **k: pytest.fail("the tokenizer loaded before --labels was checked"))
+    args = KitTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, report_to="none")
+    with pytest.raises(FlagError, match=re.escape(expected)):
+        train(ModelArguments(), DataArguments(data_path=str(DATA / "classify_train.json")), args, "prompt_tuning",
+              prompt_args=PromptTuningArguments(labels=labels))
+    assert not (tmp_path / "run").exists() and staging_folders(tmp_path / "run") == []
+
+
+def fake_hub_cache(cache: Path, model_id: str, config: dict, files: tuple[str, ...] = ()) -> Path:
+    """A Hugging Face cache entry as ``hf download`` leaves it: refs/main names a snapshot holding the files."""
+    entry = cache / f"models--{model_id.replace('/', '--')}"
+    snapshot = entry / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("0" * 40)
+    (snapshot / "config.json").write_text(json.dumps(config))
+    for name in files:
+        (snapshot / name).write_text("{}")
+    return snapshot
+
+
+def test_hub_ids_are_checked_in_the_local_cache_without_the_network(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    from qwen_helpers.checks import check_model_path, hub_download_errors
+    from qwen_helpers.errors import ModelFolderError
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelFolderError, match=f"--model_path {HUB_ID} is neither a local folder nor in the Hugging Face cache \\({tmp_path}"):
+        check_model_path(HUB_ID)
+    fake_hub_cache(tmp_path, "openai-community/gpt2", {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, ("model.safetensors",))
+    with pytest.raises(ModelFolderError, match="openai-community/gpt2 is a gpt2 model"):
+        check_model_path("openai-community/gpt2")
+    snapshot = fake_hub_cache(tmp_path, HUB_ID, {"model_type": "qwen2"}, ("model.safetensors",))
+    with pytest.raises(ModelFolderError, match="has no tokenizer files"):  # offline, a partial download cannot be completed
+        check_model_path(HUB_ID)
+    (snapshot / "tokenizer.json").write_text("{}")
+    assert check_model_path(HUB_ID) == {"model_type": "qwen2"}
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # downloads allowed: transformers fetches it; a failure is one line
+    assert check_model_path("Qwen/Qwen3-0.6B") is None and "not in the Hugging Face cache" in capsys.readouterr().out
+    with pytest.raises(ModelFolderError, match="could not be downloaded \\(We couldn't connect to 'https://huggingface.co'"):
+        with hub_download_errors("Qwen/Qwen3-0.6B"):
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files. Check your internet connection.")
+    with pytest.raises(OSError, match="disk full"):  # a local folder's error is left as it is
+        with hub_download_errors(str(tmp_path)):
+            raise OSError("disk full")
 
 
 @pytest.fixture(scope="module")
@@ -264,10 +326,20 @@ def bad_inputs(tmp_path_factory, qwen3_adapter):
     used.mkdir()
     (used / "adapter_model.safetensors").write_bytes(b"x")
     (root / "preds.jsonl").write_text("{}\n")
+    hub_based = root / "hub_based"  # an adapter whose recorded base is a hub id this machine has not cached
+    shutil.copytree(qwen3_adapter, hub_based)
+    run_config = json.loads((hub_based / "run_config.json").read_text()) | {"model_path": HUB_ID}
+    (hub_based / "run_config.json").write_text(json.dumps(run_config))
+    eval_records = json.loads((DATA / "classify_test.json").read_text(encoding="utf-8"))[:3]
+    eval_records[1]["output"] = "maybe"
+    (root / "eval_bad.json").write_text(json.dumps(eval_records, ensure_ascii=False), encoding="utf-8")
+    (root / "hf_home").mkdir()  # the table runs offline with this empty Hugging Face cache, as a machine without hub access
     return root
 
 
 TRAIN = "data/train.json"
+CLASSIFY = ["--data_path", "data/classify_train.json"]  # answers 中性, 正面, 负面
+HUB_ID = "Qwen/Qwen2.5-0.5B-Instruct"
 BAD_INPUTS = [  # (command, flags, text the one line must contain); {root} is the fixture folder
     ("train_lora", ["--learning_rate", "-1"], "--learning_rate"),
     ("train_lora", ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size"),
@@ -292,29 +364,48 @@ BAD_INPUTS = [  # (command, flags, text the one line must contain); {root} is th
     ("inference", ["--adapter_path", "{root}/no_adapter", "--instruction", "hi"], "--adapter_path {root}/no_adapter: no such folder"),
     ("inference", ["--adapter_path", "{root}/truncated", "--model_path", "tiny", "--instruction", "hi"], "{root}/truncated/adapter_model.safetensors is damaged"),
     ("make_tiny_qwen", ["{root}/used"], "--overwrite True"),
+    ("train_lora", ["--model_path", HUB_ID], f"--model_path {HUB_ID} is neither a local folder nor in the Hugging Face cache ({{root}}/hf_home/hub"),
+    ("train_prompt_tuning", ["--model_path", HUB_ID], f"`hf download {HUB_ID}`"),
+    ("inference", ["--model_path", HUB_ID, "--instruction", "hi"], f"--model_path {HUB_ID} is neither a local folder"),
+    ("inference", ["--adapter_path", "{root}/hub_based", "--instruction", "hi"], f"the base recorded by {{root}}/hub_based {HUB_ID} is neither"),
+    ("train_prompt_tuning", ["--labels", "正面,负面", *CLASSIFY], "data/classify_train.json also answers ['中性']"),
+    ("train_prompt_tuning", ["--labels", "正面,负面,中性,中立", *CLASSIFY], "never answers ['中立']"),
+    ("train_prompt_tuning", ["--labels", "正面,负面,正面,中性", *CLASSIFY], "--labels 正面,负面,正面,中性: 正面 is listed more than once"),
+    ("train_prompt_tuning", ["--labels", "", *CLASSIFY], "--labels '' names no label"),
+    ("train_prompt_tuning", ["--labels", "a,b"], "--labels a,b: data/train.json is generation data"),
+    ("train_prompt_tuning", ["--eval_data_path", "{root}/eval_bad.json", *CLASSIFY], "eval_bad.json, record 1: the answer 'maybe' is not in the label set"),
     ("benchmark", ["--no_such_flag", "1"], "--no_such_flag"),
 ]
 
 
 def test_bad_inputs_get_one_line_and_exit_code_2(bad_inputs):
-    """Every bad input: exit code 2, no traceback, one ``error:`` line that names the flag or file (run in parallel: each is a fresh interpreter)."""
+    """Every bad input: exit code 2, no traceback, one ``error:`` line that names the flag or file (run in parallel: each is a fresh interpreter).
 
-    def run(case):
-        module, flags, expected = case
+    Run offline (HF_HUB_OFFLINE=1) with an empty Hugging Face cache; a refused training command leaves no output or staging folder.
+    """
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_CACHE"} | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(bad_inputs / "hf_home")}
+
+    def run(index_case):
+        index, (module, flags, expected) = index_case
         flags = [flag.format(root=bad_inputs) for flag in flags]
+        output = None
         if module.startswith("train") and "--data_path" not in flags:
             flags += ["--data_path", TRAIN]
         if module.startswith("train") and "--output_dir" not in flags:
-            flags += ["--output_dir", str(bad_inputs / f"out-{module}-{flags[0].strip('-')}")]
-        return case, subprocess.run(command(module, *flags), capture_output=True, text=True, timeout=600), expected.format(root=bad_inputs)
+            output = bad_inputs / f"out-{index}-{module}"
+            flags += ["--output_dir", str(output)]
+        finished = subprocess.run(command(module, *flags), capture_output=True, text=True, timeout=600, env=env)
+        return (module, flags), finished, expected.format(root=bad_inputs), output
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(run, BAD_INPUTS))
+        results = list(pool.map(run, enumerate(BAD_INPUTS)))
     failures = []
-    for (module, flags, _), finished, expected in results:
+    for (module, flags), finished, expected, output in results:
         errors = [line for line in finished.stderr.splitlines() if line.startswith("error:")]
         if finished.returncode != 2 or "Traceback" in finished.stderr or len(errors) != 1 or expected not in errors[0]:
             failures.append(f"{module} {' '.join(flags)} -> exit {finished.returncode}: {finished.stderr[-600:]}")
+        elif output is not None and (output.exists() or staging_folders(output) or "trainable params" in finished.stdout):
+            failures.append(f"{module} {' '.join(flags)}: refused only after the run started ({output} or its staging folder was made)")
     assert not failures, "\n\n".join(failures)
 
 
