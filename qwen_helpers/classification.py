@@ -30,7 +30,7 @@ METRICS_FILE = "classification_metrics.json"
 def resolve_labels(train_records: list[dict], labels: str | list[str] | None = None, where: str = "the training data") -> list[str]:
     """The label set: ``labels`` (a list or "a,b,c") when given, checked against the training answers, else every distinct answer, sorted.
 
-    Training commands check the flag before the model loads (:func:`qwen_helpers.checks.check_classification_flags`).
+    Training commands check the flag before the model loads (:func:`qwen_helpers.flag_checks.check_classification_flags`).
     """
     named = parse_labels(labels)
     if named:

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .checks import check_data_flags, check_training_flags
+from .flag_checks import check_data_flags, check_training_flags
 from .quickflags import dataclass_parser, parse_command_flags
 
 

@@ -17,7 +17,7 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
-from .checks import check_data_flags, check_lora_flags, check_prompt_tuning_flags
+from .flag_checks import check_data_flags, check_lora_flags, check_prompt_tuning_flags
 from .records import FieldMap
 from .files import atomic_write_text
 from .precision import Precision, apply_precision_policy

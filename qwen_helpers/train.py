@@ -18,7 +18,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .batching import check_token_budget, kit_trainer_class, make_training_collator, resolve_padding_free
 from .callbacks import LossHistoryCallback, NanGuardCallback, train_losses
-from .checks import base_summary, check_classification_flags, check_model_path, check_training_flags
+from .checks import base_summary, check_model_path
+from .flag_checks import check_classification_flags, check_training_flags
 from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments, write_run_config
 from .data import chat_tokens_to_train, load_dataset_for_training
 from .files import base_weights_size, folder_size, human_bytes, remove_folders, swap_in

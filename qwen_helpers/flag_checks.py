@@ -1,0 +1,84 @@
+"""Checks of the flags' values, run before the tokenizer or any model loads: numeric ranges, combinations, labels.
+
+The argument dataclasses run them on construction and the commands run them on the quick parse
+(:mod:`qwen_helpers.quickflags`), so a bad value is one line naming the flag, before torch is imported.
+Every problem is a :class:`~qwen_helpers.errors.FlagError`.
+"""
+
+from __future__ import annotations
+
+from .errors import FlagError
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise FlagError(message)
+
+
+def check_training_flags(training_args, method_args=None) -> None:
+    """Numeric ranges of the training flags, checked before the tokenizer or the model loads."""
+    args = training_args
+    _require(args.learning_rate > 0, f"--learning_rate must be above 0, got {args.learning_rate} (try 3e-4 for LoRA, 3e-2 for prompt tuning).")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(args, name)
+        _require(value >= 1, f"--{name} must be at least 1, got {value}.")
+    _require(
+        args.max_steps > 0 or args.num_train_epochs > 0,
+        f"--num_train_epochs {args.num_train_epochs} with --max_steps {args.max_steps} trains nothing (the adapter would stay "
+        "at its initial weights); give --num_train_epochs above 0 or --max_steps of at least 1.",
+    )
+    _require(args.weight_decay >= 0, f"--weight_decay must be 0 or more, got {args.weight_decay}.")
+    _require(args.warmup_steps >= 0, f"--warmup_steps must be 0 or more (a fraction below 1, or a step count), got {args.warmup_steps}.")
+    _require(args.max_grad_norm >= 0, f"--max_grad_norm must be 0 (no clipping) or more, got {args.max_grad_norm}.")
+    _require(args.logging_steps > 0, f"--logging_steps must be above 0, got {args.logging_steps}.")
+    if str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps":
+        _require(args.save_steps > 0, f"--save_steps must be above 0 with --save_strategy steps, got {args.save_steps}.")
+    if method_args is not None and hasattr(method_args, "lora_alpha"):
+        check_lora_flags(method_args)
+    if method_args is not None and hasattr(method_args, "num_virtual_tokens"):
+        check_prompt_tuning_flags(method_args)
+
+
+def check_data_flags(args) -> None:
+    """The data flags' ranges (``DataArguments`` runs them on construction, the commands before anything imports)."""
+    _require(args.max_length >= 16, f"--max_length {args.max_length} is too small for a chat-formatted example; use 128 or more.")
+    _require(args.max_eval_records >= 0,
+             f"--max_eval_records must be 0 (skip the in-sample evaluation) or more, got {args.max_eval_records}.")
+
+
+def check_lora_flags(args) -> None:
+    """LoRA's rank, scale and dropout (``LoraArguments`` runs them on construction)."""
+    _require(args.lora_r >= 1, f"--lora_r must be at least 1, got {args.lora_r}.")
+    _require(args.lora_alpha > 0, f"--lora_alpha must be above 0 (the update is scaled by alpha / r), got {args.lora_alpha}; try 2 x --lora_r.")
+    _require(0 <= args.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {args.lora_dropout}.")
+
+
+def check_prompt_tuning_flags(args) -> None:
+    """The soft prompt's length and initialisation (``PromptTuningArguments`` runs them on construction)."""
+    _require(args.num_virtual_tokens >= 1, f"--num_virtual_tokens must be at least 1, got {args.num_virtual_tokens}.")
+    _require(args.prompt_tuning_init != "TEXT" or bool(args.prompt_init_text.strip()),
+             "--prompt_tuning_init TEXT needs a non-empty --prompt_init_text (or use RANDOM).")
+
+
+def check_classification_flags(data_args, task: str = "auto", labels: str | None = None) -> list[str] | None:
+    """--task and --labels against the training and evaluation data, before anything loads (evaluation after training needs them).
+
+    Returns the label set evaluation will use, or None when there is nothing to check (generation, no --labels, no eval file).
+    """
+    from .records import check_labels_fit, check_labels_known, detect_task, load_records, parse_labels
+
+    named = parse_labels(labels)
+    if named is None and (task == "generation" or not data_args.eval_data_path):
+        return None  # without --labels only the evaluation file's answers can be wrong
+    fields = data_args.field_map()
+    records = load_records(data_args.data_path, fields, data_args.data_format)
+    if detect_task(records, task) != "classification":
+        if named is not None:
+            how = f"--task {task}" if task != "auto" else "auto-detected: its answers are not a few repeated labels"
+            raise FlagError(f"--labels {labels}: {data_args.data_path} is generation data ({how}), so no label set is used; "
+                            "drop --labels, or pass --task classification.")
+        return None
+    label_list = check_labels_fit(records, named, f"the training data {data_args.data_path}") if named else sorted({record["output"].strip() for record in records})
+    if data_args.eval_data_path:
+        check_labels_known(load_records(data_args.eval_data_path, fields, data_args.data_format), label_list, data_args.eval_data_path)
+    return label_list
