@@ -164,12 +164,13 @@ def test_the_benchmark_generates_bilingual_records_of_both_formats_and_reports(t
         assert len(records) == count and path.read_bytes() == (generate_jsonl(tmp_path / "again.jsonl", 0.05, data_format, 0), (tmp_path / "again.jsonl").read_bytes())[1]
         text = "".join(record["instruction"] + record["output"] for record in records)
         assert any("\u4e00" <= character <= "\u9fff" for character in text) and any(character.isascii() and character.isalpha() for character in text)
-    runs = [{"side": side, "seconds": seconds, "records_per_second": 100 / seconds, "peak_rss_bytes": 2**30, "rss_before_bytes": 2**29,
-             "records": 100, "tokens": 5000, "arrow_backed": True} for side, seconds in [("kit", 1.0), ("plain", 2.0), ("plain", 2.0), ("kit", 1.0)]]
+    runs = [{"side": side, "seconds": seconds, "records_per_second": 100 / seconds, "cpu_seconds": seconds, "records_per_cpu_second": 100 / seconds,
+             "peak_rss_bytes": 2**30, "rss_before_bytes": 2**29, "records": 100, "tokens": 5000, "arrow_backed": True}
+            for side, seconds in [("kit", 1.0), ("plain", 2.0), ("plain", 4.0), ("kit", 1.0)]]
     summary = summarise(runs)
-    assert summary["kit_over_plain_speed"] == 2.0
+    assert summary["kit_over_plain_speed"] == 3.0 and summary["kit_over_plain_speed_per_pair"] == [2.0, 4.0]  # paired, not pooled
     settings = {**DataSpeedArguments().__dict__, "records": 100, "command": "python -m ...", "environment": "cpu"}
-    assert "**2.00x**" in markdown(settings, summary, runs)
+    assert "records/s **3.00x** (pairs: 2.00, 4.00)" in markdown(settings, summary, runs)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "results.md").write_text("earlier", encoding="utf-8")
     with pytest.raises(KitError, match="already holds files"):

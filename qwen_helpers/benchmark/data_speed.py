@@ -7,7 +7,8 @@ The file is generated (seeded, English and Chinese, alpaca or messages records).
 a user writes without the kit: ``load_dataset("json")`` then a batched ``map`` calling
 ``tokenizer.apply_chat_template(..., tokenize=True)``, the same chat-template rendering without label
 masks. Kit and plain runs alternate, each in a fresh process with a fresh, empty datasets cache (no
-cache hit can flatter either), and each reports its own peak RSS; the medians are compared.
+cache hit can flatter either), and each reports its wall and CPU time and its own peak RSS. On a shared
+machine the load drifts, so the ratios are medians over back-to-back (kit, plain) pairs.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def run_side(side: str, model_path: str, data_path: str, cache_dir: str, max_len
         from ..modeling import load_tokenizer
 
         tokenizer = load_tokenizer(model_path)
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss_before, cpu_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, _cpu_seconds()
         started = time.perf_counter()
         dataset = load_dataset_for_training(tokenizer, data_path, max_length, cache_dir=cache_dir, echo=lambda line: None).dataset
     else:
@@ -90,15 +91,24 @@ def run_side(side: str, model_path: str, data_path: str, cache_dir: str, max_len
         from ..tiny import resolve_model_path
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_path))
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss_before, cpu_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, _cpu_seconds()
         started = time.perf_counter()
         dataset = load_dataset("json", data_files=data_path, split="train", cache_dir=cache_dir)
         dataset = dataset.map(_plain_batch, batched=True, fn_kwargs={"tokenizer": tokenizer}, remove_columns=dataset.column_names)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, _cpu_seconds() - cpu_before
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the token count below reads the whole result
     return {"side": side, "seconds": seconds, "records": len(dataset), "records_per_second": len(dataset) / seconds,
+            "cpu_seconds": cpu_seconds, "records_per_cpu_second": len(dataset) / cpu_seconds,
             "tokens": sum(len(ids) for ids in dataset["input_ids"]), "rss_before_bytes": rss_before, "peak_rss_bytes": peak,
             "arrow_backed": bool(dataset.cache_files)}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all its threads (the tokenizer's included)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _plain_batch(batch: dict, tokenizer) -> dict:
@@ -123,14 +133,17 @@ def _run_in_subprocess(side: str, args: DataSpeedArguments, data_path: Path, scr
 
 
 def summarise(runs: list[dict]) -> dict:
-    """Medians per side and the kit / plain ratios."""
+    """Medians per side, and the kit / plain ratios as medians over the pairs of back-to-back runs (which share the machine's load)."""
     sides = {}
     for side in ("kit", "plain"):
         mine = [run for run in runs if run["side"] == side]
-        sides[side] = {key: statistics.median(run[key] for run in mine) for key in ("seconds", "records_per_second", "peak_rss_bytes", "rss_before_bytes")}
+        keys = ("seconds", "records_per_second", "cpu_seconds", "records_per_cpu_second", "peak_rss_bytes", "rss_before_bytes")
+        sides[side] = {key: statistics.median(run[key] for run in mine) for key in keys}
         sides[side].update(records=mine[0]["records"], tokens=mine[0]["tokens"], arrow_backed=all(run["arrow_backed"] for run in mine))
-    sides["kit_over_plain_speed"] = sides["kit"]["records_per_second"] / sides["plain"]["records_per_second"]
-    sides["kit_over_plain_peak_rss"] = sides["kit"]["peak_rss_bytes"] / sides["plain"]["peak_rss_bytes"]
+    pairs = [{run["side"]: run for run in runs[start:start + 2]} for start in range(0, len(runs) - 1, 2)]
+    for name, key in (("speed", "records_per_second"), ("cpu_speed", "records_per_cpu_second"), ("peak_rss", "peak_rss_bytes")):
+        sides[f"kit_over_plain_{name}"] = statistics.median(pair["kit"][key] / pair["plain"][key] for pair in pairs)
+    sides["kit_over_plain_speed_per_pair"] = [pair["kit"]["records_per_second"] / pair["plain"]["records_per_second"] for pair in pairs]
     return sides
 
 
@@ -140,12 +153,15 @@ def markdown(settings: dict, summary: dict, runs: list[dict]) -> str:
              f"{settings['records']:,} {settings['data_format']} records (seed {settings['seed']}), tokenizer `{settings['model_path']}`; "
              f"{settings['repeats']} runs a side, alternating, each in a fresh process with an empty datasets cache; medians.",
              f"Command: `{settings['command']}`", f"Machine: {settings['environment']}", "",
-             "| side | records/s | wall s | peak RSS (GiB) | RSS before tokenising (GiB) | tokens |", "|---|---|---|---|---|---|"]
+             "| side | records/s | wall s | records per CPU-second | CPU s | peak RSS (GiB) | RSS before tokenising (GiB) | tokens |",
+             "|---|---|---|---|---|---|---|---|"]
     for side in ("kit", "plain"):
         row = summary[side]
-        lines.append(f"| {side} | {row['records_per_second']:,.0f} | {row['seconds']:.1f} | {row['peak_rss_bytes'] / gib:.2f} | "
-                     f"{row['rss_before_bytes'] / gib:.2f} | {row['tokens']:,} |")
-    lines += ["", f"kit / plain records/s: **{summary['kit_over_plain_speed']:.2f}x**; kit / plain peak RSS: {summary['kit_over_plain_peak_rss']:.2f}x", "",
+        lines.append(f"| {side} | {row['records_per_second']:,.0f} | {row['seconds']:.1f} | {row['records_per_cpu_second']:,.0f} | "
+                     f"{row['cpu_seconds']:.1f} | {row['peak_rss_bytes'] / gib:.2f} | {row['rss_before_bytes'] / gib:.2f} | {row['tokens']:,} |")
+    per_pair = ", ".join(f"{ratio:.2f}" for ratio in summary["kit_over_plain_speed_per_pair"])
+    lines += ["", f"kit / plain, median over back-to-back pairs: records/s **{summary['kit_over_plain_speed']:.2f}x** (pairs: {per_pair}), "
+              f"records per CPU-second **{summary['kit_over_plain_cpu_speed']:.2f}x**, peak RSS {summary['kit_over_plain_peak_rss']:.2f}x", "",
               "Every run, in order: " + ", ".join(f"{run['side']} {run['records_per_second']:,.0f}/s {run['peak_rss_bytes'] / gib:.2f} GiB" for run in runs), "",
               "- kit: `data_files.load_dataset_for_training` (validation pass, then a batched map writing input_ids, attention_mask and "
               "assistant-only labels), what `train_lora` runs. plain: `load_dataset(\"json\")` + batched `map` with "
