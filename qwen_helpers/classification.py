@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .data import IGNORE_INDEX, make_collator, tokenize_example
-from .records import check_labels_fit, check_labels_known, detect_task, load_records, parse_labels
+from .records import check_labels_fit, check_labels_known, detect_task, iter_records, load_records, parse_labels
 from .generation import generate, uses_soft_prompt
 from .methods import build_lora_config
 from .modeling import check_target_modules, evaluation_mode, load_tokenizer
@@ -144,21 +144,23 @@ def evaluate_run(result, data_args, prompt_args) -> str | None:
     Returns a line for the report, or None for generation data.
     """
     fields = data_args.field_map()
-    train_records = load_records(data_args.data_path, fields, data_args.data_format)
+    # The answers alone decide the task and the labels: the training file is streamed, not held (it may be GBs).
+    train_answers = [{"output": record["output"]} for record in iter_records(data_args.data_path, fields, data_args.data_format)]
     task, label_flag = (prompt_args.task, prompt_args.labels) if prompt_args is not None else ("auto", None)
-    detected = detect_task(train_records, task)
-    print(describe_task(train_records, task, detected, prompt_args is not None), flush=True)
+    detected = detect_task(train_answers, task)
+    print(describe_task(train_answers, task, detected, prompt_args is not None), flush=True)
     if detected != "classification":
         return None
-    labels = resolve_labels(train_records, label_flag, f"the training data {data_args.data_path}")
+    labels = resolve_labels(train_answers, label_flag, f"the training data {data_args.data_path}")
     eval_path = data_args.eval_data_path or data_args.data_path
     if data_args.eval_data_path:
         eval_records, split = load_records(eval_path, fields, data_args.data_format), "held-out"
     else:
-        eval_records = in_sample(train_records, data_args.max_eval_records, getattr(result.trainer.args, "seed", 42))
+        chosen = set(in_sample(range(len(train_answers)), data_args.max_eval_records, getattr(result.trainer.args, "seed", 42)))
+        eval_records = [record for index, record in enumerate(iter_records(data_args.data_path, fields, data_args.data_format)) if index in chosen]
         if not eval_records:
             return "in-sample evaluation skipped (--max_eval_records 0)"
-        split = (f"training data (in-sample: a seeded sample of {len(eval_records)} of {len(train_records)} records, --max_eval_records; "
+        split = (f"training data (in-sample: a seeded sample of {len(eval_records)} of {len(train_answers)} records, --max_eval_records; "
                  "pass --eval_data_path for held-out figures)")
     check_labels_known(eval_records, labels, eval_path)
     print(f"evaluating {len(eval_records)} records of {eval_path} ({split}) by label scoring and free generation ...", flush=True)

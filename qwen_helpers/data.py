@@ -1,8 +1,12 @@
 """One path for the data: render records with the checkpoint's chat template, tokenise with label masks, collate.
 
-    JSON/JSONL records (alpaca | messages | sharegpt) ──records.load_records──▶ validated records
-       ──build_messages──▶ chat turns ──render_conversation──▶ text + trained spans (from the template's own renderings)
+    JSON/JSONL records (alpaca | messages | sharegpt) ──records.iter_records──▶ validated records
+       ──build_messages──▶ chat turns ──chat_spans.render_conversation──▶ text + trained spans (from the template's own renderings)
        ──tokenise (special-token text in data stays text)──▶ input_ids / labels ──collator──▶ batches
+
+Many records go through :func:`tokenize_batch` (a data file through :mod:`qwen_helpers.data_files`, a list
+through :func:`tokenize_records`): one chat-template call and one tokenizer call per batch, each
+conversation shape marked once, the same ids and labels as :func:`tokenize_example` gives record by record.
 
 Training, evaluation and inference all format prompts with :func:`format_prompt`, built on the
 tokenizer's own chat template with the same options (Qwen3: ``enable_thinking``), so there is exactly
@@ -11,11 +15,12 @@ one prompt format in the kit.
 
 from __future__ import annotations
 
-import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .records import DataFormat, DataValidationError, FieldMap, load_records
+from .chat_spans import cut_pieces, fits_skeleton, render, render_conversation, render_prompt, skeleton_of
+from .records import DataValidationError
 
 IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy skips
 OverflowPolicy = Literal["drop", "truncate_prompt"]
@@ -46,127 +51,24 @@ def build_messages(record: dict, with_response: bool = True, enable_thinking: bo
     return messages
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, enable_thinking: bool) -> str:
-    """The checkpoint's own chat template applied to ``messages`` (``enable_thinking`` is read by Qwen3's, ignored by others)."""
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking
-    )
-
-
 def format_prompt(tokenizer, record: dict, enable_thinking: bool = False) -> str:
     """The prompt text for a record: every turn before the answer, then the template's generation prompt.
 
     The one prompt format: training renders the same turns the same way, so the model is asked exactly
     as it was taught (Qwen3: ``enable_thinking=False`` ends the prompt with an empty think block).
     """
-    return _render(tokenizer, build_messages(record, with_response=False), True, enable_thinking)
-
-
-# Private-use characters that mark where each message's text sits in the rendered template, so data can be
-# told from scaffolding: "\ue000c3\ue002" opens the content of message 3, "\ue001c3\ue002" closes it.
-_OPEN, _CLOSE, _END = "\ue000", "\ue001", "\ue002"
-_MARK = re.compile(f"([{_OPEN}{_CLOSE}])([cr]\\d+){_END}")
-
-
-@dataclass
-class RenderedConversation:
-    """A conversation rendered by its chat template: the text, where the data lies in it, and which spans are trained."""
-
-    text: str
-    data_spans: list[tuple[int, int]]  # message contents (tokenised as plain text: special-token text stays text)
-    trained_spans: list[tuple[int, int]]  # each assistant turn's content (and reasoning) and its closing token
-
-
-def _marked(messages: list[dict]) -> list[dict]:
-    marked = []
-    for position, message in enumerate(messages):
-        message = dict(message)
-        message["content"] = f"{_OPEN}c{position}{_END}{message['content']}{_CLOSE}c{position}{_END}"
-        if message.get("reasoning_content"):
-            message["reasoning_content"] = f"{_OPEN}r{position}{_END}{message['reasoning_content']}{_CLOSE}r{position}{_END}"
-        marked.append(message)
-    return marked
-
-
-def _unmark(text: str) -> tuple[str, dict[str, tuple[int, int]]]:
-    """Remove the markers; return the plain text and each marked field's (start, end) in it."""
-    plain, spans, opened, last = [], {}, {}, 0
-    length = 0
-    for match in _MARK.finditer(text):
-        piece = text[last:match.start()]
-        plain.append(piece)
-        length += len(piece)
-        kind, tag = match.groups()
-        if kind == _OPEN:
-            opened[tag] = length
-        else:
-            spans[tag] = (opened.pop(tag), length)
-        last = match.end()
-    plain.append(text[last:])
-    return "".join(plain), spans
-
-
-def render_conversation(tokenizer, messages: list[dict], enable_thinking: bool = False) -> RenderedConversation:
-    """Render a whole conversation and find, from the template's own renderings, the trained span of every assistant turn.
-
-    For assistant turn i: the conversation before it rendered alone must be a prefix of the whole; the
-    turn starts there with the template's generation prompt (or, where the template renders earlier turns
-    without part of it, as Qwen3 drops their empty think block, with that prompt's first lines); it ends
-    after its content and the closing text the template writes after the last answer, trailing newline
-    excluded. Nothing is found by searching for a token.
-    """
-    text = _render(tokenizer, messages, False, enable_thinking)
-    marked_text, fields = _unmark(_render(tokenizer, _marked(messages), False, enable_thinking))
-    if marked_text != text:
-        raise ValueError(
-            "The chat template rewrites message contents (it renders them differently once marked), so the kit cannot tell "
-            "data from template text. Use a Qwen chat template, or report the template."
-        )
-    last_answer = fields.get(f"c{len(messages) - 1}")
-    closing = text[last_answer[1]:].rstrip() if last_answer else ""
-    if not closing:
-        raise ValueError("The chat template writes nothing after an assistant turn, so the model could never learn to stop.")
-    trained = []
-    for position, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:position], False, enable_thinking)
-        prompt = _render(tokenizer, messages[:position], True, enable_thinking)
-        content = fields.get(f"c{position}")
-        if not text.startswith(before) or not prompt.startswith(before) or content is None:
-            raise ValueError(f"The chat template renders turn {position} differently inside the conversation; cannot mark its trained tokens.")
-        header = _turn_header(text[len(before):], prompt[len(before):])
-        end = content[1] + len(closing)
-        if header is None or text[content[1]:end] != closing:
-            raise ValueError(f"The chat template renders assistant turn {position} in an unexpected shape; cannot mark its trained tokens.")
-        trained.append((len(before) + len(header), end))
-    return RenderedConversation(text, sorted(fields.values()), trained)
-
-
-def _turn_header(turn: str, generation_prompt: str) -> str | None:
-    """The scaffolding that opens an assistant turn: the generation prompt, or its longest run of whole lines the turn starts with."""
-    if turn.startswith(generation_prompt):
-        return generation_prompt
-    lines = generation_prompt.splitlines(keepends=True)
-    for count in range(len(lines) - 1, 0, -1):
-        header = "".join(lines[:count])
-        if header.endswith("\n") and turn.startswith(header):
-            return header
-    return None
+    return render(tokenizer, build_messages(record, with_response=False), True, enable_thinking)
 
 
 def _tokenize_pieces(tokenizer, text: str, data_spans, trained_spans) -> tuple[list[int], list[int]]:
     """Token ids and labels: data pieces with special-token splitting (written ``<|im_end|>`` stays text), scaffolding as is."""
-    cuts = sorted({0, len(text), *(p for span in data_spans for p in span), *(p for span in trained_spans for p in span)})
-    pieces = [(start, end) for start, end in zip(cuts, cuts[1:]) if end > start]
-    is_data = [any(a <= start and end <= b for a, b in data_spans) for start, end in pieces]
-    is_trained = [any(a <= start and end <= b for a, b in trained_spans) for start, end in pieces]
-    data_texts = [text[start:end] for (start, end), data in zip(pieces, is_data) if data]
-    template_texts = [text[start:end] for (start, end), data in zip(pieces, is_data) if not data]
+    pieces = cut_pieces(text, data_spans, trained_spans)
+    data_texts = [text[start:end] for start, end, data, _ in pieces if data]
+    template_texts = [text[start:end] for start, end, data, _ in pieces if not data]
     data_ids = iter(tokenizer(data_texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if data_texts else [])
     template_ids = iter(tokenizer(template_texts, add_special_tokens=False)["input_ids"] if template_texts else [])
     input_ids, labels = [], []
-    for data, trained in zip(is_data, is_trained):
+    for _, _, data, trained in pieces:
         ids = next(data_ids) if data else next(template_ids)
         input_ids += ids
         labels += ids if trained else [IGNORE_INDEX] * len(ids)
@@ -175,10 +77,7 @@ def _tokenize_pieces(tokenizer, text: str, data_spans, trained_spans) -> tuple[l
 
 def tokenize_prompt(tokenizer, record: dict, enable_thinking: bool = False) -> list[int]:
     """The prompt's token ids, tokenised exactly as training tokenises the same text (special-token text in data stays text)."""
-    messages = build_messages(record, with_response=False)
-    text = _render(tokenizer, messages, True, enable_thinking)
-    marked_text, fields = _unmark(_render(tokenizer, _marked(messages), True, enable_thinking))
-    data_spans = sorted(fields.values()) if marked_text == text else []
+    text, data_spans = render_prompt(tokenizer, build_messages(record, with_response=False), enable_thinking)
     return _tokenize_pieces(tokenizer, text, data_spans, [])[0]
 
 
@@ -195,7 +94,12 @@ def tokenize_example(tokenizer, record: dict, max_length: int | None = None, ove
 
 
 def _encode_with_labels(tokenizer, record: dict, enable_thinking: bool = False) -> dict:
-    rendered = render_conversation(tokenizer, build_messages(record, enable_thinking=enable_thinking), enable_thinking)
+    return _encode_messages(tokenizer, build_messages(record, enable_thinking=enable_thinking), enable_thinking)
+
+
+def _encode_messages(tokenizer, messages: list[dict], enable_thinking: bool) -> dict:
+    """One conversation the reference way: rendered and marked by :func:`render_conversation`, its pieces tokenised."""
+    rendered = render_conversation(tokenizer, messages, enable_thinking)
     end = rendered.trained_spans[-1][1]  # the template's newline after the last <|im_end|> is not trained, nor kept
     data_spans = [(start, min(stop, end)) for start, stop in rendered.data_spans if start < end]
     input_ids, labels = _tokenize_pieces(tokenizer, rendered.text[:end], data_spans, rendered.trained_spans)
@@ -213,6 +117,100 @@ def _fit_to_length(example: dict, max_length: int, overflow: OverflowPolicy) -> 
     # Keep the end of the prompt (it ends with "<|im_start|>assistant\n", which the answer must follow).
     cut = len(input_ids) - max_length
     return {"input_ids": input_ids[cut:], "attention_mask": [1] * max_length, "labels": labels[cut:]}
+
+
+# ------------------------------------------------------------------------------------------ many records at once
+
+_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per tokenizer: skeletons and template-piece token ids
+TOKENIZED_COLUMNS = ("input_ids", "attention_mask", "labels", "record_index", "truncated")  # what tokenize_batch returns
+BATCH_SIZE = 1000  # records per tokenisation batch: few calls into the tokenizer, little memory
+
+
+def encode_conversations(tokenizer, conversations: list[list[dict]], enable_thinking: bool = False, indices=None) -> list[dict]:
+    """``input_ids``/``attention_mask``/``labels`` of many conversations, equal to encoding each alone, in a few calls.
+
+    Each conversation is rendered once (one batched chat-template call). Where the rendering is its
+    shape's skeleton with the texts filled in, the skeleton's pieces and trained spans apply, and every
+    data text of the batch is tokenised in one call (template pieces once per tokenizer). Anything else (a
+    template that rewrites a text, an empty text, marker characters in the data) takes the per-record way,
+    whose ValueError becomes a DataValidationError naming the record (``indices``: the records' numbers).
+    """
+    indices = list(range(len(conversations))) if indices is None else list(indices)
+    if not conversations:
+        return []
+    cache = _caches.setdefault(tokenizer, {})
+    template_key = (str(tokenizer.chat_template), len(tokenizer), enable_thinking)
+    try:
+        texts = tokenizer.apply_chat_template(conversations, tokenize=False, enable_thinking=enable_thinking)
+    except Exception:  # a record the template refuses: the per-record way says which
+        texts = [None] * len(conversations)
+    skeletons, data_texts = [], []
+    for messages, text in zip(conversations, texts):
+        key = (template_key, tuple((message["role"], "reasoning_content" in message) for message in messages))
+        if key not in cache:
+            cache[key] = skeleton_of(tokenizer, key[1], enable_thinking)
+        skeleton = cache[key] if text is not None and fits_skeleton(cache[key], messages, text) else None
+        skeletons.append(skeleton)
+        data_texts += [messages[piece[0]][piece[1]] for piece, _ in skeleton.pieces if isinstance(piece, tuple)] if skeleton else []
+    data_ids = iter(token_ids(tokenizer, data_texts, split_special_tokens=True))
+    examples = []
+    for index, messages, skeleton in zip(indices, conversations, skeletons):
+        if skeleton is None:
+            try:
+                examples.append(_encode_messages(tokenizer, messages, enable_thinking))
+            except ValueError as error:
+                raise DataValidationError(f"record {index}: {error}") from None
+            continue
+        input_ids, labels = [], []
+        for piece, trained in skeleton.pieces:
+            if isinstance(piece, tuple):
+                ids = next(data_ids)
+            elif (ids := cache.get((template_key, piece))) is None:
+                ids = cache[(template_key, piece)] = token_ids(tokenizer, [piece], split_special_tokens=False)[0]
+            input_ids += ids
+            labels += ids if trained else [IGNORE_INDEX] * len(ids)
+        examples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
+    return examples
+
+
+def token_ids(tokenizer, texts: list[str], split_special_tokens: bool) -> list[list[int]]:
+    """``tokenizer(texts, add_special_tokens=False, split_special_tokens=...)["input_ids"]``, from the Rust tokenizer without offsets.
+
+    ``encode_batch_fast`` skips the character offsets transformers' call computes and drops, about a third
+    of the tokenising time; a tokenizer without one (or with truncation or padding set) takes transformers' call.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if not texts:
+        return []
+    if not hasattr(backend, "encode_batch_fast") or backend.truncation or backend.padding:
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
+    before, backend.encode_special_tokens = backend.encode_special_tokens, split_special_tokens
+    try:
+        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    finally:
+        backend.encode_special_tokens = before
+
+
+def tokenize_batch(tokenizer, conversations: list[list[dict]], indices, max_length: int, overflow: OverflowPolicy = "drop",
+                   enable_thinking: bool = False) -> dict[str, list]:
+    """The one tokenisation step, as columns: the examples that fit (or were cut to fit), their ``record_index`` and ``truncated``."""
+    columns = {name: [] for name in TOKENIZED_COLUMNS}
+    for index, full in zip(indices, encode_conversations(tokenizer, conversations, enable_thinking, indices)):
+        example = _fit_to_length(full, max_length, overflow)
+        if example is not None:
+            for name in ("input_ids", "attention_mask", "labels"):
+                columns[name].append(example[name])
+            columns["record_index"].append(index)
+            columns["truncated"].append(example is not full)
+    return columns
+
+
+def tokenized_features():
+    """The Arrow types of :func:`tokenize_batch`'s columns (int32 ids: half the disk and cache of Python's default int64)."""
+    from datasets import Features, List, Value
+
+    return Features({"input_ids": List(Value("int32")), "attention_mask": List(Value("int32")), "labels": List(Value("int32")),
+                     "record_index": Value("int64"), "truncated": Value("bool")})
 
 
 @dataclass
@@ -233,38 +231,35 @@ class TokenizedData:
         return ", ".join(parts)
 
 
+def tokenized_data(dataset, records: int, max_length: int) -> TokenizedData:
+    """The report read from :func:`tokenize_batch`'s columns (records missing from ``record_index`` were dropped), those columns removed."""
+    import numpy as np
+
+    if len(dataset) == 0:
+        raise DataValidationError(f"Every record is longer than max_length={max_length} tokens. Raise --max_length or shorten the data.")
+    kept = np.ones(records, dtype=bool)
+    kept[dataset.data.column("record_index").to_numpy()] = False
+    truncated = int(dataset.data.column("truncated").to_numpy(zero_copy_only=False).sum())
+    dataset = dataset.remove_columns(["record_index", "truncated"])
+    return TokenizedData(dataset, kept=len(dataset), dropped=np.flatnonzero(kept).tolist(), truncated=truncated)
+
+
 def tokenize_records(tokenizer, records: list[dict], max_length: int, overflow: OverflowPolicy = "drop",
                      enable_thinking: bool = False) -> TokenizedData:
-    """Tokenise every record into a ``datasets.Dataset``; over-long records are dropped or truncated, and counted."""
+    """Tokenise every record into a ``datasets.Dataset``; over-long records are dropped or truncated, and counted.
+
+    The same batches as :func:`qwen_helpers.data_files.load_dataset_for_training`, for records already in memory.
+    """
     from datasets import Dataset
 
-    rows, dropped, truncated = [], [], 0
-    for index, record in enumerate(records):
-        try:
-            full = _encode_with_labels(tokenizer, record, enable_thinking)
-        except ValueError as error:
-            raise DataValidationError(f"record {index}: {error}") from None
-        example = _fit_to_length(full, max_length, overflow)
-        if example is None:
-            dropped.append(index)
-            continue
-        truncated += example is not full
-        rows.append(example)
-    if not rows:
-        raise DataValidationError(
-            f"Every record is longer than max_length={max_length} tokens. Raise --max_length or shorten the data."
-        )
-    return TokenizedData(Dataset.from_list(rows), kept=len(rows), dropped=dropped, truncated=truncated)
-
-
-def load_dataset_for_training(tokenizer, path, max_length: int, overflow: OverflowPolicy = "drop", fields: FieldMap = FieldMap(),
-                              data_format: DataFormat = "auto", enable_thinking: bool = False) -> TokenizedData:
-    """Load, validate and tokenise a data file in one call (what the training commands use)."""
-    records = load_records(path, fields, data_format)
-    try:
-        return tokenize_records(tokenizer, records, max_length, overflow, enable_thinking)
-    except DataValidationError as error:
-        raise DataValidationError(f"{path}, {error}") from None
+    columns = {name: [] for name in TOKENIZED_COLUMNS}
+    for start in range(0, len(records), BATCH_SIZE):
+        chunk = records[start:start + BATCH_SIZE]
+        batch = tokenize_batch(tokenizer, [build_messages(record, enable_thinking=enable_thinking) for record in chunk],
+                               range(start, start + len(chunk)), max_length, overflow, enable_thinking)
+        for name, values in batch.items():
+            columns[name] += values
+    return tokenized_data(Dataset.from_dict(columns, features=tokenized_features()), len(records), max_length)
 
 
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")

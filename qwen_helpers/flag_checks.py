@@ -65,13 +65,13 @@ def check_classification_flags(data_args, task: str = "auto", labels: str | None
 
     Returns the label set evaluation will use, or None when there is nothing to check (generation, no --labels, no eval file).
     """
-    from .records import check_labels_fit, check_labels_known, detect_task, load_records, parse_labels
+    from .records import check_labels_fit, check_labels_known, detect_task, iter_records, load_records, parse_labels
 
     named = parse_labels(labels)
     if named is None and (task == "generation" or not data_args.eval_data_path):
         return None  # without --labels only the evaluation file's answers can be wrong
     fields = data_args.field_map()
-    records = load_records(data_args.data_path, fields, data_args.data_format)
+    records = [{"output": record["output"]} for record in iter_records(data_args.data_path, fields, data_args.data_format)]  # answers only
     if detect_task(records, task) != "classification":
         if named is not None:
             how = f"--task {task}" if task != "auto" else "auto-detected: its answers are not a few repeated labels"

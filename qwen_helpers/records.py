@@ -8,12 +8,14 @@ tokenising the records is :mod:`qwen_helpers.data`'s job.
 
 from __future__ import annotations
 
+import codecs
+import itertools
 import json
 import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 from .errors import FlagError, KitError
 
@@ -25,6 +27,7 @@ DataFormat = Literal["auto", "alpaca", "messages", "sharegpt"]
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 REASONING_FIELDS = ("reasoning_content", "reasoning")  # where records carry an answer's reasoning (Qwen3 thinking mode)
+_NOTHING = object()  # what next() returns for a source without records
 
 
 @dataclass(frozen=True)
@@ -64,38 +67,67 @@ def _duplicate_key(value) -> str | None:
     return next((key for child in children if (key := _duplicate_key(child))), None)
 
 
-def _read_json_or_jsonl(path: Path) -> list[Any]:
+def _not_utf8(path: Path, byte: int, offset: int) -> DataValidationError:
+    return DataValidationError(
+        f"{path}: not UTF-8 text (byte {byte:#04x} at offset {offset}). Convert it first, e.g. "
+        f"`iconv -f GBK -t UTF-8 {path} > {path.with_suffix('.utf8' + path.suffix)}` for a file saved in GBK."
+    )
+
+
+def _first_character(path: Path) -> bytes:
+    """The file's first non-blank byte (after a UTF-8 BOM), read in chunks: ``b"["`` means a JSON array."""
+    with open(path, "rb") as handle:
+        chunk = handle.read(1 << 16).removeprefix(codecs.BOM_UTF8)
+        while chunk:
+            if stripped := chunk.lstrip():
+                return stripped[:1]
+            chunk = handle.read(1 << 16)
+    raise DataValidationError(f"{path}: the file is empty. Expected a JSON array of records or JSON Lines.")
+
+
+def _read_json_array(path: Path) -> list[Any]:
+    """A JSON array file, read whole (it cannot be split into records without parsing it all)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
+        raise _not_utf8(path, error.object[error.start], error.start) from None
+    try:
+        return json.loads(text, object_pairs_hook=_object_without_duplicates)
+    except json.JSONDecodeError as error:
         raise DataValidationError(
-            f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}). Convert it first, e.g. "
-            f"`iconv -f GBK -t UTF-8 {path} > {path.with_suffix('.utf8' + path.suffix)}` for a file saved in GBK."
+            f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}. "
+            "Fix the file (a JSON array of objects) or save it as JSON Lines, one object per line."
         ) from None
-    stripped = text.lstrip()
-    if not stripped:
-        raise DataValidationError(f"{path}: the file is empty. Expected a JSON array of records or JSON Lines.")
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text, object_pairs_hook=_object_without_duplicates)
-        except json.JSONDecodeError as error:
-            raise DataValidationError(
-                f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}. "
-                "Fix the file (a JSON array of objects) or save it as JSON Lines, one object per line."
-            ) from None
-        return data
-    records = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line, object_pairs_hook=_object_without_duplicates))
-        except json.JSONDecodeError as error:
-            raise DataValidationError(
-                f"{path}: malformed JSON on line {line_number}, column {error.colno}: {error.msg}. "
-                "Each line of a JSON Lines file must be one complete JSON object."
-            ) from None
-    return records
+
+
+def _read_json_lines(path: Path) -> Iterator[Any]:
+    """The objects of a JSON Lines file one line at a time, so memory does not grow with the file."""
+    offset = 0
+    with open(path, "rb") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            start = len(codecs.BOM_UTF8) if line_number == 1 and line.startswith(codecs.BOM_UTF8) else 0
+            try:
+                text = line[start:].decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise _not_utf8(path, error.object[error.start], offset + start + error.start) from None
+            offset += len(line)
+            if not text.strip():
+                continue
+            try:
+                yield json.loads(text, object_pairs_hook=_object_without_duplicates)
+            except json.JSONDecodeError as error:
+                raise DataValidationError(
+                    f"{path}: malformed JSON on line {line_number}, column {error.colno}: {error.msg}. "
+                    "Each line of a JSON Lines file must be one complete JSON object."
+                ) from None
+
+
+def read_raw_records(path: Path) -> Iterator[Any]:
+    """The raw records of a file: JSON Lines streamed line by line, a JSON array read whole."""
+    if _first_character(path) == b"[":
+        yield from _read_json_array(path)
+    else:
+        yield from _read_json_lines(path)
 
 
 def detect_format(record: Any) -> str:
@@ -122,41 +154,58 @@ def load_records(
     ``messages``: every turn before the answer. Unknown extra fields are kept. Anything that cannot be
     trained on raises :class:`DataValidationError` naming the file, the record index and what is wrong.
     """
+    return list(iter_records(source, fields, data_format))
+
+
+def iter_records(
+    source: str | os.PathLike | Iterable[dict],
+    fields: FieldMap = FieldMap(),
+    data_format: DataFormat = "auto",
+) -> Iterator[dict]:
+    """:func:`load_records` one record at a time: a JSON Lines file is read line by line, so memory stays flat.
+
+    The checks and their messages are load_records' (it is this, collected); a field map naming a field
+    that no record has is reported once every record has been read.
+    """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
             raise DataValidationError(f"{path}: no such data file. Check --data_path (paths are relative to {Path.cwd()}).")
-        raw, where = _read_json_or_jsonl(path), str(path)
+        raw, where = read_raw_records(path), str(path)
     else:
-        raw, where = list(source), "records"
-    if not isinstance(raw, list):
-        raise DataValidationError(f"{where}: expected a JSON array of records, found a {type(raw).__name__}.")
-    if not raw:
+        raw, where = iter(source), "records"
+    first = next(raw, _NOTHING)
+    if first is _NOTHING:
         raise DataValidationError(f"{where}: no records found.")
-    file_format = detect_format(raw[0]) if data_format == "auto" else data_format
-    records = []
-    for index, record in enumerate(raw):
-        if (key := _duplicate_key(record)) is not None:
-            raise DataValidationError(
-                f"{where}, record {index}: the key '{key}' appears twice, so one of its values would be silently lost. Keep one."
-            )
+    file_format = detect_format(first) if data_format == "auto" else data_format
+    keys_seen = set()
+    for index, record in enumerate(itertools.chain([first], raw)):
+        yield validate_record(record, index, where, file_format, fields)
         if file_format == "alpaca":
-            records.append(_validate_alpaca(record, index, where, fields))
-        else:
-            records.append(_validate_conversation(record, index, where, file_format))
+            keys_seen.update(record)
     if file_format == "alpaca":
-        _check_mapped_fields_exist(raw, where, fields)
-    return records
+        _check_mapped_fields_exist(keys_seen, where, fields)
 
 
-def _check_mapped_fields_exist(raw: list[dict], where: str, fields: FieldMap) -> None:
+
+def validate_record(record: Any, index: int, where: str, file_format: str, fields: FieldMap = FieldMap()) -> dict:
+    """One raw record checked and converted to the kit's keys (see :func:`load_records`); ``file_format`` is not "auto"."""
+    if (key := _duplicate_key(record)) is not None:
+        raise DataValidationError(
+            f"{where}, record {index}: the key '{key}' appears twice, so one of its values would be silently lost. Keep one."
+        )
+    if file_format == "alpaca":
+        return _validate_alpaca(record, index, where, fields)
+    return _validate_conversation(record, index, where, file_format)
+
+
+def _check_mapped_fields_exist(keys_seen: set[str], where: str, fields: FieldMap) -> None:
     """A renamed optional field (``--input_field``, ``--system_field``) that no record has is a typo, not an absence."""
     defaults = FieldMap()
     for flag, name, default in (("input", fields.input, defaults.input), ("system", fields.system, defaults.system)):
-        if name != default and not any(name in record for record in raw):
-            found = sorted({key for record in raw for key in record})
+        if name != default and name not in keys_seen:
             raise DataValidationError(
-                f"{where}: --{flag}_field {name}: no record has a field '{name}'. Fields found: {found}. Fix the flag or drop it."
+                f"{where}: --{flag}_field {name}: no record has a field '{name}'. Fields found: {sorted(keys_seen)}. Fix the flag or drop it."
             )
 
 

@@ -21,7 +21,8 @@ from .callbacks import LossHistoryCallback, NanGuardCallback, train_losses
 from .checks import base_summary, check_model_path
 from .flag_checks import check_classification_flags, check_training_flags
 from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments, write_run_config
-from .data import chat_tokens_to_train, load_dataset_for_training
+from .data import chat_tokens_to_train
+from .data_files import load_dataset_for_training
 from .files import base_weights_size, folder_size, human_bytes, remove_folders, swap_in
 from .methods import get_method
 from .modeling import base_config_of, build_quantization_config, check_target_modules, count_parameters, load_base_model, load_tokenizer

@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qwen_helpers"
 # Leaves import only other leaves; the core imports leaves and core; commands import anything.
 # widgets and plots are leaves that the core never imports (they draw; the core computes).
 LAYERS = {
-    "leaf": {"tiny", "records", "data", "metrics", "plots", "widgets", "precision", "methods", "config", "allocator", "presets", "files", "errors", "checks", "flag_checks",
-             "quickflags"},
+    "leaf": {"tiny", "records", "chat_spans", "data", "data_files", "metrics", "plots", "widgets", "precision", "methods", "config", "allocator",
+             "presets", "files", "errors", "checks", "flag_checks", "quickflags"},
     "core": {"modeling", "train", "adapters", "generation", "evaluation", "classification", "merge", "batching", "speed", "gguf_export", "ollama", "serving", "callbacks", "run_folder"},
     "command": {"cli", "inference", "export", "train_lora", "train_qlora", "train_prompt_tuning", "demo", "benchmark", "make_tiny_qwen",
                 "inspect_data", "__main__"},

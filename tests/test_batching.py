@@ -14,7 +14,8 @@ from qwen_helpers.batching import (
     resolve_padding_free,
 )
 from qwen_helpers.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
-from qwen_helpers.data import load_dataset_for_training, make_collator
+from qwen_helpers.data import make_collator
+from qwen_helpers.data_files import load_dataset_for_training
 from tests.conftest import DATA
 
 

@@ -118,7 +118,7 @@ def lognormal_lengths(count: int, mean: int, longest: int, seed: int) -> list[in
 
 def prepare_data(args: BenchmarkArguments, model_path: str, folder: Path) -> tuple[str, list[int]]:
     """The data file both sides train on, and its example lengths (for the estimate and the MFU)."""
-    from ..data import load_dataset_for_training
+    from ..data_files import load_dataset_for_training
     from ..modeling import load_tokenizer
 
     tokenizer = load_tokenizer(model_path)

@@ -1,0 +1,100 @@
+"""A data file to a tokenised dataset through 🤗 datasets: validated as it streams, tokenised in batches, cached on disk.
+
+    data file ──records.iter_records (JSON Lines line by line)──▶ Arrow: record_index + chat messages (JSON)  validation pass
+        ──Dataset.map(data.tokenize_batch, batched)──▶ Arrow: input_ids / attention_mask / labels            tokenising pass
+
+Both passes write memory-mapped Arrow files in the datasets cache (``$HF_DATASETS_CACHE``, never beside
+the data), so memory stays flat in the file's size, and a second run with the same file, tokenizer and
+settings reads them back instead of tokenising again. A JSON array file is parsed whole (JSON Lines is
+the format for large data). Errors are :mod:`qwen_helpers.records`' one-line errors, raised by the
+validation pass before any tokenising.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from .data import BATCH_SIZE, OverflowPolicy, TokenizedData, build_messages, tokenize_batch, tokenized_data, tokenized_features
+from .records import DataFormat, DataValidationError, FieldMap, iter_records
+
+# What the tokenised result depends on besides the settings: the code of these modules (a kit upgrade re-tokenises).
+_CODE = ("records.py", "chat_spans.py", "data.py", "data_files.py")
+
+
+def load_dataset_for_training(tokenizer, path, max_length: int, overflow: OverflowPolicy = "drop", fields: FieldMap = FieldMap(),
+                              data_format: DataFormat = "auto", enable_thinking: bool = False, cache_dir: str | None = None,
+                              echo=print) -> TokenizedData:
+    """Load, validate and tokenise a data file (what the training commands use), with a progress bar and a closing line.
+
+    ``cache_dir`` replaces the datasets cache folder (tests and the benchmark use a fresh one).
+    """
+    started = time.perf_counter()
+    conversations = conversations_dataset(path, fields, data_format, enable_thinking, cache_dir)
+    fingerprint = _hash("tokenised", conversations._fingerprint, tokenizer_fingerprint(tokenizer), max_length, overflow, enable_thinking)
+    try:
+        tokenized = conversations.map(
+            _tokenize_columns, batched=True, batch_size=BATCH_SIZE, writer_batch_size=BATCH_SIZE, remove_columns=conversations.column_names,
+            fn_kwargs=dict(tokenizer=tokenizer, max_length=max_length, overflow=overflow, enable_thinking=enable_thinking),
+            features=tokenized_features(), new_fingerprint=fingerprint, desc=f"Tokenising {path}",
+        )
+        data = tokenized_data(tokenized, len(conversations), max_length)
+    except DataValidationError as error:
+        raise DataValidationError(f"{path}, {error}") from None
+    seconds = time.perf_counter() - started
+    echo(f"tokenised {len(conversations)} records of {path} in {seconds:.1f} s ({len(conversations) / seconds:,.0f} records/s): {data.summary()}")
+    return data
+
+
+def _tokenize_columns(batch: dict, tokenizer, max_length: int, overflow: OverflowPolicy, enable_thinking: bool) -> dict:
+    conversations = [json.loads(messages) for messages in batch["messages"]]
+    return tokenize_batch(tokenizer, conversations, batch["record_index"], max_length, overflow, enable_thinking)
+
+
+def conversations_dataset(path, fields: FieldMap = FieldMap(), data_format: DataFormat = "auto", enable_thinking: bool = False,
+                          cache_dir: str | None = None):
+    """The validation pass: every record of ``path`` checked and written as chat messages to a cached Arrow dataset.
+
+    Cached under a fingerprint of the file (path, size, modification time), the settings and the kit's
+    code, so an edited file or a new kit version validates again.
+    """
+    from datasets import Dataset, Features, Value
+    from datasets.exceptions import DatasetGenerationError
+
+    file = Path(path)
+    if not file.is_file():
+        next(iter_records(file))  # the loader's own "no such data file" error
+    stat = file.stat()
+    fingerprint = _hash("conversations", str(file.resolve()), stat.st_size, stat.st_mtime_ns, fields, data_format, enable_thinking)
+    features = Features({"record_index": Value("int64"), "messages": Value("string")})  # JSON text: 5x cheaper to write than nested structs
+    try:
+        return Dataset.from_generator(_conversation_rows, features=features, cache_dir=cache_dir, fingerprint=fingerprint,
+                                      gen_kwargs=dict(path=str(file), fields=fields, data_format=data_format, enable_thinking=enable_thinking))
+    except DatasetGenerationError as error:  # datasets wraps what the generator raised
+        if isinstance(error.__cause__, DataValidationError):
+            raise error.__cause__ from None
+        raise
+
+
+def _conversation_rows(path: str, fields: FieldMap, data_format: DataFormat, enable_thinking: bool):
+    for index, record in enumerate(iter_records(path, fields, data_format)):
+        yield {"record_index": index, "messages": json.dumps(build_messages(record, enable_thinking=enable_thinking), ensure_ascii=False)}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides the token ids: the tokenizer's vocabulary and rules, its special tokens, its chat template."""
+    backend = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(sorted(tokenizer.get_vocab().items()))
+    return _hash(backend, str(tokenizer.chat_template), repr(tokenizer.special_tokens_map), len(tokenizer))
+
+
+def _hash(*parts) -> str:
+    """A datasets fingerprint (64 hex digits) of ``parts`` and the kit's data code."""
+    digest = hashlib.sha256()
+    package = Path(__file__).parent
+    for name in _CODE:
+        digest.update((package / name).read_bytes())
+    for part in parts:
+        digest.update(repr(part).encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()
