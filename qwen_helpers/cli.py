@@ -18,11 +18,14 @@ from .quickflags import dataclass_parser, parse_command_flags
 def check_flag_values(method: str, flags: argparse.Namespace) -> None:
     """Every check of the flags' values that needs no library, on the quick parse's namespace."""
     from .batching import check_token_budget, resolve_padding_free
+    from .checks import check_model_path, looks_like_local_path
 
     check_data_flags(flags)
     check_training_flags(flags, flags)  # the method's own checks apply where its flags are present
     check_token_budget(flags.token_budget, flags.max_length)
     resolve_padding_free(flags.padding_free, method, flags.attn_implementation)
+    if looks_like_local_path(flags.model_path):  # a hub id is checked by train(), once (it may print a download note)
+        check_model_path(flags.model_path)
 
 
 def parse_training_args(method: str, argv: list[str] | None = None, **defaults):

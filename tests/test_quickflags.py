@@ -134,7 +134,8 @@ def test_second_run_answers_without_torch_or_transformers(module, typo, meant, t
 def test_value_checks_run_on_the_quick_parse(tmp_path):
     probe("train_lora", ["--help"], tmp_path)
     for argv, named in ((["--learning_rate", "-1"], "--learning_rate must be above 0"), (["--max_length", "8"], "--max_length 8"),
-                        (["--lora_alpha", "-32"], "--lora_alpha must be above 0"), (["--token_budget", "4"], "--token_budget 4")):
+                        (["--lora_alpha", "-32"], "--lora_alpha must be above 0"), (["--token_budget", "4"], "--token_budget 4"),
+                        (["--model_path", str(tmp_path / "no-such-model")], "no such folder")):
         result, stderr = probe("train_lora", argv, tmp_path)
         assert result == "RESULT 2 False False", argv
         assert stderr.startswith("error: ") and named in stderr, stderr

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..errors import command_boundary, parse_flags
+from ..errors import command_boundary
+from ..quickflags import dataclass_parser, parse_command_flags
 from .worker import worker_env
 
 ENGLISH = ("the model learns to answer short questions about travel food history science and daily life in clear simple "
@@ -217,9 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         side, model_path, data_path, cache_dir, max_length = argv[1:6]
         print(json.dumps(run_side(side, model_path, data_path, cache_dir, int(max_length))))
         return 0
-    from transformers import HfArgumentParser
-
-    (args,) = parse_flags(HfArgumentParser(DataSpeedArguments), argv)
+    (args,) = parse_command_flags("benchmark.data_speed", lambda: dataclass_parser(DataSpeedArguments), argv)
     run_data_benchmark(args, shlex.join(["python", "-m", "qwen_helpers.benchmark.data_speed", *argv]))
     return 0
 
