@@ -119,22 +119,17 @@ def run_export(args: ExportArguments) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: export an adapter (--format hf|gguf), check it for vLLM (--check vllm), or fetch llama.cpp's converter."""
     args = parse_export_args(argv)
-    from .gguf_export import LLAMA_CPP_PYTHON_VERSION, MissingToolError, fetch_converter
+    from .gguf_export import LLAMA_CPP_PYTHON_VERSION, fetch_converter
     from .serving import check_vllm_adapter
 
-    try:
-        if args.fetch_converter:
-            print(f"llama.cpp's converter from llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} is in {fetch_converter()}")
-            return 0
-        if args.check == "vllm":
-            result = check_vllm_adapter(args.adapter_path, args.model_path, args.max_lora_rank)
-            print(result)
-            return 0 if result.passed else 1
-        return run_export(args)
-    except MissingToolError as error:  # the message holds the one command that installs the missing piece
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
+    if args.fetch_converter:
+        print(f"llama.cpp's converter from llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} is in {fetch_converter()}")
+        return 0
+    if args.check == "vllm":
+        result = check_vllm_adapter(args.adapter_path, args.model_path, args.max_lora_rank)
+        print(result)
+        return 0 if result.passed else 1
+    return run_export(args)  # a missing GGUF tool (MissingToolError) is a KitError: one line naming the install command
 
 if __name__ == "__main__":
     sys.exit(main())

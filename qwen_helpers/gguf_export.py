@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .data import format_prompt
+from .errors import KitError
 from .generation import generate_ids, stop_token_ids
 from .tiny import cache_root
 
@@ -44,8 +45,10 @@ GGUF_TYPES = CONVERTER_TYPES + tuple(QUANTIZE_TYPES)
 EXACT_TYPES = ("f32", "f16")  # same weights as transformers (f16: rounded once): greedy tokens must be identical
 
 
-class MissingToolError(RuntimeError):
-    """A piece the GGUF export needs is not installed; the message holds the one command that installs it."""
+class MissingToolError(KitError, RuntimeError):
+    """A piece the GGUF export needs is not installed; the message holds the one command that installs it.
+
+    A :class:`~qwen_helpers.errors.KitError`: the command boundary prints it as one line, exit code 2."""
 
 
 class VerificationError(RuntimeError):
