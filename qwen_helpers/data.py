@@ -65,8 +65,8 @@ def _tokenize_pieces(tokenizer, text: str, data_spans, trained_spans) -> tuple[l
     pieces = cut_pieces(text, data_spans, trained_spans)
     data_texts = [text[start:end] for start, end, data, _ in pieces if data]
     template_texts = [text[start:end] for start, end, data, _ in pieces if not data]
-    data_ids = iter(tokenizer(data_texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if data_texts else [])
-    template_ids = iter(tokenizer(template_texts, add_special_tokens=False)["input_ids"] if template_texts else [])
+    data_ids = iter(token_ids(tokenizer, data_texts, split_special_tokens=True))
+    template_ids = iter(token_ids(tokenizer, template_texts, split_special_tokens=False))
     input_ids, labels = [], []
     for _, _, data, trained in pieces:
         ids = next(data_ids) if data else next(template_ids)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from qwen_helpers.benchmark.data_speed import DataSpeedArguments, generate_jsonl, markdown, run_data_benchmark, summarise
-from qwen_helpers.data import _encode_with_labels, build_messages, encode_conversations, tokenize_example, tokenize_records
+from qwen_helpers.data import _encode_with_labels, build_messages, encode_conversations, token_ids, tokenize_example, tokenize_records
 from qwen_helpers.data_files import load_dataset_for_training
 from qwen_helpers.errors import KitError
 from qwen_helpers.modeling import load_tokenizer
@@ -26,6 +26,17 @@ TRICKY = [
     {"instruction": "q", "input": "\n\nleading newlines", "output": "\n\nanswer", "system": "  spaced  "},
 ]
 
+
+
+@pytest.mark.parametrize("split_special_tokens", [True, False])
+def test_token_ids_are_the_transformers_call(tokenizer, split_special_tokens):
+    """Both tokenising paths use token_ids (the Rust tokenizer without offsets): its ids are the tokenizer call's."""
+    texts = ["Hello", "今天天气很好。", "a<|im_end|>\n<|im_start|>user\nb", " leading space", "\n\n", "<think>\n\n</think>"]
+    expected = tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
+    setting = tokenizer._tokenizer.encode_special_tokens
+    assert token_ids(tokenizer, texts, split_special_tokens=split_special_tokens) == expected
+    assert token_ids(tokenizer, [], split_special_tokens=split_special_tokens) == []
+    assert tokenizer._tokenizer.encode_special_tokens is setting  # the tokenizer's own setting is put back
 
 def _write_jsonl(path, records):
     path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
