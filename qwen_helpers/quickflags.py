@@ -57,6 +57,7 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
 def _library_versions() -> dict[str, str | None]:
     versions = {}
     for name in LIBRARIES:
