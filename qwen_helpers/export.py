@@ -34,7 +34,7 @@ class ExportArguments:
     verify_max_new_tokens: int = field(default=16, metadata={"help": "Greedy tokens compared per verification prompt."})
     model_path: str | None = field(default=None, metadata={"help": "Base model; default: the base the adapter records."})
     system: str | None = field(default=None, metadata={"help": "System prompt for the Modelfile; default: the one every training record shares, else the template's."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow a non-empty --output_dir (its model files are replaced)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir (the old folder is removed once the new export is complete)."})
     llama_cpp_dir: str | None = field(default=None, metadata={"help": "A llama.cpp source folder holding convert_hf_to_gguf.py; default: the fetched one."})
     check: Literal["vllm"] | None = field(default=None, metadata={"help": "vllm: report whether vLLM's LoRA loader takes the adapter (no vLLM needed); exports nothing."})
     max_lora_rank: int = field(default=16, metadata={"help": "With --check vllm: the --max-lora-rank vLLM will be started with (its default is 16)."})
@@ -75,23 +75,69 @@ def training_system(info: dict) -> str | None:
     return training_system_prompt(load_records(data_path)) if data_path and Path(data_path).is_file() else None
 
 
-def export_gguf(args: ExportArguments, records: list[dict], tools: dict, info: dict) -> tuple[dict, Path]:
-    """Convert the merged folder with llama.cpp's converter, verify it, write the Modelfile; returns (verification, GGUF path)."""
-    from .gguf_export import convert_to_gguf, verify_gguf
+def export_gguf(args: ExportArguments, folder: Path, records: list[dict], tools: dict, info: dict) -> tuple[dict, Path]:
+    """Convert the merged model in ``folder`` with llama.cpp's converter, verify it, write the Modelfile.
+
+    Returns (verification, GGUF path). A llama.cpp crash while quantising or verifying becomes a failed verification
+    that says so: the GGUF stays (unverified, if it was written) and no Modelfile is written for it.
+    """
+    from .gguf_export import LlamaCrashError, convert_to_gguf, verify_gguf
     from .modeling import load_tokenizer
     from .ollama import write_modelfile
 
-    gguf_file = Path(args.output_dir) / f"model-{args.gguf_type}.gguf"
-    convert_to_gguf(args.output_dir, str(gguf_file), args.gguf_type, tools["converter"])
-    verification = verify_gguf(str(gguf_file), args.output_dir, records, args.gguf_type, args.verify_max_new_tokens)
-    write_modelfile(str(gguf_file), load_tokenizer(args.output_dir), args.system or training_system(info))
+    gguf_file = folder / f"model-{args.gguf_type}.gguf"
+    try:
+        convert_to_gguf(str(folder), str(gguf_file), args.gguf_type, tools["converter"])
+        verification = verify_gguf(str(gguf_file), str(folder), records, args.gguf_type, args.verify_max_new_tokens)
+    except LlamaCrashError as crash:
+        return {"passed": False, "crashed": str(crash), "gguf_written": gguf_file.is_file()}, gguf_file
+    write_modelfile(str(gguf_file), load_tokenizer(str(folder)), args.system or training_system(info))
     return verification, gguf_file
 
 
+def crash_line(verification: dict, output_dir: Path, gguf_file: Path) -> str:
+    """The one line a llama.cpp crash gets: what crashed, what was kept, where the details are."""
+    kept = f"the GGUF is kept at {gguf_file} (unverified)" if verification["gguf_written"] else "no GGUF was written"
+    return (f"error: {verification['crashed']}; {kept}, no Modelfile written; the merged model is in {output_dir} "
+            f"(details in {output_dir / 'export_report.json'}). Reinstall llama-cpp-python portably: bash scripts/install_llama_cpp.sh")
+
+
+def build_export(args: ExportArguments, folder: Path, records: list[dict], tools: dict, info: dict) -> tuple[int, dict]:
+    """Merge into ``folder`` and, for --format gguf, convert, verify and write the Modelfile there; (exit status, report)."""
+    from .gguf_export import verification_summary
+    from .merge import merge_and_export
+
+    output_dir = Path(args.output_dir)
+    merge = merge_and_export(args.adapter_path, str(folder), model_path=args.model_path, overwrite=True)
+    merge.output_dir = str(output_dir)  # where it will be once the folder is swapped in
+    print(merge, flush=True)
+    report = {"adapter_path": args.adapter_path, "format": args.format, "merge": dict(merge.__dict__), **({"tools": tools} if tools else {})}
+    if args.format != "gguf":
+        return 0, report
+    verification, gguf_file = export_gguf(args, folder, records, tools, info)
+    final_gguf = output_dir / gguf_file.name
+    report["verification"] = {**verification, **({"gguf_file": str(final_gguf)} if "gguf_file" in verification else {})}
+    if "crashed" in verification:
+        print(crash_line(verification, output_dir, final_gguf), file=sys.stderr)
+        return 1, report
+    print(verification_summary(verification))
+    print(f"GGUF: {final_gguf}; Ollama: ollama create my-model -f {output_dir / 'Modelfile'} && ollama run my-model")
+    if not verification["passed"]:
+        print(f"error: the GGUF does not match the transformers model (details in {output_dir / 'export_report.json'}).", file=sys.stderr)
+        return 1, report
+    return 0, report
+
+
 def run_export(args: ExportArguments) -> int:
-    """Merge, write the transformers folder, and for --format gguf convert, verify and write the Modelfile; 1 if verification fails."""
-    from .gguf_export import LLAMA_CPP_PYTHON_VERSION, check_gguf_tools, verification_summary
-    from .merge import check_export_dir, check_mergeable_adapter, merge_and_export
+    """Merge, write the transformers folder, and for --format gguf convert, verify and write the Modelfile; 1 if verification fails.
+
+    Everything is written into a staging folder beside --output_dir and swapped in whole at the end: an
+    interrupted export leaves no half-written folder, and a failed verification leaves a complete folder whose
+    export_report.json says what failed.
+    """
+    from .files import atomic_write_text, new_staging_folder, remove_folders, swap_in
+    from .gguf_export import LLAMA_CPP_PYTHON_VERSION, check_gguf_tools
+    from .merge import check_export_dir, check_mergeable_adapter
 
     info = check_mergeable_adapter(args.adapter_path)  # prompt tuning stops here, saying why
     check_export_dir(args.output_dir, args.adapter_path, args.overwrite_output_dir, "--overwrite_output_dir True")
@@ -99,19 +145,14 @@ def run_export(args: ExportArguments) -> int:
     records = verification_records(args) if args.format == "gguf" else []
     if tools:
         print(f"llama.cpp converter and runtime: llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} ({tools['converter']})", flush=True)
-    merge = merge_and_export(args.adapter_path, args.output_dir, model_path=args.model_path, overwrite=args.overwrite_output_dir)
-    print(merge, flush=True)
-    report = {"adapter_path": args.adapter_path, "format": args.format, "merge": {k: v for k, v in merge.__dict__.items()}, **({"tools": tools} if tools else {})}
-    status = 0
-    if args.format == "gguf":
-        verification, gguf_file = export_gguf(args, records, tools, info)
-        report["verification"] = verification
-        print(verification_summary(verification))
-        print(f"GGUF: {gguf_file}; Ollama: ollama create my-model -f {Path(args.output_dir) / 'Modelfile'} && ollama run my-model")
-        if not verification["passed"]:
-            print(f"error: the GGUF does not match the transformers model (details in {Path(args.output_dir) / 'export_report.json'}).", file=sys.stderr)
-            status = 1
-    (Path(args.output_dir) / "export_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    staging = new_staging_folder(args.output_dir)
+    try:
+        status, report = build_export(args, staging, records, tools, info)
+        atomic_write_text(staging / "export_report.json", json.dumps(report, indent=2, ensure_ascii=False, default=str))
+        swap_in(staging, args.output_dir)
+    except BaseException:
+        remove_folders([staging])
+        raise
     return status
 
 

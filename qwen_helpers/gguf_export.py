@@ -6,6 +6,9 @@ the source distribution of the pinned llama-cpp-python release, the same llama.c
 downloads that source distribution with pip (PyPI only, into the kit's cache) and keeps the converter;
 ``--llama_cpp_dir`` points at a llama.cpp checkout instead.
 
+Every llama.cpp call (quantising, loading, decoding) runs in a child process (:mod:`qwen_helpers.llama_child`):
+a native crash there becomes a failed step with one line, never a dead command, test run or notebook kernel.
+
 Verification is always on: the GGUF is loaded with llama-cpp-python, the evaluation prompts must
 tokenise to the same ids as with transformers, and greedy answers are compared with the merged
 transformers model (identical tokens expected for f32/f16; agreement rate and log-prob gap for
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
 import tarfile
@@ -35,13 +39,16 @@ from .generation import generate_ids, stop_token_ids
 from .tiny import cache_root
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # pinned: converter and runtime come from this one release
-INSTALL_EXTRA = "pip install -e '.[gguf]'"  # llama-cpp-python (built from source, ~15 min once) + sentencepiece
+# llama-cpp-python built portably (no -march=native: see the script) first, then the extra's pure-Python pieces.
+INSTALL_EXTRA = "bash scripts/install_llama_cpp.sh && pip install -e '.[gguf]'"
+RISKY_KERNELS = ("AVX512 = 1", "AMX_INT8 = 1")  # native builds with these segfaulted decoding q8_0/q4_k_m here
 FETCH_CONVERTER = "python -m qwen_helpers.export --fetch_converter True"
 CONVERTER_SCRIPT = "convert_hf_to_gguf.py"
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")  # what the converter imports, and its licence
 CONVERTER_TYPES = ("f32", "f16", "q8_0")  # written directly by the converter
 QUANTIZE_TYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}  # written by llama.cpp's quantizer from an f32 GGUF
 GGUF_TYPES = CONVERTER_TYPES + tuple(QUANTIZE_TYPES)
+LLAMA_CHILD = Path(__file__).with_name("llama_child.py")  # every llama.cpp call runs there, in a child process
 EXACT_TYPES = ("f32", "f16")  # same weights as transformers (f16: rounded once): greedy tokens must be identical
 
 
@@ -49,10 +56,6 @@ class MissingToolError(KitError, RuntimeError):
     """A piece the GGUF export needs is not installed; the message holds the one command that installs it.
 
     A :class:`~qwen_helpers.errors.KitError`: the command boundary prints it as one line, exit code 2."""
-
-
-class VerificationError(RuntimeError):
-    """The GGUF does not tokenise or answer like the transformers model it came from."""
 
 
 # ---------------------------------------------------------------------------------------------- the tools
@@ -89,7 +92,11 @@ def check_gguf_tools(gguf_type: str, llama_cpp_dir: str | None = None) -> dict:
     if gguf_type in QUANTIZE_TYPES and not hasattr(llama_cpp, "llama_model_quantize"):
         raise MissingToolError(f"--gguf_type {gguf_type} needs llama.cpp's quantizer, and this llama-cpp-python does not expose llama_model_quantize.")
     script = find_converter(llama_cpp_dir)
-    return {"llama_cpp_python": llama_cpp.__version__, "converter": str(script)}
+    system_info = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    if any(kernel in system_info for kernel in RISKY_KERNELS):
+        print(f"notice: this llama-cpp-python was built with native AVX-512/AMX kernels, which crashed decoding quantised "
+              f"GGUFs on such CPUs; if verification crashes, reinstall it portably: {INSTALL_EXTRA}", file=sys.stderr)
+    return {"llama_cpp_python": llama_cpp.__version__, "converter": str(script), "llama_cpp_system_info": system_info}
 
 
 def fetch_converter() -> Path:
@@ -137,15 +144,45 @@ def convert_to_gguf(hf_dir: str, gguf_file: str, gguf_type: str, converter: str)
 
 
 def quantize_gguf(source: str, target: str, gguf_type: str) -> None:
-    """Quantise a GGUF with llama.cpp's own quantizer (``llama_model_quantize``, as the llama-quantize tool)."""
-    import llama_cpp
+    """Quantise a GGUF with llama.cpp's own quantizer (``llama_model_quantize``, as the llama-quantize tool), in a child process."""
+    answer = run_llama("quantize", f"quantising {Path(source).name} to {gguf_type}", source=source, target=target,
+                       ftype=QUANTIZE_TYPES[gguf_type], threads=max(1, torch.get_num_threads()))
+    if answer["status"] != 0:
+        raise RuntimeError(f"llama.cpp's quantizer failed to write {target} as {gguf_type} (status {answer['status']}).")
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, QUANTIZE_TYPES[gguf_type])
-    params.nthread = max(1, torch.get_num_threads())
-    status = llama_cpp.llama_model_quantize(source.encode(), target.encode(), params)
-    if status != 0:
-        raise RuntimeError(f"llama.cpp's quantizer failed to write {target} as {gguf_type} (status {status}).")
+
+# ---------------------------------------------------------------------------------------------- llama.cpp, out of process
+
+
+class LlamaCrashError(RuntimeError):
+    """llama.cpp died in its child process (a native crash, or killed); the caller's process is unharmed."""
+
+    def __init__(self, doing: str, returncode: int, stderr: str = ""):
+        self.doing, self.returncode = doing, returncode
+        if returncode < 0:
+            try:
+                how = f"signal {-returncode}, {signal.Signals(-returncode).name}"
+            except ValueError:
+                how = f"signal {-returncode}"
+        else:
+            how = f"exit code {returncode}"
+        last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+        super().__init__(f"llama.cpp crashed ({how}) while {doing}" + (f": {last}" if last and returncode > 0 else ""))
+
+
+def run_llama(operation: str, doing: str, **arguments) -> dict:
+    """Run one llama.cpp operation of :mod:`qwen_helpers.llama_child` in a child process and return its JSON answer.
+
+    A segfault, an abort or a kill there raises :class:`LlamaCrashError` here, naming ``doing``; nothing of
+    llama.cpp is ever loaded into this process, so a command, a test run or a notebook kernel survives it.
+    """
+    with tempfile.TemporaryDirectory(prefix="qwen-helpers-llama-") as folder:
+        request, answer = Path(folder) / "request.json", Path(folder) / "answer.json"
+        request.write_text(json.dumps({"operation": operation, "arguments": arguments}), encoding="utf-8")
+        done = subprocess.run([sys.executable, str(LLAMA_CHILD), str(request), str(answer)], capture_output=True, text=True)
+        if done.returncode != 0 or not answer.is_file():
+            raise LlamaCrashError(doing, done.returncode, done.stderr)
+        return json.loads(answer.read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------- verification
@@ -164,32 +201,6 @@ class PromptComparison:
     mean_logprob_gap: float  # mean |log p_transformers - log p_llama.cpp| of transformers' answer tokens
 
 
-def load_gguf(gguf_file: str, context_tokens: int):
-    """The GGUF in llama-cpp-python, keeping the logits of every position (needed for the log-prob comparison).
-
-    The KV cache is kept in f32 (llama.cpp's default is f16): its rounding would otherwise be measured as a
-    difference of the exported weights, and it flips near-tied greedy tokens of an exact f32 export.
-    """
-    from llama_cpp import GGML_TYPE_F32, Llama
-
-    return Llama(model_path=gguf_file, n_ctx=context_tokens, logits_all=True, n_threads=max(1, torch.get_num_threads()),
-                 type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False, verbose=False)
-
-
-def gguf_greedy(llm, prompt_ids: list[int], stops: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy answer from llama.cpp: argmax of its own logits, cut after the first stop token (as the kit's generate)."""
-    llm.reset()
-    llm.eval(prompt_ids)
-    answer = []
-    for _ in range(max_new_tokens):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        answer.append(token)
-        if token in stops:
-            break
-        llm.eval([token])
-    return answer
-
-
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
@@ -203,42 +214,53 @@ def answer_logprobs(model, prompt_ids: list[int], answer: list[int]) -> np.ndarr
     return log_softmax(logits)
 
 
-def compare_prompt(model, tokenizer, llm, record: dict, max_new_tokens: int) -> PromptComparison:
-    """Tokenise one prompt both ways, answer it greedily both ways, and score llama.cpp on transformers' answer."""
+def transformers_side(model, tokenizer, record: dict, max_new_tokens: int) -> dict:
+    """One prompt as transformers sees it: its text, ids, greedy answer, and the log-prob of each answer token."""
     text = format_prompt(tokenizer, record)
     prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    gguf_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
     reference = generate_ids(model, tokenizer, [record], max_new_tokens=max_new_tokens)[0]
-    gguf_answer = gguf_greedy(llm, gguf_ids, stop_token_ids(tokenizer), max_new_tokens)
+    logprobs = answer_logprobs(model, prompt_ids, reference).astype(np.float64)
+    return {"text": text, "prompt_ids": prompt_ids, "reference": reference,
+            "reference_logprobs": [float(logprobs[row, token]) for row, token in enumerate(reference)]}
+
+
+def compare_prompt(hf: dict, gguf: dict) -> PromptComparison:
+    """transformers' and llama.cpp's view of one prompt, side by side."""
+    reference, gguf_answer = hf["reference"], gguf["gguf_answer"]
     divergence = next((index for index, (a, b) in enumerate(zip(reference, gguf_answer)) if a != b), None)
     if divergence is None and len(reference) != len(gguf_answer):
         divergence = min(len(reference), len(gguf_answer))
-    llm.reset()
-    llm.eval(prompt_ids + reference)
-    gguf_logprobs = log_softmax(np.array(llm.scores[len(prompt_ids) - 1 : len(prompt_ids) + len(reference) - 1], dtype=np.float64))
-    hf_logprobs = answer_logprobs(model, prompt_ids, reference).astype(np.float64)
-    rows = np.arange(len(reference))
     return PromptComparison(
-        prompt_tokens=len(prompt_ids),
-        same_prompt_ids=list(gguf_ids) == prompt_ids,
+        prompt_tokens=len(hf["prompt_ids"]),
+        same_prompt_ids=gguf["gguf_ids"] == hf["prompt_ids"],
         transformers_answer=reference,
         gguf_answer=gguf_answer,
         first_divergence=divergence,
-        agreement=float((gguf_logprobs.argmax(axis=1) == np.array(reference)).mean()),
-        mean_logprob_gap=float(np.abs(hf_logprobs[rows, reference] - gguf_logprobs[rows, reference]).mean()),
+        agreement=float(np.mean(np.array(gguf["argmax"]) == np.array(reference))) if reference else 1.0,
+        mean_logprob_gap=float(np.mean(np.abs(np.array(hf["reference_logprobs"]) - np.array(gguf["reference_logprobs"]))))
+        if reference else 0.0,
     )
 
 
 def verify_gguf(gguf_file: str, hf_dir: str, records: list[dict], gguf_type: str, max_new_tokens: int = 16) -> dict:
-    """Compare the GGUF with the merged transformers model (fp32, on the CPU) on ``records``; the export_report.json content."""
-    from .modeling import load_base_model, load_tokenizer
+    """Compare the GGUF with the merged transformers model (fp32, on the CPU) on ``records``; the export_report.json content.
+
+    transformers runs here; llama.cpp runs in a child process (:func:`run_llama`), so a llama.cpp crash raises
+    :class:`LlamaCrashError` instead of ending this process.
+    """
+    from .modeling import load_base_model, load_tokenizer, release_memory
 
     tokenizer = load_tokenizer(hf_dir)
     model = load_base_model(hf_dir, torch.float32).to("cpu").eval()
-    longest = max(len(tokenizer(format_prompt(tokenizer, record), add_special_tokens=False)["input_ids"]) for record in records)
-    llm = load_gguf(gguf_file, context_tokens=longest + max_new_tokens + 8)
-    rows = [compare_prompt(model, tokenizer, llm, record, max_new_tokens) for record in records]
-    del llm
+    sides = [transformers_side(model, tokenizer, record, max_new_tokens) for record in records]
+    del model
+    release_memory()
+    longest = max(len(side["prompt_ids"]) for side in sides)
+    gguf = run_llama("verify", f"verifying {Path(gguf_file).name}", gguf_file=str(gguf_file),
+                     context_tokens=longest + max_new_tokens + 8, threads=max(1, torch.get_num_threads()),
+                     prompts=[{key: side[key] for key in ("text", "prompt_ids", "reference")} for side in sides],
+                     stops=stop_token_ids(tokenizer), max_new_tokens=max_new_tokens)
+    rows = [compare_prompt(side, row) for side, row in zip(sides, gguf["rows"], strict=True)]
     identical = all(row.first_divergence is None for row in rows)
     report = {
         "gguf_file": str(gguf_file),

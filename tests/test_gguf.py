@@ -1,7 +1,7 @@
 """GGUF export of the tiny LoRA: llama.cpp's own converter, then llama-cpp-python must tokenise and answer as transformers does.
 
-The end-to-end tests need the gguf extra (``pip install -e '.[gguf]'``, llama-cpp-python built from source)
-and the fetched converter; ``.ci/run`` installs both. Without them they are skipped with the reason; the
+The end-to-end tests need the gguf extra (``bash scripts/install_llama_cpp.sh && pip install -e '.[gguf]'``,
+llama-cpp-python built without native CPU flags) and the fetched converter; ``.ci/run`` installs both. Without them they are skipped with the reason; the
 tests of what happens when a piece is missing always run.
 """
 
@@ -83,6 +83,67 @@ def test_q8_0_gguf_reports_its_agreement(lora_adapter, converter, tmp_path):
     assert 0.0 <= verification["agreement_rate"] <= 1.0 and verification["mean_logprob_gap"] > 0.0  # 8-bit weights: not bit-identical
     assert len(verification["per_prompt"]) == 3
     assert (tmp_path / "q8" / "model-q8_0.gguf").stat().st_size < (tmp_path / "q8" / "model.safetensors").stat().st_size / 2
+
+
+@needs_llama_cpp
+def test_q4_k_m_gguf_is_quantised_by_llama_cpp_and_verified(lora_adapter, converter, tmp_path):
+    report = exported(lora_adapter, tmp_path / "q4", "q4_k_m")
+    verification = report["verification"]
+    assert report["code"] == 0 and verification["identical_tokenisation"] and verification["prompts"] == 3
+    assert 0.0 <= verification["agreement_rate"] <= 1.0 and verification["mean_logprob_gap"] > 0.0
+    assert sorted(path.name for path in (tmp_path / "q4").glob("*.gguf")) == ["model-q4_k_m.gguf"]  # no f32 intermediate left
+
+
+# ------------------------------------------------------------------------------ llama.cpp crashes in its child process
+
+CRASH_IN_CHILD = """
+import ctypes
+import llama_cpp
+
+def crash(*args, **kwargs):
+    ctypes.string_at(0)  # a real segfault inside the process that runs llama.cpp
+
+llama_cpp.{target} = crash
+"""
+
+
+def crashing_llama(tmp_path, monkeypatch, target: str) -> None:
+    """Every child process started from now on segfaults when it calls llama_cpp.{target} (a sitecustomize on its path)."""
+    folder = tmp_path / "crash_site"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(CRASH_IN_CHILD.format(target=target), encoding="utf-8")
+    monkeypatch.setenv("PYTHONPATH", str(folder))  # llama_child.py imports nothing of the kit
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("gguf_type, target, doing", [("q8_0", "Llama.eval", "verifying model-q8_0.gguf"),
+                                                      ("q4_k_m", "llama_model_quantize", "quantising")])
+def test_a_llama_cpp_crash_fails_the_export_in_one_line_and_this_process_survives(lora_adapter, converter, tmp_path,
+                                                                                    monkeypatch, capsys, gguf_type, target, doing):
+    crashing_llama(tmp_path, monkeypatch, target)
+    output_dir = tmp_path / "out"
+    code = export.main(["--adapter_path", lora_adapter, "--output_dir", str(output_dir), "--format", "gguf",
+                        "--gguf_type", gguf_type, "--verify_prompts", "2", "--verify_max_new_tokens", "4"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1
+    assert f"llama.cpp crashed (signal 11, SIGSEGV) while {doing}" in errors[0] and "no Modelfile written" in errors[0]
+    report = json.loads((output_dir / "export_report.json").read_text(encoding="utf-8"))
+    assert report["verification"]["passed"] is False and "SIGSEGV" in report["verification"]["crashed"]
+    assert (output_dir / "model.safetensors").is_file() and not (output_dir / "Modelfile").exists()
+    assert (output_dir / f"model-{gguf_type}.gguf").is_file() == (gguf_type == "q8_0")  # quantising never finished
+    assert not list(tmp_path.glob(".out.staging-*")), "the export folder is complete or absent, never half-written"
+
+
+def test_an_interrupted_export_leaves_no_folder(lora_adapter, tmp_path, monkeypatch):
+    from qwen_helpers import merge
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge, "export_notes", interrupted)  # after the merged weights are saved, before the report
+    with pytest.raises(KeyboardInterrupt):
+        export.run_export(export.ExportArguments(adapter_path=lora_adapter, output_dir=str(tmp_path / "hf"), format="hf"))
+    assert sorted(path.name for path in tmp_path.iterdir()) == [], "neither the folder nor its staging copy may stay"
 
 
 # ------------------------------------------------------------------------------ missing pieces (always run)
