@@ -89,3 +89,29 @@ def run_training_command(method: str, argv: list[str] | None = None, **defaults)
         print(NanGuardCallback.ADVICE, file=sys.stderr)
         return 2
     return 0
+
+
+COMMANDS = {
+    "train_lora": "LoRA on a 16-bit base (fp16 mixed precision on a GPU)",
+    "train_qlora": "LoRA on a 4-bit NF4 base (bitsandbytes, GPU)",
+    "train_prompt_tuning": "soft prompts (virtual tokens) before every input",
+    "inference": "answer prompts or a test file with an adapter, score it",
+    "export": "merge an adapter (--format hf), GGUF for llama.cpp/Ollama (--format gguf), check it for vLLM",
+    "inspect_data": "show which tokens of a record are trained",
+    "benchmark": "trainable parameters, peak memory and speed per method",
+    "demo": "the README's CPU demo",
+    "make_tiny_qwen": "write the tiny Qwen or a replica of a released checkpoint to a folder",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m qwen_helpers.cli``: this module only holds the training commands' shared plumbing; list the commands."""
+    print("qwen_helpers.cli holds the training commands' shared flag parsing; it is not a command itself. The commands:")
+    for name, job in COMMANDS.items():
+        print(f"  python -m qwen_helpers.{name:<20} {job}")
+    print("Each takes --help.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

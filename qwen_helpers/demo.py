@@ -18,6 +18,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from .quickflags import command_prog
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -53,7 +55,7 @@ class DemoResult:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog=command_prog(), description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model_path", default="tiny", help="'tiny' (default) or a Qwen folder / hub id.")
     parser.add_argument("--records", type=int, default=4, help="Train on the first N records of data/train.json (4 memorises in a minute on tiny).")
     parser.add_argument("--learning_rate", type=float, default=1e-2, help="1e-2 memorises 4 records on the random tiny model; use 3e-4 on a real Qwen.")

@@ -13,11 +13,12 @@ import sys
 
 from .errors import FlagError, command_boundary
 from .files import check_output_folder, new_staging_folder, remove_folders, swap_in
+from .quickflags import command_prog
 from .tiny import REPLICAS, make_tiny_qwen
 
 
 def parse_arguments(argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog=command_prog(), description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("output_dir", help="Folder to write (created if missing; must be empty unless --overwrite True).")
     parser.add_argument("--arch", choices=["qwen2", "qwen3"], default="qwen2", help="Qwen2ForCausalLM or Qwen3ForCausalLM.")
     parser.add_argument("--like", choices=list(REPLICAS), default=None,

@@ -161,6 +161,13 @@ def remember(command: str, parser: argparse.ArgumentParser) -> None:
         pass
 
 
+def command_prog() -> str | None:
+    """``python -m qwen_helpers.train_lora`` for the usage line, as the user typed it (argparse would say ``train_lora.py``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", "") or ""
+    return f"python -m {name.removesuffix('.__main__')}" if name.startswith("qwen_helpers") else None
+
+
 def quick_parse(command: str, argv: list[str]) -> argparse.Namespace | None:
     """Parse ``argv`` with the recorded schema of ``command``; None when there is none yet (the full parse records it).
 
@@ -171,7 +178,7 @@ def quick_parse(command: str, argv: list[str]) -> argparse.Namespace | None:
         schema = json.loads(schema_path(command).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return strict_parse(rebuild(schema), argv)
+    return strict_parse(rebuild(schema, prog=command_prog()), argv)
 
 
 def parse_command_flags(command: str, build_parser, argv: list[str] | None, check=None):
@@ -187,6 +194,7 @@ def parse_command_flags(command: str, build_parser, argv: list[str] | None, chec
             check(quick)
     parser = build_parser()
     remember(command, parser)
+    parser.prog = command_prog() or parser.prog
     return parse_flags(parser, argv)
 
 

@@ -16,3 +16,14 @@ def test_help_prints_usage_and_exits_0(module, capsys):
         main(["--help"])
     assert stop.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_usage_line_names_the_command_as_typed_and_cli_lists_the_commands():
+    """argparse would say ``usage: train_lora.py``; the user typed ``python -m qwen_helpers.train_lora``."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "qwen_helpers.inspect_data", "--help"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.startswith("usage: python -m qwen_helpers.inspect_data ")
+    listed = subprocess.run([sys.executable, "-m", "qwen_helpers.cli", "--help"], capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0 and "python -m qwen_helpers.train_lora" in listed.stdout
