@@ -7,11 +7,26 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two pytest workers on two cores: one torch thread each (set before torch is imported, inherited by the commands,
+    # notebook kernels and torchrun ranks the tests start). Tiny models gain little from a second thread, and two
+    # workers with two threads each spin-wait on each other.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parent.parent
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "replica: runs a command on every checkpoint replica (slow on a CPU); -m 'not replica' skips them")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (--dist loadgroup): the notebooks run in order in one worker (05 reads what 02-04 wrote to
+    outputs/), and so does the browser test's JupyterLab; everything else is spread over the workers."""
+    for item in items:
+        if item.nodeid.startswith("notebooks/"):
+            item.add_marker(pytest.mark.xdist_group("notebooks"))
+        elif item.nodeid.startswith("tests/test_browser.py"):
+            item.add_marker(pytest.mark.xdist_group("browser"))
 DATA = REPO / "data"
 
 
