@@ -318,8 +318,3 @@ def resolve_model_path(model_path: str | os.PathLike) -> str:
     if name in TINY_ALIASES:
         return str(tiny_model_path(like=name.removeprefix("tiny-")))
     return name
-
-
-def is_tiny(model_path: str | os.PathLike) -> bool:
-    """True for the tiny aliases and for folders built by :func:`make_tiny_qwen`."""
-    return str(model_path) in TINY_ALIASES or (Path(model_path) / _BUILD_MARKER).is_file()

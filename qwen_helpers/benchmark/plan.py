@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..files import unused_path
-from .estimate import GIB, METHODS, device_precision, estimate_memory, parse_methods, run_id
+from .estimate import METHODS, device_precision, estimate_memory, parse_methods, run_id
 
 BATCHING_MODES = ("pad_max", "dynamic", "padding_free", "token_budget")
 
@@ -220,10 +220,6 @@ class BenchmarkResult:
 
 def result_folder(args: BenchmarkArguments) -> Path:
     return Path(args.folder) if args.folder else unused_path(Path(args.output_dir) / datetime.now().strftime("%Y%m%d-%H%M%S"))  # never an earlier run's folder
-
-
-def estimate_gib(estimate: dict) -> float:
-    return estimate["total_bytes"] / GIB
 
 
 __all__ = ["BenchmarkArguments", "BenchmarkResult", "plan_rows", "plan_estimates", "prepare_data", "row_spec", "run_id"]
