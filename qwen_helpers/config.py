@@ -98,9 +98,31 @@ class LoraArguments:
         default=None,
         metadata={"help": "Also train the <|im_start|>/<|im_end|> embedding rows; default: only on base checkpoints (eos <|endoftext|>)."},
     )
+    # Variants: each is a peft option of the same LoRA method (peft's LoraConfig, create_loraplus_optimizer)
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "DoRA: learn each weight's magnitude apart from its direction (peft use_dora)."},
+    )
+    use_rslora: bool = field(
+        default=False,
+        metadata={"help": "rsLoRA: scale the update by alpha / sqrt(r), not alpha / r (peft use_rslora)."},
+    )
+    init_lora_weights: str = field(
+        default="true",
+        metadata={"help": "LoRA's start: true (B=0, A Kaiming), gaussian, pissa, pissa_niter_N (fast SVD), olora; "
+                          "PiSSA/OLoRA adapters are saved converted to plain LoRA for the original base."},
+    )
+    loraplus_lr_ratio: float | None = field(
+        default=None,
+        metadata={"help": "LoRA+: lora_B learns at this x --learning_rate (paper: 16); peft's loraplus optimizer."},
+    )
 
     def __post_init__(self):
         check_lora_flags(self)
+
+    def peft_init_lora_weights(self) -> bool | str:
+        """``--init_lora_weights`` as peft's LoraConfig takes it: True for 'true', else the name."""
+        return True if self.init_lora_weights.strip().lower() == "true" else self.init_lora_weights.strip().lower()
 
     def target_module_list(self) -> list[str] | str:
         if self.target_modules.strip() == "all-linear":

@@ -51,6 +51,47 @@ def check_lora_flags(args) -> None:
     _require(args.lora_r >= 1, f"--lora_r must be at least 1, got {args.lora_r}.")
     _require(args.lora_alpha > 0, f"--lora_alpha must be above 0 (the update is scaled by alpha / r), got {args.lora_alpha}; try 2 x --lora_r.")
     _require(0 <= args.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {args.lora_dropout}.")
+    if hasattr(args, "init_lora_weights"):
+        check_lora_variant_flags(args)
+        check_lora_variant_on_4bit(args, bool(getattr(args, "load_in_4bit", False)))  # the quick parse has both
+
+
+INIT_CHOICES = "true, gaussian, pissa, pissa_niter_N (N iterations of a fast SVD, e.g. pissa_niter_4) or olora"
+
+
+def _init_name(args) -> str:
+    return str(args.init_lora_weights).strip().lower()
+
+
+def check_lora_variant_flags(args) -> None:
+    """The LoRA variants (DoRA, rsLoRA, PiSSA/OLoRA starts, LoRA+): known values and combinations peft can save."""
+    init = _init_name(args)
+    _require(init != "eva", "--init_lora_weights eva needs a pass over the data before training (peft's "
+             "initialize_lora_eva_weights), which the kit's training path does not run; use pissa_niter_4 "
+             "(a start from the weights' principal directions, no data needed) or true.")
+    niter = init.removeprefix("pissa_niter_")
+    pissa_niter = init.startswith("pissa_niter_") and niter.isdigit() and int(niter) >= 1
+    _require(init in ("true", "gaussian", "pissa", "olora") or pissa_niter,
+             f"--init_lora_weights {args.init_lora_weights}: use {INIT_CHOICES}.")
+    _require(not (args.use_dora and init.startswith(("pissa", "olora"))),
+             f"--init_lora_weights {init} with --use_dora True: peft converts a PiSSA/OLoRA adapter into plain LoRA "
+             "for the original base only without DoRA's magnitudes; use one of the two.")
+    ratio = args.loraplus_lr_ratio
+    _require(ratio is None or ratio >= 1, f"--loraplus_lr_ratio must be at least 1 (lora_B learns at ratio x "
+             f"--learning_rate; the LoRA+ paper suggests 16), got {ratio}.")
+
+
+def check_lora_variant_on_4bit(args, load_in_4bit: bool) -> None:
+    """PiSSA and OLoRA rewrite the base weights: on a 4-bit base no saved adapter is exact on the original base."""
+    init = _init_name(args)
+    if not load_in_4bit or not init.startswith(("pissa", "olora")):
+        return
+    why = ("PiSSA takes the SVD of 16-bit weights (peft refuses quantised ones; its QLoRA route saves a re-quantised "
+           "copy of the base, and the kit saves adapters only)" if init.startswith("pissa") else
+           "peft re-quantises the base minus OLoRA's start, so the adapter converted for the original 4-bit base would "
+           "be off by that rounding")
+    raise FlagError(f"--init_lora_weights {init} on a 4-bit base (train_qlora, --load_in_4bit True): {why}; "
+                    "train it with train_lora, or use true or gaussian with QLoRA.")
 
 
 def check_prompt_tuning_flags(args) -> None:

@@ -27,7 +27,15 @@ def build_lora_config(lora_args: LoraArguments, task_type: str = "CAUSAL_LM", mo
         modules_to_save=modules_to_save,
         trainable_token_indices=trainable_token_indices or None,  # embedding rows trained besides LoRA (base checkpoints' chat tokens)
         bias="none",
+        use_dora=lora_args.use_dora,
+        use_rslora=lora_args.use_rslora,
+        init_lora_weights=lora_args.peft_init_lora_weights(),
     )
+
+
+def rewrites_base_weights(lora_args: LoraArguments | None) -> bool:
+    """PiSSA and OLoRA move the base weights' principal part into the adapter: saving converts it back."""
+    return lora_args is not None and str(lora_args.peft_init_lora_weights()).startswith(("pissa", "olora"))
 
 
 def build_prompt_tuning_config(prompt_args: PromptTuningArguments, model_path: str):

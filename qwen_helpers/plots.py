@@ -26,6 +26,20 @@ def plot_loss(history: list[dict], title: str = "Training loss") -> Figure:
     return figure
 
 
+def plot_losses(histories: dict[str, list[dict]], title: str = "Training loss per run") -> Figure:
+    """Several runs' training losses on one set of axes (one line per run), to compare methods or variants."""
+    figure, axes = plt.subplots(figsize=(7, 3.8))
+    for name, history in histories.items():
+        train = [(record["step"], record["loss"]) for record in history if "loss" in record]
+        if train:
+            axes.plot(*zip(*train), label=name, marker=".")
+    axes.set(xlabel="step", ylabel="loss (nats per trained token)", title=title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    return figure
+
+
 def plot_length_histogram(lengths_by_name: dict[str, list[int]], max_length: int | None = None) -> Figure:
     """Histogram of token lengths per dataset, with the max_length cut-off marked."""
     figure, axes = plt.subplots(figsize=(6, 3.5))

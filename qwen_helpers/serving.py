@@ -28,6 +28,7 @@ VERSION_DEPENDENT_MODULES = ("embed_tokens", "lm_head")
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_LORA_RANK = 16
 LORA_WEIGHT_ENDINGS = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
+DORA_MAGNITUDE = ".lora_magnitude_vector"  # DoRA's per-row magnitudes: reported once, as DoRA, by config_problems
 MERGE_INSTEAD = (
     "merge the adapter and serve the merged model instead "
     "(python -m qwen_helpers.export --adapter_path A --output_dir O --format hf, then vllm serve O)"
@@ -109,16 +110,36 @@ def config_problems(info: dict) -> list[str]:
     if info.get("trainable_token_indices"):
         problems.append(f"it trains individual token rows (trainable_token_indices), which vLLM cannot load; {MERGE_INSTEAD}")
     if info.get("use_dora"):
-        problems.append(f"it is a DoRA adapter (use_dora), which vLLM does not implement; {MERGE_INSTEAD}")
+        problems.append(f"it is a DoRA adapter (use_dora), which vLLM does not implement; {MERGE_INSTEAD} "
+                        "(DoRA merges exactly)")
+    init = str(info.get("init_lora_weights", True)).lower()
+    if init.startswith(("pissa", "olora", "corda")):
+        problems.append(f"it is a {init} adapter saved without conversion: it only works on the base minus its start "
+                        "(a residual base vLLM does not have); save it with peft's "
+                        "path_initial_model_for_weight_conversion (the kit's training commands do), "
+                        f"or {MERGE_INSTEAD}")
     if info.get("lora_bias"):
         problems.append(f"it trains LoRA biases (lora_bias), which vLLM does not load; {MERGE_INSTEAD}")
     return problems
 
 
+def variant_notes(info: dict) -> list[str]:
+    """Notes on LoRA variants vLLM serves as they are: rsLoRA, and PiSSA/OLoRA starts saved converted."""
+    run = info.get("kit_run") or {}
+    notes = []
+    init = str(run.get("init_lora_weights", "true")).lower()
+    if init.startswith(("pissa", "olora")) and info.get("init_lora_weights") is True:
+        notes.append(f"trained from a {init} start and saved converted to plain LoRA of rank {info.get('r')} (twice "
+                     "the trained rank) for the original base: vLLM serves it as any LoRA adapter")
+    if info.get("use_rslora"):
+        notes.append("rsLoRA (use_rslora): vLLM reads it and scales by alpha / sqrt(r), as peft does")
+    return notes
+
+
 def tensor_problems(shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str]]:
     """Problems and notes from the saved tensors: non-LoRA tensors, and target modules vLLM does not (always) support."""
     problems, notes = [], []
-    extra = sorted(name for name in shapes if not name.endswith(LORA_WEIGHT_ENDINGS))
+    extra = sorted(name for name in shapes if not name.endswith(LORA_WEIGHT_ENDINGS) and DORA_MAGNITUDE not in name)
     if extra:
         problems.append(f"the weights file holds {len(extra)} tensor(s) that are not LoRA matrices (e.g. {extra[0]}); vLLM rejects them; {MERGE_INSTEAD}")
     targets = {module_of(name).rsplit(".", 1)[-1] for name in shapes if name.endswith(LORA_WEIGHT_ENDINGS)}
@@ -191,7 +212,7 @@ def check_vllm_adapter(adapter_path: str, model_path: str | None = None, max_lor
         return check
     problems, notes = tensor_problems(shapes)
     check.problems += problems
-    check.notes += notes
+    check.notes += notes + variant_notes(info)
     if rank > max_lora_rank:
         needed = smallest_vllm_rank(rank)
         check.problems.append(f"its rank {rank} is above --max-lora-rank {max_lora_rank}; serve it with --max-lora-rank {needed}")

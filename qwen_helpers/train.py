@@ -19,11 +19,12 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from .batching import check_token_budget, kit_trainer_class, make_training_collator, resolve_padding_free
 from .callbacks import LossHistoryCallback, NanGuardCallback, train_losses
 from .checks import base_summary, check_model_path
-from .flag_checks import check_classification_flags, check_training_flags
+from .flag_checks import check_classification_flags, check_lora_variant_on_4bit, check_training_flags
 from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments, write_run_config
 from .data import chat_tokens_to_train
 from .data_files import load_dataset_for_training
 from .files import base_weights_size, folder_size, human_bytes, remove_folders, swap_in
+from .lora_variants import describe_variants, loraplus_optimizer, save_as_plain_lora, save_initial_adapter
 from .methods import get_method
 from .modeling import base_config_of, build_quantization_config, check_target_modules, count_parameters, load_base_model, load_tokenizer
 from .precision import base_dtype
@@ -130,6 +131,7 @@ class TrainResult:
     stopped_by_nan_guard: bool = False
     data_report: str = ""
     notes: list[str] = field(default_factory=list)
+    initial_adapter_dir: str | None = None  # PiSSA/OLoRA's start, for saving the adapter converted to plain LoRA
     target_dir: str = ""  # where output_dir goes when the run is published (output_dir is the staging folder until then)
     stale_runs: list[str] = field(default_factory=list)
 
@@ -180,6 +182,8 @@ def train(
     if adapter == "full" and save:
         raise ValueError("Full fine-tuning is the benchmark's baseline only; the kit saves adapters, never full weights.")
     check_training_flags(training_args, lora_args if adapter == "lora" else prompt_args)
+    if adapter == "lora" and lora_args is not None:
+        check_lora_variant_on_4bit(lora_args, model_args.load_in_4bit)
     check_token_budget(training_args.token_budget, data_args.max_length)
     check_liger(training_args, model_args.model_path)  # before anything loads: a run that cannot use it stops now
     check_model_path(model_args.model_path)
@@ -225,7 +229,10 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
     set_seed(training_args.seed)  # the adapter's initial weights are reproducible, and the same on every rank
     model = attach_adapter(load_model_for_training(model_args, training_args), method, model_args.model_path, lora_args, prompt_args, tokenizer)
     parameters = count_parameters(model)
-    notes.append(str(parameters))
+    lora_variant_args = lora_args if adapter == "lora" else None  # DoRA, rsLoRA, PiSSA/OLoRA, LoRA+ (lora_variants.py)
+    notes += [str(parameters), *filter(None, [describe_variants(lora_variant_args)])]
+    on_main = save and training_args.process_index == 0
+    initial_adapter_dir = save_initial_adapter(model, lora_variant_args) if on_main else None
 
     history, nan_guard = LossHistoryCallback(), NanGuardCallback()
     trainer = KitTrainer(
@@ -236,6 +243,7 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
         data_collator=make_training_collator(tokenizer, padding_free, model_args.attn_implementation),
         processing_class=tokenizer,
         callbacks=[history, nan_guard, *(callbacks or [])],
+        optimizers=(loraplus_optimizer(model, lora_variant_args, training_args), None),  # None: the Trainer's own
         token_budget=training_args.token_budget,
         padding_free=padding_free,
         # prompt tuning shifts positions by its virtual tokens; Liger's fused loss never materialises the logits anyway
@@ -265,6 +273,7 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
         stopped_by_nan_guard=nan_guard.triggered,
         data_report=train_data.summary(),
         notes=notes,
+        initial_adapter_dir=initial_adapter_dir,
         target_dir=target_args.output_dir,
         stale_runs=plan.stale,
     )
@@ -282,6 +291,8 @@ def save_run(result: TrainResult, model_args, data_args, training_args, method_a
     trainer.accelerator.wait_for_everyone()  # every rank's part is written before the main process completes the folder
     if not trainer.is_world_process_zero():
         return
+    if result.initial_adapter_dir:  # PiSSA/OLoRA: what is saved must work on the original base, not on the residual one
+        save_as_plain_lora(result.model, result.output_dir, result.initial_adapter_dir)
     result.tokenizer.save_pretrained(result.output_dir)  # the final folder carries the tokenizer; checkpoints do not
     configs = [model_args, data_args, training_args] + ([method_args] if method_args is not None else [])
     write_run_config(result.output_dir, *configs, method=method, history=result.history, stopped_by_nan_guard=result.stopped_by_nan_guard,

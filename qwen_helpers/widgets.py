@@ -37,6 +37,8 @@ STOPS = {
     "batch_size": [1, 2, 4, 8, 16],
     "steps": [1, 2, 3, 5, 10, 20],
 }
+# Dropdown choices for free-text fields with a few usual values (the parameters cell's value is always added).
+CHOICES = {"init_lora_weights": ["true", "gaussian", "pissa", "pissa_niter_4", "olora"]}
 AUTO = "auto"  # a tri-state widget's stand-in for None ("the kit decides")
 PANEL_WIDTH = "400px"  # two panels side by side fit a 1280 px JupyterLab window with the file browser open
 DESCRIPTION_WIDTH = "190px"  # fits per_device_train_batch_size
@@ -56,6 +58,7 @@ def field_widget(name: str, value, field_type, help_text: str = "") -> widgets.W
     common = {"description": name, "description_tooltip": help_text or name, "style": {"description_width": DESCRIPTION_WIDTH},
               "layout": widgets.Layout(width="100%")}
     choices = typing.get_args(field_type) if typing.get_origin(field_type) is typing.Literal else None
+    choices = choices or CHOICES.get(name)
     if choices:
         return widgets.Dropdown(options=list(dict.fromkeys([*choices, value])), value=value, **common)
     if _optional_of(field_type) is bool:  # None means "the kit decides": a three-way choice, not a text box

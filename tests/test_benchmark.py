@@ -233,3 +233,34 @@ def test_estimate_on_committed_reference_rows_it_was_not_checked_against():
     for preset, method, dtype, checkpointing, liger, measured in held_out:
         estimate = estimate_memory(preset_config(preset), method, 512, 8, checkpointing, dtype, use_liger=liger)
         assert estimate["total_bytes"] / GIB == pytest.approx(measured, rel=0.15), (preset, method, checkpointing, liger)
+
+
+def test_variant_rows_estimate_what_peft_builds():
+    from qwen_helpers.config import LoraArguments
+    from qwen_helpers.modeling import count_parameters
+    from qwen_helpers.train import attach_adapter
+
+    config = preset_config("qwen2.5-0.5b")
+    dora = attach_adapter(meta_model(config), "lora", "qwen2.5-0.5b", lora_args=LoraArguments(lora_r=8, use_dora=True))
+    lora = estimate_memory(config, "lora_bf16", 512, 8, False)
+    assert estimate_memory(config, "lora_dora", 512, 8, False)["trainable_parameters"] == count_parameters(dora).trainable
+    assert count_parameters(dora).trainable > lora["trainable_parameters"]
+    assert estimate_memory(config, "lora_dora", 512, 8, False)["total_bytes"] > lora["total_bytes"]
+    for same_cost in ("lora_rslora", "lora_pissa", "lora_loraplus"):  # an option of the same matrices and optimiser state
+        assert estimate_memory(config, same_cost, 512, 8, False)["total_bytes"] == lora["total_bytes"]
+    assert [name for name, _ in parse_methods("variants", "off")] == ["lora_bf16", "lora_dora", "lora_rslora", "lora_pissa",
+                                                                     "lora_loraplus"]
+
+
+def test_variant_rows_get_ratios_against_the_lora_row():
+    from qwen_helpers.benchmark.report import add_speed_relative_to_lora, markdown_table
+
+    common = {"side": "kit", "gradient_checkpointing": False, "batching": "kit default", "status": "ok", "precision": "bf16"}
+    rows = [{**common, "method": "lora_bf16", "peak_bytes": 4 * GIB, "tokens_per_second": 400.0},
+            {**common, "method": "lora_dora", "peak_bytes": 5 * GIB, "tokens_per_second": 300.0},
+            {**common, "method": "lora_loraplus", "precision": "fp16", "peak_bytes": 4 * GIB, "tokens_per_second": 400.0}]
+    add_speed_relative_to_lora(rows)
+    assert rows[1]["speed_vs_lora"] == pytest.approx(0.75) and rows[1]["memory_vs_lora"] == pytest.approx(1.25)
+    assert "speed_vs_lora" not in rows[0] and "speed_vs_lora" not in rows[2]  # the reference itself; another precision
+    assert "tokens/s vs LoRA" in markdown_table([{**row, "run": row["method"], "trainable": 1, "trainable_percent": 1.0,
+                                                  "estimate_bytes": GIB} for row in rows])

@@ -23,9 +23,10 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 CASES = {
     "02_lora_fp16.ipynb": {
         "overrides": "MAX_STEPS = 2\nTRAIN_RECORDS = 2\nOUTPUT_DIR = {tmp!r}",
-        "move": "training_panel.set(learning_rate=5e-3, max_steps=5)\nlora_panel.set(lora_r=32)",
+        "move": "training_panel.set(learning_rate=5e-3, max_steps=5)\nlora_panel.set(lora_r=32, use_dora=True)",
         "probe": {"trainer.args.learning_rate": 5e-3, "trainer.optimizer.param_groups[0]['initial_lr']": 5e-3,
-                  "trainer.state.global_step": 5, "model.peft_config['default'].r": 32},
+                  "trainer.state.global_step": 5, "model.peft_config['default'].r": 32,
+                  "model.peft_config['default'].use_dora": True},
     },
     "03_prompt_tuning.ipynb": {
         "overrides": "MAX_STEPS = 2\nOUTPUT_DIR = {tmp!r}",

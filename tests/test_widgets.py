@@ -83,3 +83,16 @@ def test_optional_fields_get_a_tri_state_choice_and_typed_text():
     assert built.padding_free is False and built.token_budget == 2048
     panel.set(token_budget="", padding_free=None)
     assert panel.value().token_budget is None and panel.value().padding_free is None
+
+
+def test_lora_variant_widgets_reach_the_config():
+    names = ["use_dora", "use_rslora", "init_lora_weights", "loraplus_lr_ratio"]
+    panel = config_panel(LoraArguments, names, "LoRA")
+    assert panel.value() == LoraArguments()  # shown at the defaults: plain LoRA, nothing changed
+    assert "pissa_niter_4" in panel.widgets["init_lora_weights"].options
+    panel.set(use_dora=True, init_lora_weights="gaussian")
+    panel.widgets["loraplus_lr_ratio"].value = "16"
+    built = panel.value()
+    assert (built.use_dora, built.init_lora_weights, built.loraplus_lr_ratio) == (True, "gaussian", 16.0)
+    panel.widgets["loraplus_lr_ratio"].value = "0.5"
+    assert "not valid" in panel.effective.value and "loraplus_lr_ratio" in panel.effective.value

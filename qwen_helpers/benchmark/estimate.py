@@ -23,6 +23,7 @@ class Method:
     adapter: Literal["full", "lora", "prompt_tuning"]
     precision: Literal["fp16", "bf16"]  # autocast dtype on a GPU; CPUs fall back to fp32
     load_in_4bit: bool = False
+    lora_options: tuple[tuple[str, object], ...] = ()  # a LoRA variant: LoraArguments fields (use_dora, ...)
 
     @property
     def fp32_master_weights(self) -> bool:
@@ -36,7 +37,15 @@ METHODS = {
     "lora_bf16": Method("lora_bf16", "LoRA bf16", "lora", "bf16"),
     "prompt_tuning": Method("prompt_tuning", "prompt tuning fp16", "prompt_tuning", "fp16"),
     "qlora_nf4": Method("qlora_nf4", "QLoRA NF4 (bf16 compute)", "lora", "bf16", load_in_4bit=True),
+    # LoRA's variants, each beside lora_bf16 (its speed reference): the same method with one peft option
+    "lora_dora": Method("lora_dora", "LoRA bf16 + DoRA", "lora", "bf16", lora_options=(("use_dora", True),)),
+    "lora_rslora": Method("lora_rslora", "LoRA bf16 + rsLoRA", "lora", "bf16", lora_options=(("use_rslora", True),)),
+    "lora_pissa": Method("lora_pissa", "LoRA bf16, PiSSA start", "lora", "bf16",
+                         lora_options=(("init_lora_weights", "pissa_niter_4"),)),
+    "lora_loraplus": Method("lora_loraplus", "LoRA+ bf16 (ratio 16)", "lora", "bf16",
+                            lora_options=(("loraplus_lr_ratio", 16.0),)),
 }
+VARIANTS = ("lora_bf16", "lora_dora", "lora_rslora", "lora_pissa", "lora_loraplus")  # --methods variants
 
 # Dense bf16 matrix peak per card (fp16 where the card has no bf16), in FLOP/s, from the vendors' data sheets.
 PEAK_FLOPS = [
@@ -126,6 +135,8 @@ def estimate_memory(
         trainable = total_parameters
     elif spec.adapter == "lora":
         trainable = lora_trainable_parameters(config, targets, lora_r)
+        if dict(spec.lora_options).get("use_dora"):  # one magnitude per output row of each adapted layer
+            trainable += layers * sum(linear_shapes(config)[name][1] for name in targets)
         parts["trainable adapter weights (fp32)"] = 4 * trainable
     else:
         trainable = num_virtual_tokens * hidden
@@ -137,6 +148,9 @@ def estimate_memory(
     per_layer = activation_bytes_per_token_per_layer(
         config, element, spec.adapter == "full", lora_inputs, lora_dropout > 0, use_liger
     )
+    if dict(spec.lora_options).get("use_dora"):
+        # DoRA keeps, per token and adapted layer, the LoRA output and the rescaled sum its magnitude's gradient needs
+        per_layer += 2 * element * sum(linear_shapes(config)[name][1] for name in targets)
     if gradient_checkpointing:
         residual = 4 if (spec.fp32_master_weights or element == 4) else element
         parts["checkpointed layer inputs (layers x tokens x hidden)"] = layers * tokens * hidden * residual
@@ -179,10 +193,12 @@ def run_id(method: str, gradient_checkpointing: bool) -> str:
 
 def parse_methods(methods: str, checkpointing: str = "both") -> list[tuple[str, bool]]:
     """(method, gradient checkpointing) pairs from ``--methods`` and ``--checkpointing``."""
-    names = list(METHODS) if methods.strip() == "all" else [name.strip() for name in methods.split(",") if name.strip()]
+    keywords = {"all": list(METHODS), "variants": list(VARIANTS)}
+    names = keywords.get(methods.strip()) or [name.strip() for name in methods.split(",") if name.strip()]
     unknown = [name for name in names if name not in METHODS]
     if unknown or not names:
-        raise ValueError(f"--methods: unknown {', '.join(unknown) or '(empty)'}. Use 'all' or a comma list of: {', '.join(METHODS)}.")
+        raise ValueError(f"--methods: unknown {', '.join(unknown) or '(empty)'}. Use 'all', 'variants' "
+                         f"(LoRA and its variants) or a comma list of: {', '.join(METHODS)}.")
     flags = {"both": [False, True], "off": [False], "on": [True]}[checkpointing]
     return [(name, flag) for name in names for flag in flags]
 

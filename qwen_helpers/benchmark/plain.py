@@ -30,8 +30,11 @@ def load_plain_model(spec: dict):
         model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=dtype).to(device)
     if method["adapter"] == "lora":
         targets = args["target_modules"] if args["target_modules"] == "all-linear" else args["target_modules"].split(",")
+        options = dict(method["lora_options"])  # a variant as a plain script writes it (LoRA+: its optimiser, below)
         model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=args["lora_r"], lora_alpha=32, lora_dropout=0.05,
-                                                 target_modules=targets))
+                                                 target_modules=targets, use_dora=options.get("use_dora", False),
+                                                 use_rslora=options.get("use_rslora", False),
+                                                 init_lora_weights=options.get("init_lora_weights", True)))
     elif method["adapter"] == "prompt_tuning":
         model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args["num_virtual_tokens"]))
     return model
@@ -60,8 +63,16 @@ def run_plain(spec: dict) -> dict:
                                       label_pad_token_id=IGNORE_INDEX)
     timer = step_timer(args["warmup_steps"])
     training_args = TrainingArguments(**training_arguments(spec, logging_steps=1, use_cpu=spec["device"] == "cpu"))
+    ratio = dict(spec["method_spec"]["lora_options"]).get("loraplus_lr_ratio")
+    optimizer = None
+    if ratio:
+        import torch
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=training_args.learning_rate,
+                                              loraplus_lr_ratio=ratio)
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer,
-                      callbacks=[timer])
+                      callbacks=[timer], optimizers=(optimizer, None))
     trainer.train()
     losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
     return finish({"examples_per_step": float(args["batch_size"])}, timer, losses, count_parameters(model), rss_start)

@@ -30,7 +30,8 @@ class BenchmarkArguments:
 
     preset: str = field(default="tiny", metadata={"help": "Architecture with random weights: tiny, tiny-qwen3, qwen2.5-0.5b|1.5b|3b|7b|14b, qwen3-0.6b|1.7b|4b|8b."})
     model_path: str | None = field(default=None, metadata={"help": "A real local checkpoint instead of --preset."})
-    methods: str = field(default="all", metadata={"help": f"'all' or a comma list of: {', '.join(METHODS)}."})
+    methods: str = field(default="all", metadata={
+        "help": f"'all', 'variants' (lora_bf16 and LoRA's variants) or a comma list of: {', '.join(METHODS)}."})
     checkpointing: Literal["both", "off", "on"] = field(default="both", metadata={"help": "Run each method without and/or with gradient checkpointing."})
     seq_len: int = field(default=512, metadata={"help": "Tokens per example (synthetic data) or max_length (variable-length data)."})
     batch_size: int = field(default=8, metadata={"help": "Examples per optimiser step (per_device_train_batch_size)."})

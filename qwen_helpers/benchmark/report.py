@@ -55,6 +55,26 @@ def add_speed_relative_to_full(rows: list[dict]) -> None:
         row["speed_vs_full"] = row["tokens_per_second"] / reference if row.get("status") == "ok" and reference else None
 
 
+def add_speed_relative_to_lora(rows: list[dict]) -> None:
+    """A LoRA variant's tokens/s and peak memory relative to the kit's LoRA row (same precision and checkpointing)."""
+    def kit_ok(row: dict) -> bool:
+        kit_default = row.get("batching") in (None, "kit default")
+        return row["status"] == "ok" and row.get("side", "kit") == "kit" and kit_default
+
+    def plain_lora(method: str) -> bool:
+        spec = METHODS[method]
+        return spec.adapter == "lora" and not spec.lora_options and not spec.load_in_4bit
+
+    lora = {(row.get("precision"), row["gradient_checkpointing"]): row
+            for row in rows if plain_lora(row["method"]) and kit_ok(row)}
+    for row in rows:
+        reference = lora.get((row.get("precision"), row["gradient_checkpointing"]))
+        if not METHODS[row["method"]].lora_options or not kit_ok(row) or reference is None:
+            continue
+        row["speed_vs_lora"] = row["tokens_per_second"] / reference["tokens_per_second"]
+        row["memory_vs_lora"] = measured_peak(row) / measured_peak(reference) if measured_peak(reference) else None
+
+
 def add_plain_ratios(rows: list[dict]) -> None:
     """Kit / plain ratios of tokens/s and peak memory for each kit row, against the plain row of the same method.
 
@@ -117,6 +137,7 @@ CSV_FIELDS = [
     "run", "side", "method", "batching", "label", "gradient_checkpointing", "status", "precision", "trainable", "total", "trainable_percent",
     "peak_bytes", "reserved_bytes", "peak_above_start_bytes", "peak_kind", "estimate_bytes", "estimate_ratio",
     "step_seconds", "tokens_per_second", "real_tokens_per_step", "examples_per_step", "speed_vs_full", "mfu",
+    "speed_vs_lora", "memory_vs_lora",
     "tokens_per_cpu_second", "plain_tokens_per_second", "plain_peak_bytes", "speed_vs_plain", "cpu_time_speed_vs_plain", "memory_vs_plain",
     "baseline_peak_bytes", "baseline_tokens_per_second", "memory_vs_baseline", "speed_vs_baseline",
     "loss_first", "loss_last", "process_seconds", "error",
@@ -127,8 +148,10 @@ def markdown_table(rows: list[dict]) -> str:
     """The performance table: run, trainable parameters, peak memory, real tokens/s, ratios (vs full, vs plain, vs reference)."""
     with_plain = any("speed_vs_plain" in row for row in rows)
     with_baseline = any("baseline_tokens_per_second" in row for row in rows)
+    with_variants = any("speed_vs_lora" in row for row in rows)
     header = ["run", "runs in", "trainable params", "peak memory (GiB)", "estimate (GiB)", "estimate / measured",
               "real tokens/s", "examples/step", "speed vs full FT", "MFU"]
+    header += ["tokens/s vs LoRA", "peak vs LoRA"] if with_variants else []
     header += ["kit / plain tokens/s", "kit / plain peak"] if with_plain else []
     header += ["reference peak (GiB)", "reference tokens/s", "speed vs reference"] if with_baseline else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -146,6 +169,8 @@ def markdown_table(rows: list[dict]) -> str:
             _number(row.get("speed_vs_full"), "{:.2f}x"),
             _number(row.get("mfu"), "{:.1%}"),
         ]
+        if with_variants:
+            cells += [_number(row.get("speed_vs_lora"), "{:.2f}x"), _number(row.get("memory_vs_lora"), "{:.2f}x")]
         if with_plain:
             cells += [_number(row.get("speed_vs_plain"), "**{:.2f}x**"), _number(row.get("memory_vs_plain"), "{:.2f}x")]
         if with_baseline:

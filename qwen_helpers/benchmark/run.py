@@ -26,6 +26,7 @@ from .report import (
     add_baseline,
     add_plain_ratios,
     add_speed_relative_to_full,
+    add_speed_relative_to_lora,
     finish_row,
     measured_peak,
     write_results,
@@ -127,6 +128,7 @@ def run_benchmark(args: BenchmarkArguments, echo=print, command: str | None = No
         rows.append(finish_row(measured, row, estimate, config, environment, lengths, args.num_virtual_tokens))
         echo(f"  {rows[-1]['run']}: {status_line(rows[-1])}")
     add_speed_relative_to_full(rows)
+    add_speed_relative_to_lora(rows)
     add_plain_ratios(rows)
     if args.compare_baseline:
         add_baseline(rows, args)

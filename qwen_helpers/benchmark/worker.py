@@ -208,7 +208,8 @@ def run_kit(spec: dict) -> dict:
         cpu_allocator_tuning=spec["cpu_allocator_tuning"]))
     model_args = ModelArguments(model_path=spec["model_path"], load_in_4bit=method["load_in_4bit"])
     data_args = DataArguments(data_path=spec["data_path"], max_length=args["seq_len"], overflow="truncate_prompt")
-    lora_args = LoraArguments(lora_r=args["lora_r"], target_modules=args["target_modules"])
+    lora_args = LoraArguments(lora_r=args["lora_r"], target_modules=args["target_modules"],
+                              **dict(method["lora_options"]))  # a LoRA variant's options
     # RANDOM init: memory and speed do not depend on where the soft prompt starts
     prompt_args = PromptTuningArguments(num_virtual_tokens=args["num_virtual_tokens"], prompt_tuning_init="RANDOM")
     if method["fp32_master_weights"]:
