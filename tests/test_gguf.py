@@ -158,5 +158,6 @@ def test_typed_control_tokens_are_reported_apart_from_tokenisation_faults():
     known = tokenisation_lines({"prompts": 2, "serving_differences": 1, "tokenisation_faults": 0, "per_prompt": rows})
     assert known[0].startswith("tokenisation: identical ids on 1/2") and "(<|im_end|>)" in known[1]
     assert not any("DIFFERENTLY" in line for line in known)
-    fault = tokenisation_lines({"prompts": 2, "serving_differences": 0, "tokenisation_faults": 1, "per_prompt": [rows[1]] * 2})
+    fault = tokenisation_lines({"prompts": 2, "serving_differences": 0, "tokenisation_faults": 1,
+                                "per_prompt": [rows[1]] * 2})
     assert "identical ids on 1/2" in fault[0] and "DIFFERENTLY" in fault[1] and len(fault) == 2
