@@ -5,20 +5,23 @@
     python -m qwen_helpers.export --check vllm --adapter_path outputs/lora --max_lora_rank 16
 
 The merge and its logits check live in :mod:`qwen_helpers.merge`; GGUF, Ollama and vLLM in
-gguf_export.py, ollama.py and serving.py. Flags are checked before torch is imported.
+gguf_export.py, ollama.py and serving.py. How the model is asked (thinking mode, system prompt, record
+fields) comes from the adapter's run_config.json (:mod:`qwen_helpers.prompt_settings`), never from the
+current directory. Flags are checked before torch is imported.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 from .errors import command_boundary
+from .prompt_settings import (PromptSettings, data_format_flag, field_flag, read_records_as_trained,
+                              recorded_prompt_settings, with_system_prompt)
 from .quickflags import dataclass_parser, parse_command_flags
-from .records import load_records
 
 
 @dataclass
@@ -31,10 +34,18 @@ class ExportArguments:
     gguf_type: Literal["f32", "f16", "q8_0", "q4_k_m"] = field(default="q8_0", metadata={"help": "GGUF weight type: f32/f16 (answers must equal transformers'), q8_0, q4_k_m (quantised: agreement is reported)."})
     verify_prompts: int = field(default=5, metadata={"help": "Prompts from --verify_data on which the GGUF must tokenise and answer like transformers."})
     verify_data: str = field(default="data/test.json", metadata={"help": "Records (instruction, input) whose prompts the verification uses."})
+    instruction_field: str | None = field_flag("instruction")
+    input_field: str | None = field_flag("input")
+    output_field: str | None = field_flag("output")
+    system_field: str | None = field_flag("system")
+    data_format: Literal["auto", "alpaca", "messages", "sharegpt"] | None = data_format_flag()
     verify_max_new_tokens: int = field(default=16, metadata={"help": "Greedy tokens compared per verification prompt."})
     model_path: str | None = field(default=None, metadata={"help": "Base model; default: the base the adapter records."})
-    system: str | None = field(default=None, metadata={"help": "System prompt for the Modelfile; default: the one every training record shares, else the template's."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir (the old folder is removed once the new export is complete)."})
+    system: str | None = field(default=None, metadata={
+        "help": "System prompt for the Modelfile and the verification; default: the one every training record shared "
+                "(recorded in the adapter's run_config.json), else the chat template's."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Replace a non-empty --output_dir (the old folder is removed once the new export is complete)."})
     llama_cpp_dir: str | None = field(default=None, metadata={"help": "A llama.cpp source folder holding convert_hf_to_gguf.py; default: the fetched one."})
     check: Literal["vllm"] | None = field(default=None, metadata={"help": "vllm: report whether vLLM's LoRA loader takes the adapter (no vLLM needed); exports nothing."})
     max_lora_rank: int = field(default=16, metadata={"help": "With --check vllm: the --max-lora-rank vLLM will be started with (its default is 16)."})
@@ -58,24 +69,31 @@ def parse_export_args(argv: list[str] | None = None) -> ExportArguments:
     return args
 
 
-def verification_records(args: ExportArguments) -> list[dict]:
-    """The first --verify_prompts records of --verify_data, read before any model loads."""
+def export_settings(args: ExportArguments) -> tuple[PromptSettings | None, PromptSettings]:
+    """(what the adapter records or None, what the export uses: that record with --system on top, else the defaults)."""
+    recorded = recorded_prompt_settings(args.adapter_path)
+    settings = recorded or PromptSettings()
+    if args.system:
+        settings = replace(settings, system_prompt=args.system)
+    return (settings if recorded or args.system else None), settings
+
+
+def verification_records(args: ExportArguments, settings: PromptSettings) -> list[dict]:
+    """The first --verify_prompts records of --verify_data (read with the trained field map), before any model loads.
+
+    Records without a system prompt get the one the Modelfile sets, as Ollama sends them.
+    """
     from .adapters import AdapterError
 
     if not Path(args.verify_data).is_file():
-        raise AdapterError(f"--verify_data {args.verify_data} does not exist; pass a JSON/JSONL file of records (instruction, input), e.g. your test set.")
-    return load_records(args.verify_data)[: args.verify_prompts]
+        raise AdapterError(f"--verify_data {args.verify_data} does not exist; pass a JSON/JSONL file of records "
+                           "(instruction, input), e.g. your test set.")
+    records = read_records_as_trained(args.verify_data, args, settings)[: args.verify_prompts]
+    return [with_system_prompt(record, settings.system_prompt) for record in records]
 
 
-def training_system(info: dict) -> str | None:
-    """The system prompt every training record shared, if the training file is still where the run recorded it."""
-    from .ollama import training_system_prompt
-
-    data_path = (info.get("kit_run") or {}).get("data_path")
-    return training_system_prompt(load_records(data_path)) if data_path and Path(data_path).is_file() else None
-
-
-def export_gguf(args: ExportArguments, folder: Path, records: list[dict], tools: dict, info: dict) -> tuple[dict, Path]:
+def export_gguf(args: ExportArguments, folder: Path, records: list[dict], tools: dict,
+                settings: PromptSettings) -> tuple[dict, Path]:
     """Convert the merged model in ``folder`` with llama.cpp's converter, verify it, write the Modelfile.
 
     Returns (verification, GGUF path). A llama.cpp crash while quantising or verifying becomes a failed verification
@@ -88,10 +106,11 @@ def export_gguf(args: ExportArguments, folder: Path, records: list[dict], tools:
     gguf_file = folder / f"model-{args.gguf_type}.gguf"
     try:
         convert_to_gguf(str(folder), str(gguf_file), args.gguf_type, tools["converter"])
-        verification = verify_gguf(str(gguf_file), str(folder), records, args.gguf_type, args.verify_max_new_tokens)
+        verification = verify_gguf(str(gguf_file), str(folder), records, args.gguf_type, args.verify_max_new_tokens,
+                                   settings.enable_thinking)
     except LlamaCrashError as crash:
         return {"passed": False, "crashed": str(crash), "gguf_written": gguf_file.is_file()}, gguf_file
-    write_modelfile(str(gguf_file), load_tokenizer(str(folder)), args.system or training_system(info))
+    write_modelfile(str(gguf_file), load_tokenizer(str(folder)), settings.system_prompt, settings.enable_thinking)
     return verification, gguf_file
 
 
@@ -102,19 +121,21 @@ def crash_line(verification: dict, output_dir: Path, gguf_file: Path) -> str:
             f"(details in {output_dir / 'export_report.json'}). Reinstall llama-cpp-python portably: bash scripts/install_llama_cpp.sh")
 
 
-def build_export(args: ExportArguments, folder: Path, records: list[dict], tools: dict, info: dict) -> tuple[int, dict]:
+def build_export(args: ExportArguments, folder: Path, records: list[dict], tools: dict, recorded,
+                 settings: PromptSettings) -> tuple[int, dict]:
     """Merge into ``folder`` and, for --format gguf, convert, verify and write the Modelfile there; (exit status, report)."""
     from .gguf_export import verification_summary
     from .merge import merge_and_export
 
     output_dir = Path(args.output_dir)
-    merge = merge_and_export(args.adapter_path, str(folder), model_path=args.model_path, overwrite=True)
+    merge = merge_and_export(args.adapter_path, str(folder), model_path=args.model_path, overwrite=True, settings=recorded)
     merge.output_dir = str(output_dir)  # where it will be once the folder is swapped in
     print(merge, flush=True)
-    report = {"adapter_path": args.adapter_path, "format": args.format, "merge": dict(merge.__dict__), **({"tools": tools} if tools else {})}
+    report = {"adapter_path": args.adapter_path, "format": args.format, "merge": dict(merge.__dict__),
+              "prompt_settings": settings.to_json(), **({"tools": tools} if tools else {})}
     if args.format != "gguf":
         return 0, report
-    verification, gguf_file = export_gguf(args, folder, records, tools, info)
+    verification, gguf_file = export_gguf(args, folder, records, tools, settings)
     final_gguf = output_dir / gguf_file.name
     report["verification"] = {**verification, **({"gguf_file": str(final_gguf)} if "gguf_file" in verification else {})}
     if "crashed" in verification:
@@ -139,15 +160,16 @@ def run_export(args: ExportArguments) -> int:
     from .gguf_export import LLAMA_CPP_PYTHON_VERSION, check_gguf_tools
     from .merge import check_export_dir, check_mergeable_adapter
 
-    info = check_mergeable_adapter(args.adapter_path)  # prompt tuning stops here, saying why
+    check_mergeable_adapter(args.adapter_path)  # prompt tuning stops here, saying why
     check_export_dir(args.output_dir, args.adapter_path, args.overwrite_output_dir, "--overwrite_output_dir True")
+    recorded, settings = export_settings(args)  # before any model loads: an old run re-reads its data file here
+    records = verification_records(args, settings) if args.format == "gguf" else []
     tools = check_gguf_tools(args.gguf_type, args.llama_cpp_dir) if args.format == "gguf" else {}
-    records = verification_records(args) if args.format == "gguf" else []
     if tools:
         print(f"llama.cpp converter and runtime: llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} ({tools['converter']})", flush=True)
     staging = new_staging_folder(args.output_dir)
     try:
-        status, report = build_export(args, staging, records, tools, info)
+        status, report = build_export(args, staging, records, tools, recorded, settings)
         atomic_write_text(staging / "export_report.json", json.dumps(report, indent=2, ensure_ascii=False, default=str))
         swap_in(staging, args.output_dir)
     except BaseException:

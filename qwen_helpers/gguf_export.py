@@ -9,10 +9,12 @@ downloads that source distribution with pip (PyPI only, into the kit's cache) an
 Every llama.cpp call (quantising, loading, decoding) runs in a child process (:mod:`qwen_helpers.llama_child`):
 a native crash there becomes a failed step with one line, never a dead command, test run or notebook kernel.
 
-Verification is always on: the GGUF is loaded with llama-cpp-python, the evaluation prompts must
-tokenise to the same ids as with transformers, and greedy answers are compared with the merged
-transformers model (identical tokens expected for f32/f16; agreement rate and log-prob gap for
-quantised types).
+Verification is always on: the GGUF is loaded with llama-cpp-python, the evaluation prompts (in the
+thinking mode the adapter was trained in) must tokenise to the kit's ids, and greedy answers from the
+kit's ids are compared with the merged transformers model (identical tokens expected for f32/f16;
+agreement rate and log-prob gap for quantised types). A prompt whose text holds typed control-token
+text (``<|im_end|>`` written in a record) is a known serving difference, counted apart: the kit keeps it
+as text, llama.cpp and Ollama turn it into the control token.
 
     python -m qwen_helpers.export --fetch_converter True
     python -m qwen_helpers.export --adapter_path outputs/lora --output_dir outputs/lora_gguf --format gguf --gguf_type q8_0
@@ -33,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import format_prompt
+from .data import build_messages, format_prompt, tokenize_prompt
 from .errors import KitError
 from .generation import generate_ids, stop_token_ids
 from .tiny import cache_root
@@ -192,8 +194,11 @@ def run_llama(operation: str, doing: str, **arguments) -> dict:
 class PromptComparison:
     """One prompt: both tokenisations agree?, both greedy answers, and the teacher-forced agreement on transformers' answer."""
 
-    prompt_tokens: int
+    prompt_tokens: int  # the kit's ids, as training and generation tokenise the prompt
+    gguf_prompt_tokens: int  # llama.cpp's tokenisation of the same prompt text
     same_prompt_ids: bool
+    serving_difference: bool  # llama.cpp's ids differ from the kit's only as transformers' whole-text tokenisation does
+    typed_control_tokens: list[str]  # control-token text typed in the record (text to the kit, a token to llama.cpp)
     transformers_answer: list[int]
     gguf_answer: list[int]
     first_divergence: int | None  # index of the first differing new token, None if identical
@@ -214,13 +219,28 @@ def answer_logprobs(model, prompt_ids: list[int], answer: list[int]) -> np.ndarr
     return log_softmax(logits)
 
 
-def transformers_side(model, tokenizer, record: dict, max_new_tokens: int) -> dict:
-    """One prompt as transformers sees it: its text, ids, greedy answer, and the log-prob of each answer token."""
-    text = format_prompt(tokenizer, record)
-    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    reference = generate_ids(model, tokenizer, [record], max_new_tokens=max_new_tokens)[0]
+def typed_control_tokens(tokenizer, record: dict) -> list[str]:
+    """Control-token text written inside the record's messages (e.g. a literal ``<|im_end|>``)."""
+    text = "".join(message["content"] for message in build_messages(record, with_response=False))
+    control = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    return sorted(token for token in control if token.startswith("<|") and token in text)
+
+
+def transformers_side(model, tokenizer, record: dict, max_new_tokens: int, enable_thinking: bool = False) -> dict:
+    """One prompt as transformers sees it: its text, the kit's ids, the ids a server would make of the same text,
+    the greedy answer from the kit's ids and the log-prob of each answer token.
+
+    The kit's ids are the reference (message contents tokenised with control-token text kept as text);
+    llama.cpp parses control-token text in the prompt, as Ollama does. Ids that differ only as transformers'
+    own whole-text tokenisation differs are a serving difference, not a fault of the GGUF.
+    """
+    text = format_prompt(tokenizer, record, enable_thinking)
+    prompt_ids = tokenize_prompt(tokenizer, record, enable_thinking)
+    reference = generate_ids(model, tokenizer, [record], max_new_tokens, enable_thinking)[0]
     logprobs = answer_logprobs(model, prompt_ids, reference).astype(np.float64)
     return {"text": text, "prompt_ids": prompt_ids, "reference": reference,
+            "served_ids": tokenizer(text, add_special_tokens=False)["input_ids"],  # control-token text parsed
+            "typed_control_tokens": typed_control_tokens(tokenizer, record),
             "reference_logprobs": [float(logprobs[row, token]) for row, token in enumerate(reference)]}
 
 
@@ -232,7 +252,10 @@ def compare_prompt(hf: dict, gguf: dict) -> PromptComparison:
         divergence = min(len(reference), len(gguf_answer))
     return PromptComparison(
         prompt_tokens=len(hf["prompt_ids"]),
+        gguf_prompt_tokens=len(gguf["gguf_ids"]),
         same_prompt_ids=gguf["gguf_ids"] == hf["prompt_ids"],
+        serving_difference=gguf["gguf_ids"] != hf["prompt_ids"] and gguf["gguf_ids"] == hf["served_ids"],
+        typed_control_tokens=hf["typed_control_tokens"],
         transformers_answer=reference,
         gguf_answer=gguf_answer,
         first_divergence=divergence,
@@ -242,9 +265,11 @@ def compare_prompt(hf: dict, gguf: dict) -> PromptComparison:
     )
 
 
-def verify_gguf(gguf_file: str, hf_dir: str, records: list[dict], gguf_type: str, max_new_tokens: int = 16) -> dict:
-    """Compare the GGUF with the merged transformers model (fp32, on the CPU) on ``records``; the export_report.json content.
+def verify_gguf(gguf_file: str, hf_dir: str, records: list[dict], gguf_type: str, max_new_tokens: int = 16,
+                enable_thinking: bool = False) -> dict:
+    """Compare the GGUF with the merged transformers model (fp32, on the CPU) on ``records``; export_report.json's part.
 
+    ``enable_thinking``: the mode the adapter was trained in, so the prompts are the ones the model will be asked.
     transformers runs here; llama.cpp runs in a child process (:func:`run_llama`), so a llama.cpp crash raises
     :class:`LlamaCrashError` instead of ending this process.
     """
@@ -252,7 +277,7 @@ def verify_gguf(gguf_file: str, hf_dir: str, records: list[dict], gguf_type: str
 
     tokenizer = load_tokenizer(hf_dir)
     model = load_base_model(hf_dir, torch.float32).to("cpu").eval()
-    sides = [transformers_side(model, tokenizer, record, max_new_tokens) for record in records]
+    sides = [transformers_side(model, tokenizer, record, max_new_tokens, enable_thinking) for record in records]
     del model
     release_memory()
     longest = max(len(side["prompt_ids"]) for side in sides)
@@ -266,7 +291,10 @@ def verify_gguf(gguf_file: str, hf_dir: str, records: list[dict], gguf_type: str
         "gguf_file": str(gguf_file),
         "gguf_type": gguf_type,
         "prompts": len(rows),
+        "enable_thinking": enable_thinking,
         "identical_tokenisation": all(row.same_prompt_ids for row in rows),
+        "serving_differences": sum(row.serving_difference for row in rows),  # known (typed control tokens), not faults
+        "tokenisation_faults": sum(not row.same_prompt_ids and not row.serving_difference for row in rows),
         "identical_greedy_answers": identical,
         "greedy_answers_identical_count": sum(row.first_divergence is None for row in rows),
         "agreement_rate": float(np.mean([row.agreement for row in rows])),
@@ -278,15 +306,34 @@ def verify_gguf(gguf_file: str, hf_dir: str, records: list[dict], gguf_type: str
             for row in rows
         ],
     }
-    report["passed"] = report["identical_tokenisation"] and (identical or gguf_type not in EXACT_TYPES)
+    report["passed"] = report["tokenisation_faults"] == 0 and (identical or gguf_type not in EXACT_TYPES)
     return report
+
+
+def tokenisation_lines(report: dict) -> list[str]:
+    """The tokenisation verdict: identical prompts, known serving differences (typed control tokens), genuine faults."""
+    same = report["prompts"] - report["serving_differences"] - report["tokenisation_faults"]
+    lines = [f"tokenisation: identical ids on {same}/{report['prompts']} prompts (llama.cpp vs the kit's prompt ids)"]
+    rows = [row for row in report["per_prompt"] if row["serving_difference"]]
+    typed = sorted({token for row in rows for token in row["typed_control_tokens"]})
+    if rows:
+        why = (f"hold typed control-token text ({', '.join(typed)}): the kit keeps it as text, llama.cpp and Ollama "
+               "turn it into control tokens" if typed
+               else "tokenise apart from the template in the kit, and as one text in llama.cpp (and in transformers)")
+        lines.append(f"  {len(rows)} prompt(s) {why}. A known serving difference, not a fault of the GGUF; "
+                     "answers are compared from the kit's ids")
+    if report["tokenisation_faults"]:
+        lines.append(f"  {report['tokenisation_faults']} prompt(s) tokenise DIFFERENTLY in llama.cpp and transformers: "
+                     "the GGUF's tokenizer is wrong")
+    return lines
 
 
 def verification_summary(report: dict) -> str:
     """A few lines for the terminal: tokenisation, greedy answers, agreement and log-prob gap."""
+    mode = "thinking" if report.get("enable_thinking") else "non-thinking"
     lines = [
-        f"tokenisation: {'identical' if report['identical_tokenisation'] else 'DIFFERENT'} ids on {report['prompts']} prompts (llama.cpp vs transformers)",
-        f"greedy answers: {report['greedy_answers_identical_count']}/{report['prompts']} identical"
+        *tokenisation_lines(report),
+        f"greedy answers ({mode} mode): {report['greedy_answers_identical_count']}/{report['prompts']} identical"
         + ("" if report["exact_type"] else f" (expected to differ a little for {report['gguf_type']})"),
         f"agreement on transformers' answer tokens: {report['agreement_rate']:.1%}; mean |log-prob gap|: {report['mean_logprob_gap']:.4f}",
     ]

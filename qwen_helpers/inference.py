@@ -14,12 +14,14 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from .checks import check_inference_inputs
-from .records import load_records
 from .errors import command_boundary
 from .files import atomic_write_text
 from .metrics import format_table, scores_by_task
+from .prompt_settings import (PromptSettings, data_format_flag, field_flag, read_records_as_trained,
+                              recorded_prompt_settings)
 from .quickflags import dataclass_parser, parse_command_flags
 
 
@@ -32,8 +34,15 @@ class InferenceArguments:
     load_in_4bit: bool | None = field(default=None, metadata={"help": "Load the base in 4-bit; default: as the adapter was trained."})
     instruction: str | None = field(default=None, metadata={"help": "Answer one prompt: the instruction."})
     input: str = field(default="", metadata={"help": "Optional input that goes with --instruction."})
-    system: str | None = field(default=None, metadata={"help": "Optional system prompt for --instruction."})
+    system: str | None = field(default=None, metadata={
+        "help": "System prompt for --instruction; default: the one every training record shared (recorded with "
+                "the adapter or the merged model), else the chat template's."})
     data_path: str | None = field(default=None, metadata={"help": "Evaluate on a JSON/JSONL file of records (instruction, input, output, task)."})
+    instruction_field: str | None = field_flag("instruction")
+    input_field: str | None = field_flag("input")
+    output_field: str | None = field_flag("output")
+    system_field: str | None = field_flag("system")
+    data_format: Literal["auto", "alpaca", "messages", "sharegpt"] | None = data_format_flag()
     output_file: str = field(default="outputs/preds.jsonl", metadata={"help": "With --data_path: one JSON line per record (record, prediction, timing)."})
     overwrite_output_file: bool = field(default=False, metadata={"help": "Replace an existing non-empty --output_file."})
     max_records: int | None = field(default=None, metadata={"help": "With --data_path: use only the first N records."})
@@ -44,7 +53,8 @@ class InferenceArguments:
     top_p: float = field(default=0.9, metadata={"help": "With --do_sample: nucleus sampling mass."})
     top_k: int = field(default=50, metadata={"help": "With --do_sample: sample among the k most likely tokens."})
     enable_thinking: bool | None = field(
-        default=None, metadata={"help": "Qwen3: prompt in thinking mode; default: as the adapter was trained (its run_config.json), else False."}
+        default=None,
+        metadata={"help": "Qwen3: prompt in thinking mode; default: as the adapter (or merged model) was trained."},
     )
     repetition_penalty: float = field(default=1.0, metadata={"help": "Above 1.0 discourages repeating tokens (1.0 = off)."})
     merge: bool = field(default=False, metadata={"help": "Merge the LoRA adapter into its base and save a plain model to --output_dir."})
@@ -76,16 +86,25 @@ class InferenceArguments:
             options["repetition_penalty"] = self.repetition_penalty
         return options
 
+    def recorded_settings(self) -> PromptSettings | None:
+        """How the model was trained to be asked: the adapter's run_config.json, or a merged folder's record."""
+        if not hasattr(self, "_recorded"):
+            self._recorded = recorded_prompt_settings(self.adapter_path or self.model_path)
+        return self._recorded
 
     def thinking_mode(self) -> bool:
-        """Prompt as training did: --enable_thinking if given, else the adapter's recorded setting (False without one)."""
+        """Prompt as training did: --enable_thinking if given, else the recorded setting (False without one)."""
         if self.enable_thinking is not None:
             return self.enable_thinking
-        if not self.adapter_path:
-            return False
-        from .adapters import read_adapter_info
+        return bool(self.recorded_settings() and self.recorded_settings().enable_thinking)
 
-        return bool(read_adapter_info(self.adapter_path).get("kit_run", {}).get("enable_thinking", False))
+    def system_prompt(self) -> str | None:
+        """--system if given, else the recorded training system prompt (None: the chat template's default)."""
+        return self.system or (self.recorded_settings() or PromptSettings()).system_prompt
+
+    def read_records(self) -> list[dict]:
+        """--data_path's records, read with the --*_field flags, else the field map and format training recorded."""
+        return read_records_as_trained(self.data_path, self, self.recorded_settings())
 
 
 def parse_inference_args(argv: list[str] | None = None) -> InferenceArguments:
@@ -108,7 +127,7 @@ def run_evaluation(args: InferenceArguments, model, tokenizer, records: list[dic
     """Answer every record of --data_path, write --output_file (JSON lines, whole or not at all), print the scores and the speed."""
     from .generation import generate_timed, total_seconds
 
-    records = (records if records is not None else load_records(args.data_path))[: args.max_records]
+    records = (records if records is not None else args.read_records())[: args.max_records]
     rows = generate_timed(model, tokenizer, records, args.max_new_tokens, args.batch_size, progress=True, **args.generation_kwargs())
     output = Path(args.output_file)
     atomic_write_text(output, "".join(json.dumps({**record, **row}, ensure_ascii=False) + "\n" for record, row in zip(records, rows)))
@@ -133,13 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         run_merge(args)
         return 0
-    records = load_records(args.data_path) if args.data_path else None  # a bad data file is reported before loading too
+    records = args.read_records() if args.data_path else None  # a bad data file is reported before loading too
     model, tokenizer = load_for_command(args)
     if args.instruction:
         from .generation import generate
 
-
-        record = {"instruction": args.instruction, "input": args.input, **({"system": args.system} if args.system else {})}
+        system = args.system_prompt()
+        record = {"instruction": args.instruction, "input": args.input, **({"system": system} if system else {})}
         answer = generate(model, tokenizer, [record], args.max_new_tokens, 1, **args.generation_kwargs())[0]
         print(answer if answer else "(empty answer: the model ended its turn with <|im_end|> at once)")
         return 0

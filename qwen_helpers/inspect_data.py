@@ -15,6 +15,7 @@ from typing import Literal
 
 from .data import IGNORE_INDEX, build_messages, format_prompt, tokenize_example
 from .errors import command_boundary
+from .prompt_settings import field_flag, field_map_of
 from .quickflags import dataclass_parser, parse_command_flags
 from .records import DataValidationError, load_records
 
@@ -29,6 +30,10 @@ class InspectArguments:
     data_path: str = field(default="data/train.json", metadata={"help": "JSON or JSONL data file (alpaca, messages or sharegpt records)."})
     index: int = field(default=0, metadata={"help": "Record to show (0 is the first)."})
     data_format: Literal["auto", "alpaca", "messages", "sharegpt"] = field(default="auto", metadata={"help": "Force a record format."})
+    instruction_field: str | None = field_flag("instruction", recorded=False)
+    input_field: str | None = field_flag("input", recorded=False)
+    output_field: str | None = field_flag("output", recorded=False)
+    system_field: str | None = field_flag("system", recorded=False)
     enable_thinking: bool = field(default=False, metadata={"help": "Qwen3: train the reasoning (thinking mode) instead of non-thinking mode."})
     json: bool = field(default=False, metadata={"help": "Print one JSON object instead of the marked text."})
 
@@ -70,7 +75,7 @@ def marked_text(tokenizer, input_ids: list[int], labels: list[int]) -> str:
 @command_boundary
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse_command_flags("inspect_data", lambda: dataclass_parser(InspectArguments), argv)
-    records = load_records(args.data_path, data_format=args.data_format)
+    records = load_records(args.data_path, field_map_of(args), args.data_format)
     if not 0 <= args.index < len(records):
         raise DataValidationError(f"--index {args.index}: {args.data_path} has {len(records)} records (0 to {len(records) - 1}).")
     from .modeling import load_tokenizer

@@ -22,6 +22,8 @@ from .adapters import AdapterError, load_model_with_adapter, merge_problem, read
 from .data import format_prompt
 from .files import OutputExistsError, folder_size, human_bytes
 from .modeling import evaluation_mode, release_memory
+from .prompt_settings import (PROMPT_SETTINGS, PromptSettings, has_thinking_switch, settings_from_run_config,
+                              template_with_thinking_default, write_prompt_settings)
 
 DEFAULT_PROMPTS = [
     "把下面的句子翻译成英文。今天天气很好，我们去公园散步吧。",
@@ -62,12 +64,12 @@ class ExportReport:
 
 
 @torch.no_grad()
-def prompt_logits(model, tokenizer, prompts: list[str]) -> list[torch.Tensor]:
+def prompt_logits(model, tokenizer, prompts: list[str], enable_thinking: bool = False) -> list[torch.Tensor]:
     """Logits at every position of each prompt, chat-formatted as in training, one prompt at a time (fp32, on the CPU)."""
     rows = []
     with evaluation_mode(model):
         for prompt in prompts:
-            text = format_prompt(tokenizer, {"instruction": prompt})
+            text = format_prompt(tokenizer, {"instruction": prompt}, enable_thinking)
             inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
             rows.append(model(**inputs).logits[0].float().cpu())
     return rows
@@ -110,25 +112,35 @@ def merge_tolerance(dtype: torch.dtype, logits: list[torch.Tensor]) -> float:
     return MERGE_TOLERANCE[dtype] * max(1.0, scale)
 
 
-def trained_on_4bit_logits(adapter_path: str, model_path: str | None, prompts: list[str]) -> list[torch.Tensor]:
+def trained_on_4bit_logits(adapter_path: str, model_path: str | None, prompts: list[str],
+                           enable_thinking: bool) -> list[torch.Tensor]:
     """Logits of the model as it was trained (the 4-bit base with the adapter on top); the model is freed on return."""
     model, tokenizer = load_model_with_adapter(adapter_path, model_path, load_in_4bit=True)
-    return prompt_logits(model, tokenizer, prompts)
+    return prompt_logits(model, tokenizer, prompts, enable_thinking)
 
 
 def merge_and_export(adapter_path: str, output_dir: str, model_path: str | None = None, prompts: list[str] | None = None,
-                     overwrite: bool = False) -> ExportReport:
-    """Merge a LoRA (or QLoRA) adapter into its 16-bit base, check the logits, and save model + tokenizer as safetensors."""
+                     overwrite: bool = False, settings: PromptSettings | None = None) -> ExportReport:
+    """Merge a LoRA (or QLoRA) adapter into its 16-bit base, check the logits, save model + tokenizer as safetensors.
+
+    ``settings``: how the merged model is to be asked (default: what the adapter's run_config.json records). They
+    are saved as prompt_settings.json, and the saved chat template's ``enable_thinking`` defaults to their mode.
+    """
     info = check_mergeable_adapter(adapter_path)
     check_export_dir(output_dir, adapter_path, overwrite)
+    if settings is None and info.get("kit_run") is not None:
+        settings = settings_from_run_config(info["kit_run"])
+    thinking = bool(settings and settings.enable_thinking)
     prompts = prompts or DEFAULT_PROMPTS
-    four_bit_logits = trained_on_4bit_logits(adapter_path, model_path, prompts) if info.get("kit_load_in_4bit") else None
+    four_bit_logits = None
+    if info.get("kit_load_in_4bit"):
+        four_bit_logits = trained_on_4bit_logits(adapter_path, model_path, prompts, thinking)
     release_memory()
 
     model, tokenizer = load_model_with_adapter(adapter_path, model_path, load_in_4bit=False)
-    adapter_logits = prompt_logits(model, tokenizer, prompts)
+    adapter_logits = prompt_logits(model, tokenizer, prompts, thinking)
     merged = model.merge_and_unload(safe_merge=True)
-    merged_logits = prompt_logits(merged, tokenizer, prompts)
+    merged_logits = prompt_logits(merged, tokenizer, prompts, thinking)
     difference = largest_difference(adapter_logits, merged_logits)
     dtype = merged.dtype
     tolerance = merge_tolerance(dtype, adapter_logits)
@@ -139,13 +151,17 @@ def merge_and_export(adapter_path: str, output_dir: str, model_path: str | None 
             "weights: merge on the CPU in fp32 instead (CUDA_VISIBLE_DEVICES= python -m qwen_helpers.inference --merge True ...)."
         )
     merged.save_pretrained(output_dir)
+    if settings is not None:
+        tokenizer.chat_template = template_with_thinking_default(tokenizer.chat_template, settings.enable_thinking)
+        write_prompt_settings(output_dir, settings)
     tokenizer.save_pretrained(output_dir)
     return ExportReport(
         output_dir=output_dir,
         max_abs_diff_vs_16bit_adapter=difference,
         max_abs_diff_vs_4bit_adapter=None if four_bit_logits is None else largest_difference(four_bit_logits, merged_logits),
         merged_size_bytes=folder_size(output_dir, "*.safetensors"),
-        notes=export_notes(output_dir, four_bit_logits is not None, dtype),
+        notes=export_notes(output_dir, four_bit_logits is not None, dtype)
+        + prompt_notes(output_dir, settings, tokenizer.chat_template),
     )
 
 
@@ -163,4 +179,14 @@ def export_notes(output_dir: str, trained_on_4bit: bool, merged_dtype: torch.dty
     return notes + [f"load it without peft: AutoModelForCausalLM.from_pretrained({output_dir!r})"]
 
 
-# ---------------------------------------------------------------------------------------------- the command
+def prompt_notes(output_dir: str, settings: PromptSettings | None, chat_template) -> list[str]:
+    """How the merged model is to be asked, and where the folder records it."""
+    if settings is None:
+        return ["no run_config.json beside the adapter: the chat template is saved as it was (prompt format unknown)"]
+    system = repr(settings.system_prompt) if settings.system_prompt else "none (the chat template's default)"
+    notes = [f"trained prompt format recorded in {Path(output_dir) / PROMPT_SETTINGS}: system prompt {system}"]
+    if has_thinking_switch(chat_template):
+        mode = "thinking" if settings.enable_thinking else "non-thinking"
+        notes.append(f"{mode} mode, as trained: the saved chat template's enable_thinking now defaults to "
+                     f"{settings.enable_thinking} (a request that passes enable_thinking still decides)")
+    return notes

@@ -1,10 +1,12 @@
-"""An Ollama Modelfile whose TEMPLATE asks the model exactly as training did (ChatML, Qwen's default system prompt, Qwen3's think block).
+"""An Ollama Modelfile whose TEMPLATE asks the model exactly as training did (ChatML, system prompt, Qwen3's mode).
 
 Ollama imports a GGUF with a bare ``{{ .Prompt }}`` template, so a fine-tuned Qwen answers garbage until
 its chat format is spelled out. The pieces that differ between checkpoints are read from the
 tokenizer's own chat template through :func:`qwen_helpers.data.format_prompt`, the one prompt format:
 the system prompt the template adds when none is given (Qwen2.5: "You are Qwen, ..."), and what follows
-``<|im_start|>assistant\\n`` in a generation prompt (Qwen3 in non-thinking mode: an empty think block).
+``<|im_start|>assistant\\n`` in a generation prompt (Qwen3 in non-thinking mode: an empty think block; in
+thinking mode: nothing, the model opens its think block itself). The mode and the system prompt are the
+ones the adapter was trained with (:mod:`qwen_helpers.prompt_settings`), passed in by the export.
 
     ollama create my-qwen -f outputs/lora_gguf/Modelfile && ollama run my-qwen
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .data import format_prompt
+from .files import atomic_write_text
 from .generation import STOP_TOKENS
 
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
@@ -38,29 +41,26 @@ TEMPLATE = """{{{{- if .System }}}}<|im_start|>system
 {{{{- end }}}}"""
 
 
-def default_system_prompt(tokenizer) -> str | None:
+def default_system_prompt(tokenizer, enable_thinking: bool = False) -> str | None:
     """The system prompt the chat template inserts when a conversation has none (Qwen2.5's "You are Qwen, ..."), or None."""
-    text = format_prompt(tokenizer, {"instruction": PROBE})
+    text = format_prompt(tokenizer, {"instruction": PROBE}, enable_thinking)
     if not text.startswith(SYSTEM_HEADER):
         return None
     return text[len(SYSTEM_HEADER) : text.index("<|im_end|>")]
 
 
-def generation_prefix(tokenizer) -> str:
-    """What the prompt format puts after ``<|im_start|>assistant\\n`` before the model's first token (Qwen3 non-thinking: ``<think>\\n\\n</think>\\n\\n``)."""
-    text = format_prompt(tokenizer, {"instruction": PROBE})
+def generation_prefix(tokenizer, enable_thinking: bool = False) -> str:
+    """What the prompt format puts after ``<|im_start|>assistant\\n`` before the model's first token.
+
+    Qwen3 in non-thinking mode: ``<think>\\n\\n</think>\\n\\n``; in thinking mode and for Qwen2.5: nothing.
+    """
+    text = format_prompt(tokenizer, {"instruction": PROBE}, enable_thinking)
     return text[text.rindex(ASSISTANT_HEADER) + len(ASSISTANT_HEADER) :]
 
 
-def training_system_prompt(records: list[dict]) -> str | None:
-    """The system prompt every training record shares, or None when they have none (or several different ones)."""
-    prompts = {record.get("system") or None for record in records}
-    return prompts.pop() if len(prompts) == 1 else None
-
-
-def ollama_template(tokenizer) -> str:
-    """The Modelfile TEMPLATE for this tokenizer's chat format."""
-    return TEMPLATE.format(generation_prefix=generation_prefix(tokenizer))
+def ollama_template(tokenizer, enable_thinking: bool = False) -> str:
+    """The Modelfile TEMPLATE for this tokenizer's chat format in the given thinking mode."""
+    return TEMPLATE.format(generation_prefix=generation_prefix(tokenizer, enable_thinking))
 
 
 def quoted(text: str) -> str:
@@ -70,13 +70,15 @@ def quoted(text: str) -> str:
     return f'"""{text}"""'
 
 
-def modelfile_text(gguf_file: str, tokenizer, system: str | None = None) -> str:
+def modelfile_text(gguf_file: str, tokenizer, system: str | None = None, enable_thinking: bool = False) -> str:
     """The Modelfile: FROM the GGUF beside it, the chat TEMPLATE, both stop tokens, and the system prompt training used."""
-    system = system or default_system_prompt(tokenizer)
+    system = system or default_system_prompt(tokenizer, enable_thinking)
+    has_modes = generation_prefix(tokenizer, True) != generation_prefix(tokenizer, False)  # Qwen3's thinking switch
+    mode = f" (thinking mode {'on' if enable_thinking else 'off'})" if has_modes else ""
     lines = [
-        "# Written by python -m qwen_helpers.export: the chat format the adapter was trained with.",
+        f"# Written by python -m qwen_helpers.export: the chat format the adapter was trained with{mode}.",
         f"FROM ./{Path(gguf_file).name}",
-        f"TEMPLATE {quoted(ollama_template(tokenizer))}",
+        f"TEMPLATE {quoted(ollama_template(tokenizer, enable_thinking))}",
         *(f'PARAMETER stop "{token}"' for token in STOP_TOKENS),
     ]
     if system:
@@ -84,8 +86,8 @@ def modelfile_text(gguf_file: str, tokenizer, system: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_modelfile(gguf_file: str, tokenizer, system: str | None = None) -> Path:
-    """Write ``Modelfile`` next to ``gguf_file`` and return its path."""
+def write_modelfile(gguf_file: str, tokenizer, system: str | None = None, enable_thinking: bool = False) -> Path:
+    """Write ``Modelfile`` next to ``gguf_file`` (replaced whole or not at all) and return its path."""
     path = Path(gguf_file).with_name("Modelfile")
-    path.write_text(modelfile_text(gguf_file, tokenizer, system), encoding="utf-8")
+    atomic_write_text(path, modelfile_text(gguf_file, tokenizer, system, enable_thinking))
     return path

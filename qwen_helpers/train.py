@@ -28,6 +28,7 @@ from .lora_variants import describe_variants, loraplus_optimizer, save_as_plain_
 from .methods import get_method
 from .modeling import base_config_of, build_quantization_config, check_target_modules, count_parameters, load_base_model, load_tokenizer
 from .precision import base_dtype
+from .prompt_settings import SYSTEM_PROMPT_KEY, training_system_prompt
 from .run_folder import OutputPlan, complete_checkpoints, plan_output_on_main_process, resumed_history
 from .speed import apply_cpu_allocator_setting, check_liger
 
@@ -223,6 +224,8 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
             else None
         )
     notes.append(f"data: {data_args.data_path}: {train_data.summary()}")
+    # read now, as the data was: export and inference take the system prompt from run_config.json, not from this file
+    system_prompt = training_system_prompt(data_args.data_path, data_args.field_map(), data_args.data_format)
     if adapter == "prompt_tuning":
         notes.append(describe_text_init(tokenizer, prompt_args))
 
@@ -278,13 +281,15 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
         stale_runs=plan.stale,
     )
     if save:
-        save_run(result, model_args, data_args, target_args, lora_args if adapter == "lora" else prompt_args, method)
+        method_args = lora_args if adapter == "lora" else prompt_args
+        save_run(result, model_args, data_args, target_args, method_args, method, system_prompt)
         if publish:
             publish_run(result)
     return result
 
 
-def save_run(result: TrainResult, model_args, data_args, training_args, method_args, method: str) -> None:
+def save_run(result: TrainResult, model_args, data_args, training_args, method_args, method: str,
+             system_prompt: str | None = None) -> None:
     """Write the adapter (never the full model), tokenizer, effective config and loss history into the run's staging folder."""
     trainer = result.trainer
     trainer.save_model(result.output_dir)  # a PeftModel saves only adapter_model.safetensors + adapter_config.json
@@ -296,6 +301,7 @@ def save_run(result: TrainResult, model_args, data_args, training_args, method_a
     result.tokenizer.save_pretrained(result.output_dir)  # the final folder carries the tokenizer; checkpoints do not
     configs = [model_args, data_args, training_args] + ([method_args] if method_args is not None else [])
     write_run_config(result.output_dir, *configs, method=method, history=result.history, stopped_by_nan_guard=result.stopped_by_nan_guard,
+                     **{SYSTEM_PROMPT_KEY: system_prompt},  # the one every training record shared, or None
                      base_model=base_summary(base_config_of(result.model)))  # lets a later load check the base without it
 
 

@@ -208,3 +208,17 @@ def test_qwen3_f32_gguf_answers_exactly_like_transformers(converter, tmp_path):
     get_peft_model(base, config).save_pretrained(tmp_path / "lora")
     report = exported(str(tmp_path / "lora"), tmp_path / "out", "f32")
     assert report["code"] == 0 and report["verification"]["identical_tokenisation"] and report["verification"]["identical_greedy_answers"]
+
+
+def test_typed_control_tokens_are_reported_apart_from_tokenisation_faults():
+    """The verdict lines: a serving difference names the typed tokens; a genuine difference is called a fault."""
+    from qwen_helpers.gguf_export import tokenisation_lines
+
+    rows = [{"serving_difference": True, "typed_control_tokens": ["<|im_end|>"]},
+            {"serving_difference": False, "typed_control_tokens": []}]
+    known = tokenisation_lines({"prompts": 2, "serving_differences": 1, "tokenisation_faults": 0, "per_prompt": rows})
+    assert known[0].startswith("tokenisation: identical ids on 1/2") and "(<|im_end|>)" in known[1]
+    assert not any("DIFFERENTLY" in line for line in known)
+    fault = tokenisation_lines({"prompts": 2, "serving_differences": 0, "tokenisation_faults": 1,
+                                "per_prompt": [rows[1]] * 2})
+    assert "identical ids on 1/2" in fault[0] and "DIFFERENTLY" in fault[1] and len(fault) == 2

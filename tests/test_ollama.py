@@ -227,3 +227,18 @@ def test_qwen3_non_thinking_template_gets_the_empty_think_block(tokenizer):
         expected = qwen3.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         assert ollama_prompt(modelfile_template(modelfile), conversation, None) == expected
     assert ollama_template(qwen3) != ollama_template(tokenizer)
+
+
+@pytest.mark.parametrize("enable_thinking", [True, False])
+def test_qwen3_modelfile_asks_in_the_mode_it_is_given(enable_thinking):
+    """Thinking mode: nothing after the assistant header (the model opens its think block); else the empty block."""
+    from qwen_helpers.modeling import load_tokenizer
+
+    qwen3 = load_tokenizer("tiny-qwen3")
+    modelfile = modelfile_text("m.gguf", qwen3, enable_thinking=enable_thinking)
+    for conversation in CONVERSATIONS.values():
+        expected = qwen3.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=enable_thinking)
+        assert ollama_prompt(modelfile_template(modelfile), conversation, modelfile_system(modelfile)) == expected
+    assert ollama_template(qwen3, True) != ollama_template(qwen3, False)
+    assert f"thinking mode {'on' if enable_thinking else 'off'}" in modelfile.splitlines()[0]

@@ -1,6 +1,7 @@
 """The vLLM adapter check on real peft adapters of the tiny Qwen: what vLLM's LoRA loader rejects is flagged, a plain LoRA passes."""
 
 import copy
+import shlex
 
 import pytest
 
@@ -74,4 +75,12 @@ def test_unsupported_rank_value_and_prompt_tuning_are_refused(base_model, tmp_pa
     get_peft_model(copy.deepcopy(base_model), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(prompt)
     result = check_vllm_adapter(str(prompt))
     assert not result.passed and "LoRA adapters only" in result.problems[0]
+    assert "LoRA rank" not in str(result) and "vllm serve" not in str(result)  # a soft prompt: no rank, no command
     assert [smallest_vllm_rank(rank) for rank in (1, 8, 9, 300)] == [1, 8, 16, 320] and 16 in VLLM_MAX_LORA_RANKS
+
+
+def test_serve_command_is_shell_quoted(base_model, tmp_path):
+    adapter = saved_lora(base_model, tmp_path / "my adapters" / "it's")
+    words = shlex.split(check_vllm_adapter(adapter).command())
+    assert words[words.index("--lora-modules") + 1] == f"it's={adapter}"
+    assert "--default-chat-template-kwargs" not in words  # the tiny Qwen2.5 template has no thinking switch
