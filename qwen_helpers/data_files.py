@@ -57,8 +57,8 @@ def conversations_dataset(path, fields: FieldMap = FieldMap(), data_format: Data
                           cache_dir: str | None = None):
     """The validation pass: every record of ``path`` checked and written as chat messages to a cached Arrow dataset.
 
-    Cached under a fingerprint of the file (path, size, modification time), the settings and the kit's
-    code, so an edited file or a new kit version validates again.
+    Cached under a fingerprint of the file (path and a hash of its bytes), the settings and the kit's code,
+    so any edit (even one that keeps the size and the modification time) or a new kit version validates again.
     """
     from datasets import Dataset, Features, Value
     from datasets.exceptions import DatasetGenerationError
@@ -66,8 +66,7 @@ def conversations_dataset(path, fields: FieldMap = FieldMap(), data_format: Data
     file = Path(path)
     if not file.is_file():
         next(iter_records(file))  # the loader's own "no such data file" error
-    stat = file.stat()
-    fingerprint = _hash("conversations", str(file.resolve()), stat.st_size, stat.st_mtime_ns, fields, data_format, enable_thinking)
+    fingerprint = _hash("conversations", str(file.resolve()), file_digest(file), fields, data_format, enable_thinking)
     features = Features({"record_index": Value("int64"), "messages": Value("string")})  # JSON text: 5x cheaper to write than nested structs
     try:
         return Dataset.from_generator(_conversation_rows, features=features, cache_dir=cache_dir, fingerprint=fingerprint,
@@ -81,6 +80,12 @@ def conversations_dataset(path, fields: FieldMap = FieldMap(), data_format: Data
 def _conversation_rows(path: str, fields: FieldMap, data_format: DataFormat, enable_thinking: bool):
     for index, record in enumerate(iter_records(path, fields, data_format)):
         yield {"record_index": index, "messages": json.dumps(build_messages(record, enable_thinking=enable_thinking), ensure_ascii=False)}
+
+
+def file_digest(path: Path) -> str:
+    """A BLAKE2b digest of the file's bytes, streamed in chunks (about 1 GB/s: a few percent of the time tokenising it takes)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "blake2b").hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -1,6 +1,7 @@
 """Data files through datasets: the same ids and labels as record by record, the same errors, the cache, Arrow-backed results."""
 
 import json
+import os
 
 import pytest
 
@@ -156,6 +157,19 @@ def test_the_cache_is_reused_and_renewed_when_a_setting_or_the_file_changes(toke
     _write_jsonl(path, load_records(DATA / "train.json")[:10])
     edited, _ = _load(tokenizer, path, tmp_path, max_length=512)
     assert edited.kept == 10 and edited.dataset.cache_files[0]["filename"] not in files
+
+
+def test_a_same_size_edit_with_the_modification_time_restored_is_tokenised_again(tokenizer, tmp_path):
+    path = tmp_path / "edited.jsonl"
+    path.write_text('{"instruction": "Say it", "output": "Hello"}\n', encoding="utf-8")
+    first, _ = _load(tokenizer, path, tmp_path, max_length=512)
+    stat = path.stat()
+    path.write_text('{"instruction": "Say it", "output": "Adieu"}\n', encoding="utf-8")  # same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as a copy tool or a checkout that keeps times
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    edited, _ = _load(tokenizer, path, tmp_path, max_length=512)
+    trained = [token for token in edited.dataset[0]["labels"] if token != -100]
+    assert tokenizer.decode(trained) == "Adieu<|im_end|>" != tokenizer.decode([t for t in first.dataset[0]["labels"] if t != -100])
 
 
 def test_a_generated_5_mb_file_ends_memory_mapped(tokenizer, tmp_path):
