@@ -7,7 +7,7 @@ Every problem is a :class:`~qwen_helpers.errors.FlagError`.
 
 from __future__ import annotations
 
-from .errors import FlagError
+from .errors import FlagError, refuse_non_finite
 
 
 def _require(condition: bool, message: str) -> None:
@@ -18,6 +18,7 @@ def _require(condition: bool, message: str) -> None:
 def check_training_flags(training_args, method_args=None) -> None:
     """Numeric ranges of the training flags, checked before the tokenizer or the model loads."""
     args = training_args
+    refuse_non_finite(vars(args))  # a dataclass built in Python skips the command line's check
     _require(args.learning_rate > 0, f"--learning_rate must be above 0, got {args.learning_rate} (try 3e-4 for LoRA, 3e-2 for prompt tuning).")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         value = getattr(args, name)
