@@ -238,9 +238,27 @@ def _validate_alpaca(record: Any, index: int, where: str, fields: FieldMap) -> d
     reasoning = next((record[name] for name in REASONING_FIELDS if record.get(name)), None)
     if reasoning is None:
         reasoning, result["output"] = split_reasoning(result["output"])
+    _check_answer(result["output"], f"{where}, record {index}, field '{fields.output}'")
     if reasoning:
         result["reasoning"] = reasoning
     return result
+
+
+def _check_answer(answer: str, at: str) -> None:
+    """An answer with nothing after its think block, or a think tag inside it, cannot be trained as the data means.
+
+    Qwen3's template splits an answer at ``</think>`` (what comes before becomes a reasoning block, in
+    non-thinking mode too) and inference prompts without it; a leading ``<think>…</think>`` block or a
+    ``reasoning_content`` field is the one way the kit takes reasoning.
+    """
+    if not answer.strip():
+        raise DataValidationError(f"{at}: the answer is empty once its <think>…</think> block is split off, so there is nothing "
+                                  "to learn. Add the answer after </think>, or remove the record.")
+    tag = next((tag for tag in ("<think>", "</think>") if tag in answer), None)
+    if tag:
+        raise DataValidationError(f"{at}: the answer holds {tag} after its start; Qwen3's chat template would turn the text "
+                                  "before </think> into a reasoning block. Put the reasoning in one leading <think>…</think> block "
+                                  "or a 'reasoning_content' field, or remove the tag.")
 
 
 def _validate_conversation(record: Any, index: int, where: str, file_format: str) -> dict:
@@ -278,6 +296,7 @@ def _validate_conversation(record: Any, index: int, where: str, file_format: str
                 message["reasoning_content"] = reasoning
             if not message["content"].strip():
                 raise DataValidationError(f"{at}, turn {position}: the assistant turn is empty, so there is nothing to learn. Fill it in or remove it.")
+            _check_answer(message["content"], f"{at}, turn {position}")
         messages.append(message)
     _check_turn_order(messages, at)
     *history, answer = messages
