@@ -36,7 +36,8 @@ def build_messages(record: dict, with_response: bool = True, enable_thinking: bo
         messages = [dict(message) for message in record["messages"]]
     else:
         user = record["instruction"] if not record.get("input") else f"{record['instruction']}\n{record['input']}"
-        messages = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+        # an explicitly empty system prompt is an empty system turn, as in messages records; absent: the template's default
+        messages = [{"role": "system", "content": record["system"]}] if record.get("system") is not None else []
         messages.append({"role": "user", "content": user})
     if with_response:
         answer = {"role": "assistant", "content": record["output"]}

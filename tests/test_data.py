@@ -220,3 +220,14 @@ def test_reasoning_is_trained_inline_where_the_template_has_no_place_for_it():
     assert trained(qwen25, True) == "<think>\nadd them\n</think>\n\n4<|im_end|>"  # R1-style: kept, not dropped
     assert trained(qwen25, False) == "4<|im_end|>"  # non-thinking mode drops it, on every template
     assert trained(qwen3, True) == "<think>\nadd them\n</think>\n\n4<|im_end|>"  # Qwen3's own template writes it once
+
+
+def test_an_empty_system_prompt_is_an_empty_system_turn_in_both_formats_and_absent_means_the_default(tokenizer):
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    empty_alpaca, absent_alpaca = load_records([{"instruction": "Hi", "output": "Hello", "system": ""}, {"instruction": "Hi", "output": "Hello"}])
+    (empty_messages,) = load_records([{"messages": [{"role": "system", "content": ""}, *turns]}])
+    (absent_messages,) = load_records([{"messages": turns}])
+    assert format_prompt(tokenizer, empty_alpaca) == format_prompt(tokenizer, empty_messages)
+    assert format_prompt(tokenizer, empty_alpaca).startswith("<|im_start|>system\n<|im_end|>\n")
+    assert format_prompt(tokenizer, absent_alpaca) == format_prompt(tokenizer, absent_messages) != format_prompt(tokenizer, empty_alpaca)
+    assert tokenize_example(tokenizer, empty_alpaca) == tokenize_example(tokenizer, empty_messages)
