@@ -65,7 +65,7 @@ class NanGuardCallback(TrainerCallback):
         values = [logs.get(key) for key in keys if logs and logs.get(key) is not None]
         if not values:
             return
-        # A finite loss is computed before the step: the step itself (--learning_rate too high) can still leave NaN weights.
+        # A finite loss is computed before the step; the step (too high a learning rate) can still break the weights.
         if all(math.isfinite(value) for value in values) and (model is None or self._keep_if_finite(model)):
             self.bad_logs = 0
             return
@@ -97,8 +97,8 @@ class NanGuardCallback(TrainerCallback):
                         parameter.copy_(self.last_good[name])
         if model is not None and not _all_finite(_trainable(model)):
             raise NonFiniteWeightsError(
-                "The trainable weights are NaN/inf and no finite copy was kept (the run resumed from non-finite weights?); "
-                "nothing is saved. Start a fresh run with a lower --learning_rate."
+                "The trainable weights are NaN/inf and no finite copy was kept (the run resumed from non-finite "
+                "weights?); nothing is saved. Start a fresh run with a lower --learning_rate."
             )
         logger.warning(self.ADVICE)
 

@@ -46,8 +46,8 @@ def _marked(messages: list[dict]) -> list[dict]:
     return marked
 
 
-_REWRITES = ("The chat template rewrites message contents (it renders them differently once marked), so the kit cannot tell "
-             "data from template text. Use a Qwen chat template, or report the template.")
+_REWRITES = ("The chat template rewrites message contents (it renders them differently once marked), so the kit "
+             "cannot tell data from template text. Use a Qwen chat template, or report the template.")
 
 
 def _unmark(text: str) -> tuple[str, dict[str, tuple[int, int]]]:

@@ -59,7 +59,8 @@ class DataArguments:
     max_length: int = field(default=512, metadata={"help": "Longest example in tokens (prompt + answer)."})
     overflow: Literal["drop", "truncate_prompt"] = field(
         default="drop",
-        metadata={"help": "What to do with longer examples: drop them, or drop their oldest whole turns until they fit (a record whose last exchange is too long is dropped). Counted either way."},
+        metadata={"help": "What to do with longer examples: drop them, or drop their oldest whole turns until they "
+                          "fit (a record whose last exchange is too long is dropped). Counted either way."},
     )
     instruction_field: str = field(default="instruction", metadata={"help": "Record key holding the instruction."})
     input_field: str = field(default="input", metadata={"help": "Record key holding the optional input."})
@@ -152,7 +153,8 @@ class KitTrainingArguments(TrainingArguments):
     save_total_limit: int | None = field(default=1, metadata={"help": "Keep only the last N checkpoints."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping; lower it if the loss spikes."})
     logging_nan_inf_filter: bool = field(
-        default=False, metadata={"help": "Log a NaN/inf loss as a running average instead (Trainer's default); off, so the NaN guard sees it."}
+        default=False,
+        metadata={"help": "Log a NaN/inf loss as a running average (the Trainer's default); off: the guard sees it."},
     )
     fp16: bool = field(
         default=True, metadata={"help": "FP16 mixed precision (the seed's recipe; fp32 with a notice on a CPU). --bf16 True asks for bf16 instead."}
@@ -224,7 +226,7 @@ def write_run_files(output_dir: str | os.PathLike, run_config: dict, history: li
 
 
 def strict_json(value):
-    """``value`` with every NaN/inf float as null: JSON has no NaN, and strict readers (jq, browsers) refuse the file."""
+    """``value`` with every NaN/inf float as null: JSON has no NaN, and strict readers (jq, browsers) refuse it."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):

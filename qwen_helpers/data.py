@@ -36,7 +36,7 @@ def build_messages(record: dict, with_response: bool = True, enable_thinking: bo
         messages = [dict(message) for message in record["messages"]]
     else:
         user = record["instruction"] if not record.get("input") else f"{record['instruction']}\n{record['input']}"
-        # an explicitly empty system prompt is an empty system turn, as in messages records; absent: the template's default
+        # an explicitly empty system prompt is an empty system turn, as in messages records; absent: the default
         messages = [{"role": "system", "content": record["system"]}] if record.get("system") is not None else []
         messages.append({"role": "user", "content": user})
     if with_response:
@@ -93,7 +93,9 @@ def tokenize_example(tokenizer, record: dict, max_length: int | None = None, ove
     """
     messages = build_messages(record, enable_thinking=enable_thinking)
     example = _encode_messages(tokenizer, messages, enable_thinking)
-    return example if max_length is None else fit_to_length(tokenizer, messages, example, max_length, overflow, enable_thinking)
+    if max_length is None:
+        return example
+    return fit_to_length(tokenizer, messages, example, max_length, overflow, enable_thinking)
 
 
 def _encode_with_labels(tokenizer, record: dict, enable_thinking: bool = False) -> dict:
@@ -101,23 +103,25 @@ def _encode_with_labels(tokenizer, record: dict, enable_thinking: bool = False) 
 
 
 def renders_reasoning(tokenizer) -> bool:
-    """True when the chat template writes an answer's ``reasoning_content`` (Qwen3's does; Qwen2.5's and Qwen1.5's drop it)."""
+    """True when the chat template writes an answer's ``reasoning_content`` (Qwen3's does; Qwen2.5's drops it)."""
     cache = _caches.setdefault(tokenizer, {})
     key = ("renders_reasoning", str(tokenizer.chat_template))
     if key not in cache:
-        probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "\ue003probe"}]
+        probe = [{"role": "user", "content": "q"},
+                 {"role": "assistant", "content": "a", "reasoning_content": "\ue003probe"}]
         cache[key] = "\ue003probe" in render(tokenizer, probe, False, True)
     return cache[key]
 
 
 def inline_reasoning(tokenizer, messages: list[dict], enable_thinking: bool) -> list[dict]:
-    """Thinking mode on a template without a place for reasoning: the answer as ``<think>`` reasoning ``</think>`` + answer.
+    """Thinking mode, a template without a place for reasoning: the answer as ``<think>`` reasoning ``</think>`` answer.
 
     That is how DeepSeek-R1-distilled Qwen2.5 models are trained, so R1-style data on a Qwen2-architecture
     model keeps its reasoning instead of losing it silently. As Qwen3's template does, only the final
     answer carries it; earlier turns' reasoning is left out. Other cases: ``messages`` as they are.
     """
-    if not enable_thinking or not any("reasoning_content" in message for message in messages) or renders_reasoning(tokenizer):
+    reasoning = any("reasoning_content" in message for message in messages)
+    if not enable_thinking or not reasoning or renders_reasoning(tokenizer):
         return messages
     *history, last = [{"role": message["role"], "content": message["content"]} for message in messages]
     if "reasoning_content" in messages[-1]:
@@ -233,7 +237,8 @@ def tokenize_batch(tokenizer, conversations: list[list[dict]], indices, max_leng
                    enable_thinking: bool = False) -> dict[str, list]:
     """The one tokenisation step, as columns: the examples that fit (or were cut to fit), their ``record_index`` and ``truncated``."""
     columns = {name: [] for name in TOKENIZED_COLUMNS}
-    for index, messages, full in zip(indices, conversations, encode_conversations(tokenizer, conversations, enable_thinking, indices)):
+    examples = encode_conversations(tokenizer, conversations, enable_thinking, indices)
+    for index, messages, full in zip(indices, conversations, examples):
         example = fit_to_length(tokenizer, messages, full, max_length, overflow, enable_thinking)
         if example is not None:
             for name in ("input_ids", "attention_mask", "labels"):

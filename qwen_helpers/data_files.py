@@ -17,8 +17,8 @@ import json
 import time
 from pathlib import Path
 
-from .data import (BATCH_SIZE, OverflowPolicy, TokenizedData, build_messages, renders_reasoning, tokenize_batch, tokenized_data,
-                   tokenized_features)
+from .data import (BATCH_SIZE, OverflowPolicy, TokenizedData, build_messages, renders_reasoning, tokenize_batch,
+                   tokenized_data, tokenized_features)
 from .records import DataFormat, DataValidationError, FieldMap, iter_records
 
 # What the tokenised result depends on besides the settings: the code of these modules (a kit upgrade re-tokenises).
@@ -34,8 +34,8 @@ def load_dataset_for_training(tokenizer, path, max_length: int, overflow: Overfl
     """
     started = time.perf_counter()
     if enable_thinking and not renders_reasoning(tokenizer):
-        echo("note: --enable_thinking True, and this chat template has no place for reasoning (Qwen2.5 and earlier): each "
-             "answer's reasoning is trained inline as <think>…</think> before it, as DeepSeek-R1-distilled Qwen models are.")
+        echo("note: --enable_thinking True, and this chat template has no place for reasoning (Qwen2.5 and earlier): "
+             "each answer's reasoning is trained inline as <think>…</think> before it, as in R1-distilled Qwen models.")
     conversations = conversations_dataset(path, fields, data_format, enable_thinking, cache_dir)
     fingerprint = _hash("tokenised", conversations._fingerprint, tokenizer_fingerprint(tokenizer), max_length, overflow, enable_thinking)
     try:
@@ -87,7 +87,7 @@ def _conversation_rows(path: str, fields: FieldMap, data_format: DataFormat, ena
 
 
 def file_digest(path: Path) -> str:
-    """A BLAKE2b digest of the file's bytes, streamed in chunks (about 1 GB/s: a few percent of the time tokenising it takes)."""
+    """A BLAKE2b digest of the file's bytes, streamed in chunks (about 1 GB/s: a few percent of tokenising it)."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "blake2b").hexdigest()
 

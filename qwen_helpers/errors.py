@@ -77,7 +77,7 @@ def strict_parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> arg
 
 
 def refuse_non_finite(values: dict) -> None:
-    """Refuse inf and nan in any float flag: Python's float() accepts them, and a run or a sampler given one yields only NaN."""
+    """Refuse inf and nan in any float flag: Python's float() takes them, and a run or a sampler given one makes NaN."""
     for name, value in values.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise FlagError(f"--{name} {value}: not a finite number; give an ordinary number (e.g. --{name} 0.5).")

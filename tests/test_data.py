@@ -78,8 +78,10 @@ def test_bad_files_get_specific_errors(tmp_path, text, message):
 
 
 def test_missing_file_names_the_flag(tmp_path):
-    with pytest.raises(DataValidationError, match="no such data file.*--data_path"):
+    with pytest.raises(DataValidationError, match="--data_path .*nope.json: no such data file"):
         load_records(tmp_path / "nope.json")
+    with pytest.raises(DataValidationError, match="--data_path .* is a folder; pass a data file in it"):
+        load_records(tmp_path)
 
 
 def test_long_records_are_dropped_or_lose_their_oldest_whole_turns_and_are_counted(tokenizer):
@@ -91,10 +93,12 @@ def test_long_records_are_dropped_or_lose_their_oldest_whole_turns_and_are_count
     dropped = tokenize_records(tokenizer, records, max_length=64, overflow="drop")
     assert dropped.kept == 1 and dropped.dropped == [1, 2] and "dropped" in dropped.summary()
     truncated = tokenize_records(tokenizer, records, max_length=64, overflow="truncate_prompt")
-    assert truncated.kept == 2 and truncated.truncated == 1 and truncated.dropped == [1]  # one exchange, too long: never cut inside
-    expected = tokenize_example(tokenizer, load_records([{"messages": old_turns[:1] + last}])[0])  # the system turn stays
-    assert truncated.dataset[1]["input_ids"] == expected["input_ids"] and truncated.dataset[1]["labels"] == expected["labels"]
-    assert tokenizer.decode(truncated.dataset[1]["input_ids"]).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nBye")
+    assert (truncated.kept, truncated.truncated, truncated.dropped) == (2, 1, [1])  # never cut inside a turn
+    expected = tokenize_example(tokenizer, load_records([{"messages": old_turns[:1] + last}])[0])  # system stays
+    row = truncated.dataset[1]
+    assert row["input_ids"] == expected["input_ids"] and row["labels"] == expected["labels"]
+    start = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nBye"
+    assert tokenizer.decode(row["input_ids"]).startswith(start)
 
 
 def test_collator_pads_to_the_longest_in_the_batch_not_max_length(tokenizer):
@@ -201,7 +205,7 @@ def test_think_tags_a_template_would_misread_are_refused_naming_the_record(outpu
     with pytest.raises(DataValidationError, match=re.escape(f"records, record 1, field 'output': {message}")):
         load_records([RECORD, {"instruction": "q", "output": output}])
     turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": output}]
-    with pytest.raises(DataValidationError, match=r"records, record 0, turn 1: the (answer|assistant turn) (holds|is empty)"):
+    with pytest.raises(DataValidationError, match=r"record 0, turn 1: the (answer|assistant turn) (holds|is empty)"):
         load_records([{"messages": turns}])
 
 
@@ -224,10 +228,23 @@ def test_reasoning_is_trained_inline_where_the_template_has_no_place_for_it():
 
 def test_an_empty_system_prompt_is_an_empty_system_turn_in_both_formats_and_absent_means_the_default(tokenizer):
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    empty_alpaca, absent_alpaca = load_records([{"instruction": "Hi", "output": "Hello", "system": ""}, {"instruction": "Hi", "output": "Hello"}])
+    alpaca = {"instruction": "Hi", "output": "Hello"}
+    empty_alpaca, absent_alpaca = load_records([{**alpaca, "system": ""}, alpaca])
     (empty_messages,) = load_records([{"messages": [{"role": "system", "content": ""}, *turns]}])
     (absent_messages,) = load_records([{"messages": turns}])
     assert format_prompt(tokenizer, empty_alpaca) == format_prompt(tokenizer, empty_messages)
     assert format_prompt(tokenizer, empty_alpaca).startswith("<|im_start|>system\n<|im_end|>\n")
-    assert format_prompt(tokenizer, absent_alpaca) == format_prompt(tokenizer, absent_messages) != format_prompt(tokenizer, empty_alpaca)
+    absent = format_prompt(tokenizer, absent_alpaca)
+    assert absent == format_prompt(tokenizer, absent_messages) != format_prompt(tokenizer, empty_alpaca)
     assert tokenize_example(tokenizer, empty_alpaca) == tokenize_example(tokenizer, empty_messages)
+
+
+@pytest.mark.parametrize("records, first", [
+    ([RECORD, {"messages": CHAT}], "record 1: a record in messages format, while record 0 is in alpaca format"),
+    ([{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}, RECORD],
+     "record 1: a record in alpaca format, while record 0 is in sharegpt format"),
+])
+def test_a_file_that_mixes_formats_names_the_first_record_of_the_other_format(tmp_path, records, first):
+    path = _write(tmp_path, "mixed.jsonl", "\n".join(json.dumps(record) for record in records))
+    with pytest.raises(DataValidationError, match=re.escape(f"mixed.jsonl, {first}: the file mixes record formats")):
+        load_records(path)

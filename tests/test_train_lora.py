@@ -145,12 +145,13 @@ def test_nan_guard_stops_and_keeps_the_last_good_adapter(tmp_path, small_train_f
     for name, tensor in _lora_state(result.model).items():
         assert torch.equal(tensor, poison.good[name])
     assert json.loads((output / "run_config.json").read_text())["stopped_by_nan_guard"] is True
-    history = json.loads((output / "loss_history.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN literal
-    assert [record["loss"] for record in history if "loss" in record][2:] == [None] * NanGuardCallback().patience  # logged, not hidden as 0.0
+    history = json.loads((output / "loss_history.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
+    losses = [record["loss"] for record in history if "loss" in record]
+    assert losses[2:] == [None] * NanGuardCallback().patience  # logged as NaN, not hidden as 0.0
 
 
 class BreakWeightsAt(TrainerCallback):
-    """At the end of step ``step``, set the LoRA B matrices to NaN, as one step at --learning_rate inf does; remember the step before."""
+    """At the end of step ``step``, set the LoRA B matrices to NaN (as a step at --learning_rate inf does)."""
 
     def __init__(self, step):
         self.step, self.good = step, None
@@ -167,7 +168,7 @@ class BreakWeightsAt(TrainerCallback):
 
 def test_nan_guard_never_keeps_non_finite_weights_although_the_logged_loss_was_finite(tmp_path, small_train_file):
     output = tmp_path / "run"
-    model_args, data_args, training_args = _args(output, small_train_file, max_steps=2)  # the run ends before the guard's patience
+    model_args, data_args, training_args = _args(output, small_train_file, max_steps=2)  # ends within patience
     broken = BreakWeightsAt(step=2)  # step 2's loss was computed before the weights broke: finite
     result = train(model_args, data_args, training_args, "lora", LoraArguments(), callbacks=[broken])
     assert result.stopped_by_nan_guard

@@ -61,7 +61,15 @@ class BenchmarkArguments:
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup_steps must be 0 or more, got {self.warmup_steps}.")
         if self.data not in ("synthetic", "lognormal") and not Path(self.data).is_file():
-            raise FileNotFoundError(f"--data {self.data}: no such file. Pass 'synthetic', 'lognormal' or a JSON/JSONL data file.")
+            raise ValueError(f"--data {self.data}: no such file. Pass 'synthetic', 'lognormal' or a JSON/JSONL "
+                             "data file.")
+        parse_methods(self.methods, self.checkpointing)  # an unknown method now, not after tokenising the data
+        from ..presets import PRESETS, preset_names
+        from ..tiny import TINY_ALIASES
+
+        if not self.model_path and self.preset not in PRESETS and self.preset not in TINY_ALIASES:
+            raise ValueError(f"--preset {self.preset} is not known. Choose one of: {', '.join(preset_names())}, "
+                             "or pass --model_path.")
         modes = self.batching_modes()
         if any(mode not in BATCHING_MODES for mode in modes):
             raise ValueError(f"--batching {self.batching}: use 'auto' or a comma list of {', '.join(BATCHING_MODES)}.")
