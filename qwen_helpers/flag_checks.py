@@ -120,6 +120,7 @@ def check_prompt_fits_model(num_virtual_tokens: int, max_length: int, model_path
 
 def check_sampling_flags(args) -> None:
     """Inference's sampling values (the generation config refuses them only after the model has loaded)."""
+    refuse_non_finite(vars(args))  # an InferenceArguments built in Python skips the command line's check
     _require(args.top_k >= 0, f"--top_k must be 0 (off) or more, got {args.top_k}.")
     _require(0 < args.top_p <= 1, f"--top_p must be above 0 and at most 1 (the mass kept), got {args.top_p}.")
     _require(args.repetition_penalty > 0,

@@ -135,6 +135,18 @@ def test_zero_epochs_is_refused_before_the_model_loads(tmp_path, small_train_fil
     assert not (tmp_path / "run").exists() and staging_folders(tmp_path / "run") == []
 
 
+def test_non_finite_numbers_built_in_python_are_refused_before_the_model_loads(tmp_path, small_train_file, monkeypatch):
+    from qwen_helpers import train as train_module
+
+    monkeypatch.setattr(train_module, "load_tokenizer", lambda *a, **k: pytest.fail("loaded before the check"))
+    with pytest.raises(FlagError, match="--temperature inf: not a finite number"):
+        inference.InferenceArguments(instruction="hi", do_sample=True, temperature=float("inf"))
+    args = KitTrainingArguments(output_dir=str(tmp_path / "run"), learning_rate=float("inf"))
+    with pytest.raises(FlagError, match="--learning_rate inf: not a finite number"):
+        train(ModelArguments(), DataArguments(data_path=small_train_file), args, "lora", LoraArguments())
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("labels, expected", [
     ("正面,负面", "also answers ['中性']"),
     ("正面,负面,中性,中立", "never answers ['中立']"),
