@@ -9,6 +9,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from .errors import KitError
+
 logger = logging.getLogger("qwen_helpers")
 
 
@@ -52,6 +54,10 @@ class NanGuardCallback(TrainerCallback):
         self.triggered = False
         self.last_good: dict[str, torch.Tensor] | None = None
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and self.last_good is None:  # the starting weights: good unless a resumed run brought NaN
+            self._keep_if_finite(model)
+
     def on_log(self, args, state, control, model=None, logs=None, **kwargs):
         # Under fp16 loss scaling an inf gradient norm is the scaler's normal overflow signal (the step is
         # skipped and the scale halved), so only the loss counts there.
@@ -59,22 +65,54 @@ class NanGuardCallback(TrainerCallback):
         values = [logs.get(key) for key in keys if logs and logs.get(key) is not None]
         if not values:
             return
-        if all(math.isfinite(value) for value in values):
+        # A finite loss is computed before the step; the step (too high a learning rate) can still break the weights.
+        if all(math.isfinite(value) for value in values) and (model is None or self._keep_if_finite(model)):
             self.bad_logs = 0
-            if model is not None:
-                self.last_good = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
             return
         self.bad_logs += 1
         if self.bad_logs >= self.patience:
-            self.triggered = True
             control.should_training_stop = True
             control.should_save = False
-            if model is not None and self.last_good is not None:
-                with torch.no_grad():
-                    for name, parameter in model.named_parameters():
-                        if name in self.last_good:
-                            parameter.copy_(self.last_good[name])
-            logger.warning(self.ADVICE)
+            self._restore(model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        """A run that ended (max_steps) with non-finite weights before the guard's patience ran out is restored too."""
+        if model is not None and not self.triggered and not _all_finite(_trainable(model)):
+            self._restore(model)
+
+    def _keep_if_finite(self, model) -> bool:
+        weights = _trainable(model)
+        if not _all_finite(weights):
+            return False
+        self.last_good = {name: parameter.detach().clone() for name, parameter in weights.items()}
+        return True
+
+    def _restore(self, model) -> None:
+        """Put back the last finite weights; refuse to call anything good when there were none."""
+        self.triggered = True
+        if model is not None and self.last_good is not None:
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if name in self.last_good:
+                        parameter.copy_(self.last_good[name])
+        if model is not None and not _all_finite(_trainable(model)):
+            raise NonFiniteWeightsError(
+                "The trainable weights are NaN/inf and no finite copy was kept (the run resumed from non-finite "
+                "weights?); nothing is saved. Start a fresh run with a lower --learning_rate."
+            )
+        logger.warning(self.ADVICE)
+
+
+class NonFiniteWeightsError(KitError):
+    """Training left NaN/inf weights and no finite copy of them exists: nothing trustworthy to save."""
+
+
+def _trainable(model) -> dict:
+    return {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+def _all_finite(weights: dict) -> bool:
+    return all(bool(torch.isfinite(parameter).all()) for parameter in weights.values())
 
 
 class LossLineProgress(ProgressCallback):

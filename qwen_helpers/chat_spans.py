@@ -46,6 +46,10 @@ def _marked(messages: list[dict]) -> list[dict]:
     return marked
 
 
+_REWRITES = ("The chat template rewrites message contents (it renders them differently once marked), so the kit "
+             "cannot tell data from template text. Use a Qwen chat template, or report the template.")
+
+
 def _unmark(text: str) -> tuple[str, dict[str, tuple[int, int]]]:
     """Remove the markers; return the plain text and each marked field's (start, end) in it."""
     plain, spans, opened, last = [], {}, {}, 0
@@ -57,8 +61,10 @@ def _unmark(text: str) -> tuple[str, dict[str, tuple[int, int]]]:
         kind, tag = match.groups()
         if kind == _OPEN:
             opened[tag] = length
-        else:
+        elif tag in opened:
             spans[tag] = (opened.pop(tag), length)
+        else:  # the template cut a text apart (Qwen3 splits answers at </think>): no span to name
+            raise ValueError(_REWRITES)
         last = match.end()
     plain.append(text[last:])
     return "".join(plain), spans
@@ -76,10 +82,7 @@ def render_conversation(tokenizer, messages: list[dict], enable_thinking: bool =
     text = render(tokenizer, messages, False, enable_thinking)
     marked_text, fields = _unmark(render(tokenizer, _marked(messages), False, enable_thinking))
     if marked_text != text:
-        raise ValueError(
-            "The chat template rewrites message contents (it renders them differently once marked), so the kit cannot tell "
-            "data from template text. Use a Qwen chat template, or report the template."
-        )
+        raise ValueError(_REWRITES)
     last_answer = fields.get(f"c{len(messages) - 1}")
     closing = text[last_answer[1]:].rstrip() if last_answer else ""
     if not closing:
@@ -104,7 +107,10 @@ def render_conversation(tokenizer, messages: list[dict], enable_thinking: bool =
 def render_prompt(tokenizer, messages: list[dict], enable_thinking: bool = False) -> tuple[str, list[tuple[int, int]]]:
     """The prompt text (with the generation prompt) and where the messages' texts lie in it (none if the template rewrites them)."""
     text = render(tokenizer, messages, True, enable_thinking)
-    marked_text, fields = _unmark(render(tokenizer, _marked(messages), True, enable_thinking))
+    try:
+        marked_text, fields = _unmark(render(tokenizer, _marked(messages), True, enable_thinking))
+    except ValueError:
+        return text, []
     return text, sorted(fields.values()) if marked_text == text else []
 
 

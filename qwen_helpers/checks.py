@@ -295,6 +295,9 @@ def recorded_base_path(adapter_path: str) -> str | None:
 def check_adapter_folder(adapter_path: str, model_path: str | None) -> str | None:
     """Check an adapter folder and the base it will load on; return that base (``model_path``, else the recorded one)."""
     folder = Path(adapter_path)
+    if folder.is_file():
+        raise AdapterFileError(f"--adapter_path {adapter_path} is a file; pass the adapter folder that holds it "
+                               f"({folder.parent}, with adapter_config.json and adapter_model.safetensors).")
     if not folder.is_dir():
         raise AdapterFileError(f"--adapter_path {adapter_path}: no such folder. Train one first (python -m qwen_helpers.train_lora) or fix the path.")
     if not (folder / "adapter_config.json").is_file():

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .flag_checks import check_data_flags, check_training_flags
+from .flag_checks import check_data_files, check_data_flags, check_training_flags
 from .quickflags import dataclass_parser, parse_command_flags
 
 
@@ -21,6 +21,7 @@ def check_flag_values(method: str, flags: argparse.Namespace) -> None:
     from .checks import check_model_path, looks_like_local_path
 
     check_data_flags(flags)
+    check_data_files(flags)  # before torch loads, and before any output folder is made
     check_training_flags(flags, flags)  # the method's own checks apply where its flags are present
     check_token_budget(flags.token_budget, flags.max_length)
     resolve_padding_free(flags.padding_free, method, flags.attn_implementation)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -58,7 +59,8 @@ class DataArguments:
     max_length: int = field(default=512, metadata={"help": "Longest example in tokens (prompt + answer)."})
     overflow: Literal["drop", "truncate_prompt"] = field(
         default="drop",
-        metadata={"help": "What to do with longer examples: drop them, or cut the start of the prompt. Counted either way."},
+        metadata={"help": "What to do with longer examples: drop them, or drop their oldest whole turns until they "
+                          "fit (a record whose last exchange is too long is dropped). Counted either way."},
     )
     instruction_field: str = field(default="instruction", metadata={"help": "Record key holding the instruction."})
     input_field: str = field(default="input", metadata={"help": "Record key holding the optional input."})
@@ -172,6 +174,10 @@ class KitTrainingArguments(TrainingArguments):
     save_strategy: str = field(default="epoch", metadata={"help": "When to write resumable checkpoints (adapter only)."})
     save_total_limit: int | None = field(default=1, metadata={"help": "Keep only the last N checkpoints."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping; lower it if the loss spikes."})
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "Log a NaN/inf loss as a running average (the Trainer's default); off: the guard sees it."},
+    )
     fp16: bool = field(
         default=True, metadata={"help": "FP16 mixed precision (the seed's recipe; fp32 with a notice on a CPU). --bf16 True asks for bf16 instead."}
     )
@@ -237,8 +243,19 @@ def write_run_files(output_dir: str | os.PathLike, run_config: dict, history: li
     path = output / RUN_CONFIG
     atomic_write_text(path, json.dumps(run_config, indent=2, ensure_ascii=False, default=str))
     if history is not None:
-        atomic_write_text(output / LOSS_HISTORY, json.dumps(history, indent=2))
+        atomic_write_text(output / LOSS_HISTORY, json.dumps(strict_json(history), indent=2, allow_nan=False))
     return path
+
+
+def strict_json(value):
+    """``value`` with every NaN/inf float as null: JSON has no NaN, and strict readers (jq, browsers) refuse it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
 
 
 def redact_secrets(run_config: dict) -> dict:

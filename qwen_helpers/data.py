@@ -23,7 +23,7 @@ from .chat_spans import cut_pieces, fits_skeleton, render, render_conversation, 
 from .records import DataValidationError
 
 IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy skips
-OverflowPolicy = Literal["drop", "truncate_prompt"]
+OverflowPolicy = Literal["drop", "truncate_prompt"]  # truncate_prompt drops whole oldest turns, never part of one
 
 
 def build_messages(record: dict, with_response: bool = True, enable_thinking: bool = False) -> list[dict]:
@@ -36,7 +36,8 @@ def build_messages(record: dict, with_response: bool = True, enable_thinking: bo
         messages = [dict(message) for message in record["messages"]]
     else:
         user = record["instruction"] if not record.get("input") else f"{record['instruction']}\n{record['input']}"
-        messages = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+        # an explicitly empty system prompt is an empty system turn, as in messages records; absent: the default
+        messages = [{"role": "system", "content": record["system"]}] if record.get("system") is not None else []
         messages.append({"role": "user", "content": user})
     if with_response:
         answer = {"role": "assistant", "content": record["output"]}
@@ -87,18 +88,50 @@ def tokenize_example(tokenizer, record: dict, max_length: int | None = None, ove
 
     Every assistant turn's tokens and its closing ``<|im_end|>`` keep their labels; everything else
     (system and user turns, template scaffolding, the newline after ``<|im_end|>``, Qwen3's empty
-    think block in non-thinking mode) gets -100. Returns None when the record is too long and ``overflow="drop"``.
+    think block in non-thinking mode) gets -100. Returns None when the record is too long and cannot be
+    fitted by ``overflow`` (see :func:`fit_to_length`).
     """
-    example = _encode_with_labels(tokenizer, record, enable_thinking)
-    return example if max_length is None else _fit_to_length(example, max_length, overflow)
+    messages = build_messages(record, enable_thinking=enable_thinking)
+    example = _encode_messages(tokenizer, messages, enable_thinking)
+    if max_length is None:
+        return example
+    return fit_to_length(tokenizer, messages, example, max_length, overflow, enable_thinking)
 
 
 def _encode_with_labels(tokenizer, record: dict, enable_thinking: bool = False) -> dict:
     return _encode_messages(tokenizer, build_messages(record, enable_thinking=enable_thinking), enable_thinking)
 
 
+def renders_reasoning(tokenizer) -> bool:
+    """True when the chat template writes an answer's ``reasoning_content`` (Qwen3's does; Qwen2.5's drops it)."""
+    cache = _caches.setdefault(tokenizer, {})
+    key = ("renders_reasoning", str(tokenizer.chat_template))
+    if key not in cache:
+        probe = [{"role": "user", "content": "q"},
+                 {"role": "assistant", "content": "a", "reasoning_content": "\ue003probe"}]
+        cache[key] = "\ue003probe" in render(tokenizer, probe, False, True)
+    return cache[key]
+
+
+def inline_reasoning(tokenizer, messages: list[dict], enable_thinking: bool) -> list[dict]:
+    """Thinking mode, a template without a place for reasoning: the answer as ``<think>`` reasoning ``</think>`` answer.
+
+    That is how DeepSeek-R1-distilled Qwen2.5 models are trained, so R1-style data on a Qwen2-architecture
+    model keeps its reasoning instead of losing it silently. As Qwen3's template does, only the final
+    answer carries it; earlier turns' reasoning is left out. Other cases: ``messages`` as they are.
+    """
+    reasoning = any("reasoning_content" in message for message in messages)
+    if not enable_thinking or not reasoning or renders_reasoning(tokenizer):
+        return messages
+    *history, last = [{"role": message["role"], "content": message["content"]} for message in messages]
+    if "reasoning_content" in messages[-1]:
+        last["content"] = f"<think>\n{messages[-1]['reasoning_content']}\n</think>\n\n{last['content']}"
+    return [*history, last]
+
+
 def _encode_messages(tokenizer, messages: list[dict], enable_thinking: bool) -> dict:
     """One conversation the reference way: rendered and marked by :func:`render_conversation`, its pieces tokenised."""
+    messages = inline_reasoning(tokenizer, messages, enable_thinking)
     rendered = render_conversation(tokenizer, messages, enable_thinking)
     end = rendered.trained_spans[-1][1]  # the template's newline after the last <|im_end|> is not trained, nor kept
     data_spans = [(start, min(stop, end)) for start, stop in rendered.data_spans if start < end]
@@ -106,17 +139,25 @@ def _encode_messages(tokenizer, messages: list[dict], enable_thinking: bool) -> 
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
-def _fit_to_length(example: dict, max_length: int, overflow: OverflowPolicy) -> dict | None:
-    """Apply the overflow policy: the example as is, its prompt cut from the start, or None (dropped)."""
-    input_ids, labels = example["input_ids"], example["labels"]
-    if len(input_ids) <= max_length:
+def fit_to_length(tokenizer, messages: list[dict], example: dict, max_length: int, overflow: OverflowPolicy,
+                  enable_thinking: bool = False) -> dict | None:
+    """Apply the overflow policy: the example as is, the conversation without its oldest exchanges, or None (dropped).
+
+    ``truncate_prompt`` keeps whole turns: it drops the oldest user/assistant exchanges (the system turn
+    stays) until the rest fits, so every trained answer still follows its header, the system turn and its
+    question. A record whose last exchange alone is too long is dropped, and named in the report.
+    """
+    if len(example["input_ids"]) <= max_length:
         return example
-    response_length = len(input_ids) - labels.count(IGNORE_INDEX)
-    if overflow == "drop" or response_length >= max_length:
+    if overflow == "drop":
         return None
-    # Keep the end of the prompt (it ends with "<|im_start|>assistant\n", which the answer must follow).
-    cut = len(input_ids) - max_length
-    return {"input_ids": input_ids[cut:], "attention_mask": [1] * max_length, "labels": labels[cut:]}
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    exchanges = messages[len(system):]  # user, assistant, user, assistant, ...
+    for start in range(2, len(exchanges) - 1, 2):
+        shorter = _encode_messages(tokenizer, system + exchanges[start:], enable_thinking)
+        if len(shorter["input_ids"]) <= max_length:
+            return shorter
+    return None
 
 
 # ------------------------------------------------------------------------------------------ many records at once
@@ -138,6 +179,7 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], enable_thin
     indices = list(range(len(conversations))) if indices is None else list(indices)
     if not conversations:
         return []
+    conversations = [inline_reasoning(tokenizer, messages, enable_thinking) for messages in conversations]
     cache = _caches.setdefault(tokenizer, {})
     template_key = (str(tokenizer.chat_template), len(tokenizer), enable_thinking)
     try:
@@ -195,8 +237,9 @@ def tokenize_batch(tokenizer, conversations: list[list[dict]], indices, max_leng
                    enable_thinking: bool = False) -> dict[str, list]:
     """The one tokenisation step, as columns: the examples that fit (or were cut to fit), their ``record_index`` and ``truncated``."""
     columns = {name: [] for name in TOKENIZED_COLUMNS}
-    for index, full in zip(indices, encode_conversations(tokenizer, conversations, enable_thinking, indices)):
-        example = _fit_to_length(full, max_length, overflow)
+    examples = encode_conversations(tokenizer, conversations, enable_thinking, indices)
+    for index, messages, full in zip(indices, conversations, examples):
+        example = fit_to_length(tokenizer, messages, full, max_length, overflow, enable_thinking)
         if example is not None:
             for name in ("input_ids", "attention_mask", "labels"):
                 columns[name].append(example[name])
@@ -227,7 +270,7 @@ class TokenizedData:
         if self.dropped:
             parts.append(f"{len(self.dropped)} longer than max_length dropped (records {self.dropped[:10]}{'…' if len(self.dropped) > 10 else ''})")
         if self.truncated:
-            parts.append(f"{self.truncated} truncated on the prompt side")
+            parts.append(f"{self.truncated} shortened by dropping their oldest turns")
         return ", ".join(parts)
 
 

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import difflib
 import functools
+import math
 import sys
 import traceback
 
@@ -71,7 +72,15 @@ def strict_parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> arg
     namespace, remaining = parser.parse_known_args(args=argv)
     if remaining:
         raise FlagError(_unknown_flags_message(parser, remaining))
+    refuse_non_finite(vars(namespace))
     return namespace
+
+
+def refuse_non_finite(values: dict) -> None:
+    """Refuse inf and nan in any float flag: Python's float() takes them, and a run or a sampler given one makes NaN."""
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FlagError(f"--{name} {value}: not a finite number; give an ordinary number (e.g. --{name} 0.5).")
 
 
 @contextlib.contextmanager

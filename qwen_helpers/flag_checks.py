@@ -7,7 +7,10 @@ Every problem is a :class:`~qwen_helpers.errors.FlagError`.
 
 from __future__ import annotations
 
-from .errors import FlagError
+from .errors import FlagError, refuse_non_finite
+
+
+MAX_VIRTUAL_TOKENS = 4096  # each one is a position of every example: 100000 of them asked for 18.7 GB and was killed
 
 
 def _require(condition: bool, message: str) -> None:
@@ -18,6 +21,7 @@ def _require(condition: bool, message: str) -> None:
 def check_training_flags(training_args, method_args=None) -> None:
     """Numeric ranges of the training flags, checked before the tokenizer or the model loads."""
     args = training_args
+    refuse_non_finite(vars(args))  # a dataclass built in Python skips the command line's check
     _require(args.learning_rate > 0, f"--learning_rate must be above 0, got {args.learning_rate} (try 3e-4 for LoRA, 3e-2 for prompt tuning).")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         value = getattr(args, name)
@@ -46,9 +50,22 @@ def check_data_flags(args) -> None:
              f"--max_eval_records must be 0 (skip the in-sample evaluation) or more, got {args.max_eval_records}.")
 
 
+def check_data_files(args) -> None:
+    """--data_path and --eval_data_path name data files (not folders, not missing), each error naming its own flag."""
+    from pathlib import Path
+
+    from .records import check_data_file
+
+    check_data_file(Path(args.data_path), "--data_path")
+    if args.eval_data_path:
+        check_data_file(Path(args.eval_data_path), "--eval_data_path")
+
+
 def check_lora_flags(args) -> None:
-    """LoRA's rank, scale and dropout (``LoraArguments`` runs them on construction)."""
+    """LoRA's rank, scale, dropout and targets (``LoraArguments`` runs them on construction)."""
     _require(args.lora_r >= 1, f"--lora_r must be at least 1, got {args.lora_r}.")
+    _require(any(name.strip() for name in args.target_modules.split(",")),
+             f"--target_modules {args.target_modules!r} names no module; give e.g. q_proj,k_proj,v_proj or all-linear.")
     _require(args.lora_alpha > 0, f"--lora_alpha must be above 0 (the update is scaled by alpha / r), got {args.lora_alpha}; try 2 x --lora_r.")
     _require(0 <= args.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {args.lora_dropout}.")
     if hasattr(args, "init_lora_weights"):
@@ -96,7 +113,9 @@ def check_lora_variant_on_4bit(args, load_in_4bit: bool) -> None:
 
 def check_prompt_tuning_flags(args) -> None:
     """The soft prompt's length and initialisation (``PromptTuningArguments`` runs them on construction)."""
-    _require(args.num_virtual_tokens >= 1, f"--num_virtual_tokens must be at least 1, got {args.num_virtual_tokens}.")
+    _require(1 <= args.num_virtual_tokens <= MAX_VIRTUAL_TOKENS,
+             f"--num_virtual_tokens must be 1 to {MAX_VIRTUAL_TOKENS} (soft prompts work with 8-100), "
+             f"got {args.num_virtual_tokens}.")
     _require(args.prompt_tuning_init != "TEXT" or bool(args.prompt_init_text.strip()),
              "--prompt_tuning_init TEXT needs a non-empty --prompt_init_text (or use RANDOM).")
 
@@ -123,3 +142,52 @@ def check_classification_flags(data_args, task: str = "auto", labels: str | None
     if data_args.eval_data_path:
         check_labels_known(load_records(data_args.eval_data_path, fields, data_args.data_format), label_list, data_args.eval_data_path)
     return label_list
+
+
+def check_prompt_fits_model(num_virtual_tokens: int, max_length: int, model_path: str, config: dict | None) -> None:
+    """The soft prompt and the longest example together within the base's positions (``max_position_embeddings``)."""
+    import json
+    from pathlib import Path
+
+    from .tiny import TINY_ALIASES, resolve_model_path
+
+    if config is None and model_path in TINY_ALIASES:
+        config = json.loads(Path(resolve_model_path(model_path), "config.json").read_text(encoding="utf-8"))
+    limit = (config or {}).get("max_position_embeddings")
+    _require(not limit or num_virtual_tokens + max_length <= limit,
+             f"--num_virtual_tokens {num_virtual_tokens} + --max_length {max_length} is more than the base's "
+             f"{limit} positions (max_position_embeddings); lower one of them.")
+
+
+def check_sampling_flags(args) -> None:
+    """Inference's sampling values (the generation config refuses them only after the model has loaded)."""
+    refuse_non_finite(vars(args))  # an InferenceArguments built in Python skips the command line's check
+    _require(args.top_k >= 0, f"--top_k must be 0 (off) or more, got {args.top_k}.")
+    _require(0 < args.top_p <= 1, f"--top_p must be above 0 and at most 1 (the mass kept), got {args.top_p}.")
+    _require(args.repetition_penalty > 0,
+             f"--repetition_penalty must be above 0 (1.0 is off), got {args.repetition_penalty}.")
+    _require(args.temperature > 0 or not args.do_sample,
+             f"--temperature must be above 0 when sampling, got {args.temperature}; use --do_sample False for greedy.")
+
+
+def check_resume_flags(checkpoint: str | None, method_args) -> None:
+    """Refuse resuming a checkpoint whose adapter differs from the flags (a size mismatch only after loading)."""
+    import json
+    from pathlib import Path
+
+    config_file = Path(checkpoint or "", "adapter_config.json")
+    if method_args is None or not checkpoint or not config_file.is_file():
+        return
+    recorded = json.loads(config_file.read_text(encoding="utf-8"))
+    pairs = [("lora_r", "r"), ("lora_alpha", "lora_alpha"), ("num_virtual_tokens", "num_virtual_tokens")]
+    for flag, key in pairs:
+        if hasattr(method_args, flag) and key in recorded and getattr(method_args, flag) != recorded[key]:
+            raise FlagError(f"--{flag} {getattr(method_args, flag)}: the interrupted run in {checkpoint} has "
+                            f"{recorded[key]}; resume with --{flag} {recorded[key]}, or start over with "
+                            "--overwrite_output_dir True.")
+    if hasattr(method_args, "target_module_list") and isinstance(recorded.get("target_modules"), list):
+        wanted = method_args.target_module_list()
+        if wanted != "all-linear" and sorted(wanted) != sorted(recorded["target_modules"]):
+            raise FlagError(f"--target_modules {method_args.target_modules}: the interrupted run in {checkpoint} "
+                            f"adapts {','.join(sorted(recorded['target_modules']))}; resume with those, or start over "
+                            "with --overwrite_output_dir True.")

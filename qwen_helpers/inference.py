@@ -19,6 +19,7 @@ from typing import Literal
 from .checks import check_inference_inputs
 from .errors import command_boundary
 from .files import atomic_write_text
+from .flag_checks import check_sampling_flags
 from .metrics import format_table, scores_by_task
 from .prompt_settings import (PromptSettings, data_format_flag, field_flag, read_records_as_trained,
                               recorded_prompt_settings)
@@ -74,8 +75,7 @@ class InferenceArguments:
         for name in ("batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"--temperature must be above 0 when sampling, got {self.temperature}; use --do_sample False for greedy.")
+        check_sampling_flags(self)
 
     def generation_kwargs(self) -> dict:
         """Keyword arguments for generate: the prompt's template options, and sampling settings only when sampling."""

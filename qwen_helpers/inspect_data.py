@@ -8,12 +8,14 @@ Trained text is shown between ⟦ and ⟧; the prompt used at inference for the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
 from .data import IGNORE_INDEX, build_messages, format_prompt, tokenize_example
+from .checks import check_model_path
 from .errors import command_boundary
 from .prompt_settings import field_flag, field_map_of
 from .quickflags import dataclass_parser, parse_command_flags
@@ -75,16 +77,13 @@ def marked_text(tokenizer, input_ids: list[int], labels: list[int]) -> str:
 @command_boundary
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse_command_flags("inspect_data", lambda: dataclass_parser(InspectArguments), argv)
-    records = load_records(args.data_path, field_map_of(args), args.data_format)
-    if not 0 <= args.index < len(records):
-        raise DataValidationError(f"--index {args.index}: {args.data_path} has {len(records)} records (0 to {len(records) - 1}).")
-    from .modeling import load_tokenizer
-
-    tokenizer = load_tokenizer(args.model_path)
-    try:
-        view = inspect_record(tokenizer, records[args.index], args.enable_thinking)
-    except ValueError as error:
-        raise DataValidationError(f"{args.data_path}, record {args.index}: {error}") from None
+    # with --json, stdout holds the one JSON object: every note (a model download, a replica built) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        tokenizer, record = _load(args)
+        try:
+            view = inspect_record(tokenizer, record, args.enable_thinking)
+        except ValueError as error:
+            raise DataValidationError(f"{args.data_path}, record {args.index}: {error}") from None
     if args.json:
         print(json.dumps(view, ensure_ascii=False))
         return 0
@@ -93,6 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{view['tokens']} tokens, {view['trained_tokens']} trained ({100 * view['trained_tokens'] / view['tokens']:.0f}%)")
     print(f"\nprompt at inference:\n{view['prompt']}")
     return 0
+
+
+def _load(args: InspectArguments):
+    """The record asked for and the tokenizer, checked as the training commands check them, the model folder first."""
+    check_model_path(args.model_path)
+    records = load_records(args.data_path, field_map_of(args), args.data_format)
+    if not 0 <= args.index < len(records):
+        raise DataValidationError(f"--index {args.index}: {args.data_path} has {len(records)} records "
+                                  f"(0 to {len(records) - 1}).")
+    from .modeling import load_tokenizer
+
+    return load_tokenizer(args.model_path), records[args.index]
 
 
 if __name__ == "__main__":

@@ -169,8 +169,7 @@ def iter_records(
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.is_file():
-            raise DataValidationError(f"{path}: no such data file. Check --data_path (paths are relative to {Path.cwd()}).")
+        check_data_file(path)
         raw, where = read_raw_records(path), str(path)
     else:
         raw, where = iter(source), "records"
@@ -180,12 +179,34 @@ def iter_records(
     file_format = detect_format(first) if data_format == "auto" else data_format
     keys_seen = set()
     for index, record in enumerate(itertools.chain([first], raw)):
+        if data_format == "auto" and (other := _other_format(record, file_format, fields)):
+            raise DataValidationError(f"{where}, record {index}: a record in {other} format, while record 0 is in "
+                                      f"{file_format} format: the file mixes record formats, which no --data_format "
+                                      "reads. Convert the records to one format (or split the file).")
         yield validate_record(record, index, where, file_format, fields)
         if file_format == "alpaca":
             keys_seen.update(record)
     if file_format == "alpaca":
         _check_mapped_fields_exist(keys_seen, where, fields)
 
+
+
+def check_data_file(path: Path, flag: str = "--data_path") -> None:
+    """A data path that is missing or a folder, named with its flag and what is expected, before anything reads it."""
+    if path.is_dir():
+        raise DataValidationError(f"{flag} {path} is a folder; pass a data file in it (a JSON array or JSON Lines).")
+    if not path.is_file():
+        raise DataValidationError(f"{flag} {path}: no such data file. Check the path (relative to {Path.cwd()}).")
+
+
+def _other_format(record: Any, file_format: str, fields: FieldMap) -> str | None:
+    """The format of a record plainly in another format than the file's first one (its own key says so), else None."""
+    if not isinstance(record, dict):
+        return None
+    found = detect_format(record)
+    if found == "alpaca" and fields.instruction not in record:
+        return None  # a broken chat record, not an alpaca one: its own validation says what is wrong
+    return found if found != file_format else None
 
 
 def validate_record(record: Any, index: int, where: str, file_format: str, fields: FieldMap = FieldMap()) -> dict:
@@ -238,9 +259,22 @@ def _validate_alpaca(record: Any, index: int, where: str, fields: FieldMap) -> d
     reasoning = next((record[name] for name in REASONING_FIELDS if record.get(name)), None)
     if reasoning is None:
         reasoning, result["output"] = split_reasoning(result["output"])
+    _check_answer(result["output"], f"{where}, record {index}, field '{fields.output}'")
     if reasoning:
         result["reasoning"] = reasoning
     return result
+
+
+def _check_answer(answer: str, at: str) -> None:
+    """Refuse an answer empty after its think block, or holding a think tag (Qwen3's template splits at </think>)."""
+    if not answer.strip():
+        raise DataValidationError(f"{at}: the answer is empty once its <think>…</think> block is split off, so "
+                                  "there is nothing to learn. Add the answer after </think>, or remove the record.")
+    tag = next((tag for tag in ("<think>", "</think>") if tag in answer), None)
+    if tag:
+        raise DataValidationError(f"{at}: the answer holds {tag} after its start; Qwen3's chat template would turn "
+                                  "the text before </think> into a reasoning block. Put the reasoning in one leading "
+                                  "<think>…</think> block or a 'reasoning_content' field, or remove the tag.")
 
 
 def _validate_conversation(record: Any, index: int, where: str, file_format: str) -> dict:
@@ -278,6 +312,7 @@ def _validate_conversation(record: Any, index: int, where: str, file_format: str
                 message["reasoning_content"] = reasoning
             if not message["content"].strip():
                 raise DataValidationError(f"{at}, turn {position}: the assistant turn is empty, so there is nothing to learn. Fill it in or remove it.")
+            _check_answer(message["content"], f"{at}, turn {position}")
         messages.append(message)
     _check_turn_order(messages, at)
     *history, answer = messages

@@ -19,7 +19,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from .batching import check_token_budget, kit_trainer_class, make_training_collator, resolve_padding_free
 from .callbacks import LossHistoryCallback, NanGuardCallback, train_losses
 from .checks import base_summary, check_model_path
-from .flag_checks import check_classification_flags, check_lora_variant_on_4bit, check_training_flags
+from .flag_checks import (check_classification_flags, check_data_files, check_lora_variant_on_4bit, check_prompt_fits_model,
+                          check_resume_flags, check_training_flags)
 from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments, write_run_config
 from .data import chat_tokens_to_train
 from .data_files import load_dataset_for_training
@@ -182,16 +183,22 @@ def train(
         raise ValueError(f"method {method!r} trains on a 4-bit base: pass ModelArguments(load_in_4bit=True) (--load_in_4bit True).")
     if adapter == "full" and save:
         raise ValueError("Full fine-tuning is the benchmark's baseline only; the kit saves adapters, never full weights.")
-    check_training_flags(training_args, lora_args if adapter == "lora" else prompt_args)
+    method_args = lora_args if adapter == "lora" else prompt_args
+    check_training_flags(training_args, method_args)
     if adapter == "lora" and lora_args is not None:
         check_lora_variant_on_4bit(lora_args, model_args.load_in_4bit)
+    check_data_files(data_args)  # a missing --eval_data_path now, named, not after tokenising the training data
     check_token_budget(training_args.token_budget, data_args.max_length)
     check_liger(training_args, model_args.model_path)  # before anything loads: a run that cannot use it stops now
-    check_model_path(model_args.model_path)
+    base_config = check_model_path(model_args.model_path)
+    if adapter == "prompt_tuning" and prompt_args:
+        check_prompt_fits_model(prompt_args.num_virtual_tokens, data_args.max_length, model_args.model_path,
+                                base_config)
     task, labels = (prompt_args.task, prompt_args.labels) if adapter == "prompt_tuning" and prompt_args else ("auto", None)
     check_classification_flags(data_args, task, labels)  # a bad --labels now, not after training
     check_distributed_launch(training_args)
     plan = plan_output_on_main_process(training_args, staged=save)
+    check_resume_flags(plan.resume_from, method_args)  # another --lora_r fails only after loading, as a size mismatch
     target_args = training_args
     if save:  # the Trainer writes checkpoints and the adapter into the staging folder; the target changes only at the swap
         training_args = copy.copy(training_args)

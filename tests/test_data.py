@@ -1,6 +1,7 @@
 """Loading, validation, chat formatting, label masks and collation."""
 
 import json
+import re
 
 import pytest
 
@@ -77,20 +78,27 @@ def test_bad_files_get_specific_errors(tmp_path, text, message):
 
 
 def test_missing_file_names_the_flag(tmp_path):
-    with pytest.raises(DataValidationError, match="no such data file.*--data_path"):
+    with pytest.raises(DataValidationError, match="--data_path .*nope.json: no such data file"):
         load_records(tmp_path / "nope.json")
+    with pytest.raises(DataValidationError, match="--data_path .* is a folder; pass a data file in it"):
+        load_records(tmp_path)
 
 
-def test_long_records_are_dropped_or_truncated_and_counted(tokenizer):
+def test_long_records_are_dropped_or_lose_their_oldest_whole_turns_and_are_counted(tokenizer):
     long = {"instruction": "Summarise: " + "很长的文本。" * 80, "input": "", "output": "短"}
-    records = [RECORD, long]
+    old_turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "很长的文本。" * 40},
+                 {"role": "assistant", "content": "很长的回答。" * 10}]
+    last = [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye"}]
+    records = [RECORD, long, *load_records([{"messages": old_turns + last}])]
     dropped = tokenize_records(tokenizer, records, max_length=64, overflow="drop")
-    assert dropped.kept == 1 and dropped.dropped == [1] and "dropped" in dropped.summary()
+    assert dropped.kept == 1 and dropped.dropped == [1, 2] and "dropped" in dropped.summary()
     truncated = tokenize_records(tokenizer, records, max_length=64, overflow="truncate_prompt")
-    assert truncated.kept == 2 and truncated.truncated == 1
+    assert (truncated.kept, truncated.truncated, truncated.dropped) == (2, 1, [1])  # never cut inside a turn
+    expected = tokenize_example(tokenizer, load_records([{"messages": old_turns[:1] + last}])[0])  # system stays
     row = truncated.dataset[1]
-    assert len(row["input_ids"]) == 64
-    assert tokenizer.decode([t for t in row["labels"] if t != IGNORE_INDEX]) == "短<|im_end|>"
+    assert row["input_ids"] == expected["input_ids"] and row["labels"] == expected["labels"]
+    start = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nBye"
+    assert tokenizer.decode(row["input_ids"]).startswith(start)
 
 
 def test_collator_pads_to_the_longest_in_the_batch_not_max_length(tokenizer):
@@ -186,3 +194,57 @@ def test_think_blocks_are_split_off_answers():
     assert split_reasoning("<think>\nstep 1\n</think>\n\nAnswer") == ("step 1", "Answer")
     assert split_reasoning("Plain answer") == (None, "Plain answer")
     assert split_reasoning("<think>\n\n</think>\n\nA") == ("", "A")
+
+
+@pytest.mark.parametrize("output, message", [
+    ("answer</think> tail", "the answer holds </think> after its start"),  # Qwen3 would train "answer" as reasoning
+    ("Answer <think>mid</think> more", "the answer holds <think> after its start"),  # was KeyError: 'c1'
+    ("<think>reason</think>", "the answer is empty once its <think>…</think> block is split off"),
+])
+def test_think_tags_a_template_would_misread_are_refused_naming_the_record(output, message):
+    with pytest.raises(DataValidationError, match=re.escape(f"records, record 1, field 'output': {message}")):
+        load_records([RECORD, {"instruction": "q", "output": output}])
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": output}]
+    with pytest.raises(DataValidationError, match=r"record 0, turn 1: the (answer|assistant turn) (holds|is empty)"):
+        load_records([{"messages": turns}])
+
+
+def test_reasoning_is_trained_inline_where_the_template_has_no_place_for_it():
+    from qwen_helpers.data import renders_reasoning
+    from qwen_helpers.modeling import load_tokenizer
+
+    (record,) = load_records([{"instruction": "2+2?", "output": "<think>\nadd them\n</think>\n\n4"}])
+    qwen25, qwen3 = load_tokenizer("tiny-qwen2.5-instruct"), load_tokenizer("tiny-qwen3")
+    assert not renders_reasoning(qwen25) and renders_reasoning(qwen3)
+
+    def trained(tokenizer, thinking):
+        labels = tokenize_example(tokenizer, record, enable_thinking=thinking)["labels"]
+        return tokenizer.decode([token for token in labels if token != IGNORE_INDEX])
+
+    assert trained(qwen25, True) == "<think>\nadd them\n</think>\n\n4<|im_end|>"  # R1-style: kept, not dropped
+    assert trained(qwen25, False) == "4<|im_end|>"  # non-thinking mode drops it, on every template
+    assert trained(qwen3, True) == "<think>\nadd them\n</think>\n\n4<|im_end|>"  # Qwen3's own template writes it once
+
+
+def test_an_empty_system_prompt_is_an_empty_system_turn_in_both_formats_and_absent_means_the_default(tokenizer):
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    alpaca = {"instruction": "Hi", "output": "Hello"}
+    empty_alpaca, absent_alpaca = load_records([{**alpaca, "system": ""}, alpaca])
+    (empty_messages,) = load_records([{"messages": [{"role": "system", "content": ""}, *turns]}])
+    (absent_messages,) = load_records([{"messages": turns}])
+    assert format_prompt(tokenizer, empty_alpaca) == format_prompt(tokenizer, empty_messages)
+    assert format_prompt(tokenizer, empty_alpaca).startswith("<|im_start|>system\n<|im_end|>\n")
+    absent = format_prompt(tokenizer, absent_alpaca)
+    assert absent == format_prompt(tokenizer, absent_messages) != format_prompt(tokenizer, empty_alpaca)
+    assert tokenize_example(tokenizer, empty_alpaca) == tokenize_example(tokenizer, empty_messages)
+
+
+@pytest.mark.parametrize("records, first", [
+    ([RECORD, {"messages": CHAT}], "record 1: a record in messages format, while record 0 is in alpaca format"),
+    ([{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}, RECORD],
+     "record 1: a record in alpaca format, while record 0 is in sharegpt format"),
+])
+def test_a_file_that_mixes_formats_names_the_first_record_of_the_other_format(tmp_path, records, first):
+    path = _write(tmp_path, "mixed.jsonl", "\n".join(json.dumps(record) for record in records))
+    with pytest.raises(DataValidationError, match=re.escape(f"mixed.jsonl, {first}: the file mixes record formats")):
+        load_records(path)

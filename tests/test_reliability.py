@@ -23,10 +23,11 @@ from qwen_helpers import inference, make_tiny_qwen
 from qwen_helpers.checks import AdapterFileError, check_adapter_against_base, safetensors_shapes
 from qwen_helpers.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
 from qwen_helpers.errors import FlagError, KitError, strip_debug_flag
-from qwen_helpers.files import atomic_write_text, staging_folders
+from qwen_helpers.files import atomic_write_text, new_staging_folder, staging_folders
 from qwen_helpers.train import train
 
-DATA = Path(__file__).resolve().parent.parent / "data"
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "data"
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -132,6 +133,18 @@ def test_zero_epochs_is_refused_before_the_model_loads(tmp_path, small_train_fil
     with pytest.raises(FlagError, match="--num_train_epochs 0"):
         train(ModelArguments(), DataArguments(data_path=small_train_file), args, "lora", LoraArguments())
     assert not (tmp_path / "run").exists() and staging_folders(tmp_path / "run") == []
+
+
+def test_non_finite_numbers_built_in_python_are_refused_before_the_model_loads(tmp_path, small_train_file, monkeypatch):
+    from qwen_helpers import train as train_module
+
+    monkeypatch.setattr(train_module, "load_tokenizer", lambda *a, **k: pytest.fail("loaded before the check"))
+    with pytest.raises(FlagError, match="--temperature inf: not a finite number"):
+        inference.InferenceArguments(instruction="hi", do_sample=True, temperature=float("inf"))
+    args = KitTrainingArguments(output_dir=str(tmp_path / "run"), learning_rate=float("inf"))
+    with pytest.raises(FlagError, match="--learning_rate inf: not a finite number"):
+        train(ModelArguments(), DataArguments(data_path=small_train_file), args, "lora", LoraArguments())
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("labels, expected", [
@@ -310,7 +323,7 @@ def test_debug_shows_the_traceback_and_unexpected_errors_keep_theirs(tmp_path, c
 
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory, qwen3_adapter):
-    """Folders and files for the table: a GPT-2 folder, an empty one, a broken JSON file, a truncated adapter, a used output folder."""
+    """Folders and files for the table: a GPT-2 folder, an empty one, bad data, a truncated adapter, a used folder..."""
     root = tmp_path_factory.mktemp("bad")
     gpt2 = root / "gpt2"
     gpt2.mkdir()
@@ -318,6 +331,10 @@ def bad_inputs(tmp_path_factory, qwen3_adapter):
     (gpt2 / "model.safetensors").write_bytes(b"")
     (root / "empty").mkdir()
     (root / "broken.json").write_text('[{"instruction": "hi", "output": "there"},', encoding="utf-8")
+    (root / "four_sys.json").write_text('[{"instruction": "hi", "output": "there", "system": ""}]', encoding="utf-8")
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "there"}]}
+    (root / "mixed.jsonl").write_text(f'{{"instruction": "hi", "output": "there"}}\n{json.dumps(chat)}\n')
+    (root / "think_mid.json").write_text(json.dumps([{"instruction": "hi", "output": "A <think>m</think> b"}]))
     truncated = root / "truncated"
     shutil.copytree(qwen3_adapter, truncated)
     weights = truncated / "adapter_model.safetensors"
@@ -333,7 +350,13 @@ def bad_inputs(tmp_path_factory, qwen3_adapter):
     eval_records = json.loads((DATA / "classify_test.json").read_text(encoding="utf-8"))[:3]
     eval_records[1]["output"] = "maybe"
     (root / "eval_bad.json").write_text(json.dumps(eval_records, ensure_ascii=False), encoding="utf-8")
-    (root / "hf_home").mkdir()  # the table runs offline with this empty Hugging Face cache, as a machine without hub access
+    checkpoint = new_staging_folder(root / "resumable") / "checkpoint-1"  # an interrupted LoRA run of rank 8
+    checkpoint.mkdir()
+    shutil.copy(qwen3_adapter / "adapter_model.safetensors", checkpoint)
+    recorded = {"r": 8, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj"]}
+    (checkpoint / "adapter_config.json").write_text(json.dumps(recorded))
+    (checkpoint / "trainer_state.json").write_text("{}")
+    (root / "hf_home" / "hub").mkdir(parents=True)  # offline with an empty cache, as without the hub
     return root
 
 
@@ -342,27 +365,41 @@ CLASSIFY = ["--data_path", "data/classify_train.json"]  # answers 中性, 正面
 HUB_ID = "Qwen/Qwen2.5-0.5B-Instruct"
 BAD_INPUTS = [  # (command, flags, text the one line must contain); {root} is the fixture folder
     ("train_lora", ["--learning_rate", "-1"], "--learning_rate"),
+    ("train_lora", ["--learning_rate", "inf"], "--learning_rate inf: not a finite number"),
+    ("train_lora", ["--max_grad_norm", "nan"], "--max_grad_norm nan: not a finite number"),
     ("train_lora", ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size"),
     ("train_lora", ["--lora_alpha", "-32"], "--lora_alpha"),
     ("train_lora", ["--num_train_epochs", "0"], "--num_train_epochs"),
-    ("train_lora", ["--lerning_rate", "1e-4"], "did you mean --learning_rate"),
     ("train_lora", ["--learning_rate", "fast"], "--learning_rate"),
+    ("train_lora", ["--target_modules", ","], "--target_modules ',' names no module"),
     ("train_lora", ["--model_path", "{root}/no_such_model"], "no such folder"),
     ("train_lora", ["--model_path", "{root}/empty"], "is an empty folder"),
     ("train_lora", ["--model_path", "{root}/gpt2"], "is a gpt2 model (GPT2LMHeadModel)"),
-    ("train_lora", ["--data_path", "{root}/missing.json"], "missing.json: no such data file"),
+    ("train_lora", ["--data_path", "{root}/missing.json"], "--data_path {root}/missing.json: no such data file"),
+    ("train_lora", ["--data_path", "{root}"], "--data_path {root} is a folder; pass a data file in it"),
+    ("train_lora", ["--eval_data_path", "{root}/missing.json"], "--eval_data_path {root}/missing.json: no such data"),
     ("train_lora", ["--data_path", "{root}/broken.json"], "broken.json"),
+    ("train_lora", ["--data_path", "{root}/mixed.jsonl"], "mixed.jsonl, record 1: a record in messages format"),
+    ("train_lora", ["--data_path", "{root}/think_mid.json", "--model_path", "tiny-qwen3"], "the answer holds"),
     ("train_lora", ["--output_dir", "{root}/used"], "--overwrite_output_dir True"),
     ("train_lora", ["--output_dir", "{root}/fresh", "--resume_from_checkpoint", "True"], "--resume_from_checkpoint True: no complete checkpoint"),
+    ("train_lora", ["--output_dir", "{root}/resumable", "--resume_from_checkpoint", "True", "--lora_r", "16"],
+     "--lora_r 16: the interrupted run in {root}/.resumable"),
     ("train_lora", ["--max_length", "8"], "--max_length"),
     ("train_qlora", ["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps"),
     ("train_prompt_tuning", ["--num_virtual_tokens", "0"], "--num_virtual_tokens"),
+    ("train_prompt_tuning", ["--num_virtual_tokens", "100000"], "--num_virtual_tokens must be 1 to 4096"),
+    ("train_prompt_tuning", ["--num_virtual_tokens", "2000", "--max_length", "512"], "more than the base's 2048"),
     ("inference", ["--instruction", ""], "--instruction is empty"),
+    ("inference", ["--instruction", "hi", "--top_k", "-3"], "--top_k must be 0 (off) or more, got -3"),
+    ("inference", ["--instruction", "hi", "--top_p", "5"], "--top_p must be above 0 and at most 1"),
+    ("inference", ["--instruction", "hi", "--repetition_penalty", "-1"], "--repetition_penalty must be above 0"),
+    ("inference", ["--instruction", "hi", "--do_sample", "True", "--temperature", "inf"], "--temperature inf: not"),
     ("inference", ["--data_path", "data/test.json", "--output_file", "data/test.json"], "--output_file data/test.json is also an input"),
     ("inference", ["--data_path", "data/test.json", "--output_file", "{root}/preds.jsonl"], "--overwrite_output_file True"),
     ("inference", ["--data_path", "data/test.json", "--max_records", "0"], "--max_records"),
     ("inference", ["--adapter_path", "{root}/no_adapter", "--instruction", "hi"], "--adapter_path {root}/no_adapter: no such folder"),
-    ("inference", ["--adapter_path", "{root}/truncated", "--model_path", "tiny", "--instruction", "hi"], "{root}/truncated/adapter_model.safetensors is damaged"),
+    ("inference", ["--adapter_path", "{root}/used/adapter_model.safetensors", "--instruction", "hi"], "is a file;"),
     ("make_tiny_qwen", ["{root}/used"], "--overwrite True"),
     ("train_lora", ["--model_path", HUB_ID], f"--model_path {HUB_ID} is neither a local folder nor in the Hugging Face cache ({{root}}/hf_home/hub"),
     ("train_prompt_tuning", ["--model_path", HUB_ID], f"`hf download {HUB_ID}`"),
@@ -375,38 +412,112 @@ BAD_INPUTS = [  # (command, flags, text the one line must contain); {root} is th
     ("train_prompt_tuning", ["--labels", "a,b"], "--labels a,b: data/train.json is generation data"),
     ("train_prompt_tuning", ["--eval_data_path", "{root}/eval_bad.json", *CLASSIFY], "eval_bad.json, record 1: the answer 'maybe' is not in the label set"),
     ("benchmark", ["--no_such_flag", "1"], "--no_such_flag"),
+    ("benchmark", ["--methods", "foo"], "--methods: unknown foo"),
+    ("benchmark", ["--data", "{root}/missing.json"], "--data {root}/missing.json: no such file"),
+    ("benchmark", ["--preset", "70b"], "--preset 70b is not known"),
+    ("inspect_data", ["--model_path", "{root}/four_sys.json"], "--model_path {root}/four_sys.json is a file"),
+    ("inspect_data", ["--model_path", "{root}/no_such_model"], "--model_path {root}/no_such_model: no such folder"),
+    ("inspect_data", ["--model_path", "{root}/gpt2"], "is a gpt2 model (GPT2LMHeadModel)"),
+    ("inspect_data", ["--model_path", "tiny-qwen3", "--data_path", "{root}/think_mid.json"], "the answer holds"),
+]
+# The end-to-end path (python -m, the quick parse before torch, the process's exit code) on a few representative rows,
+# run from an empty folder, where a refused run must not leave an ./outputs folder behind.
+SUBPROCESS_BAD_INPUTS = [
+    ("train_lora", ["--lerning_rate", "1e-4"], "did you mean --learning_rate"),
+    ("train_lora", ["--data_path", "missing.json"], "--data_path missing.json: no such data file"),
+    ("inference", ["--adapter_path", "{root}/truncated", "--model_path", "tiny", "--instruction", "hi"],
+     "{root}/truncated/adapter_model.safetensors is damaged"),
 ]
 
 
-def test_bad_inputs_get_one_line_and_exit_code_2(bad_inputs):
-    """Every bad input: exit code 2, no traceback, one ``error:`` line that names the flag or file (run in parallel: each is a fresh interpreter).
+def _complete_flags(bad_inputs: Path, index: int, module: str, flags: list[str]) -> tuple[list[str], Path | None]:
+    """The row's flags with {root} filled in, plus --data_path and a fresh --output_dir for training commands."""
+    flags = [flag.format(root=bad_inputs) for flag in flags]
+    output = None
+    if module.startswith("train") and "--data_path" not in flags:
+        flags += ["--data_path", TRAIN]
+    if module.startswith("train") and "--output_dir" not in flags:
+        output = bad_inputs / f"out-{index}-{module}"
+        flags += ["--output_dir", str(output)]
+    return flags, output
 
-    Run offline (HF_HUB_OFFLINE=1) with an empty Hugging Face cache; a refused training command leaves no output or staging folder.
+
+def _problem(module: str, flags: list[str], code, stderr: str, stdout: str, expected: str, output: Path | None):
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    if code != 2 or "Traceback" in stderr or len(errors) != 1 or expected not in errors[0]:
+        return f"{module} {' '.join(flags)} -> exit {code}: {stderr[-600:]}"
+    if output is not None and (output.exists() or staging_folders(output) or "trainable params" in stdout):
+        return f"{module} {' '.join(flags)}: refused only after the run started ({output} or its staging folder made)"
+    return None
+
+
+def _main_of(module: str):
+    import importlib
+
+    return importlib.import_module(f"qwen_helpers.{module}" + (".__main__" if module == "benchmark" else "")).main
+
+
+def test_bad_inputs_get_one_line_and_exit_code_2(bad_inputs, monkeypatch, capsys):
+    """Every bad input: exit code 2, no traceback, one ``error:`` line naming the flag or file (each row runs ``main``).
+
+    Run offline (HF_HUB_OFFLINE) with an empty Hugging Face cache; a refused training command leaves no output or
+    staging folder. In process: a fresh interpreter per row cost about 10 s of imports each.
     """
-    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_CACHE"} | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(bad_inputs / "hf_home")}
+    from huggingface_hub import constants
 
-    def run(index_case):
-        index, (module, flags, expected) = index_case
-        flags = [flag.format(root=bad_inputs) for flag in flags]
-        output = None
-        if module.startswith("train") and "--data_path" not in flags:
-            flags += ["--data_path", TRAIN]
-        if module.startswith("train") and "--output_dir" not in flags:
-            output = bad_inputs / f"out-{index}-{module}"
-            flags += ["--output_dir", str(output)]
-        finished = subprocess.run(command(module, *flags), capture_output=True, text=True, timeout=600, env=env)
-        return (module, flags), finished, expected.format(root=bad_inputs), output
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(run, enumerate(BAD_INPUTS)))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(bad_inputs / "hf_home" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(REPO)
     failures = []
-    for (module, flags), finished, expected, output in results:
-        errors = [line for line in finished.stderr.splitlines() if line.startswith("error:")]
-        if finished.returncode != 2 or "Traceback" in finished.stderr or len(errors) != 1 or expected not in errors[0]:
-            failures.append(f"{module} {' '.join(flags)} -> exit {finished.returncode}: {finished.stderr[-600:]}")
-        elif output is not None and (output.exists() or staging_folders(output) or "trainable params" in finished.stdout):
-            failures.append(f"{module} {' '.join(flags)}: refused only after the run started ({output} or its staging folder was made)")
+    for index, (module, flags, expected) in enumerate(BAD_INPUTS):
+        flags, output = _complete_flags(bad_inputs, index, module, flags)
+        capsys.readouterr()
+        try:
+            code = _main_of(module)(flags)
+        except SystemExit as exit:
+            code = exit.code
+        except Exception as error:  # a bug: the row's traceback is what the failure must show
+            failures.append(f"{module} {' '.join(flags)} raised {error!r}")
+            continue
+        captured = capsys.readouterr()
+        problem = _problem(module, flags, code, captured.err, captured.out, expected.format(root=bad_inputs), output)
+        failures += [problem] if problem else []
     assert not failures, "\n\n".join(failures)
+
+
+def test_bad_inputs_end_to_end_in_a_fresh_interpreter(bad_inputs, tmp_path):
+    """A few rows through ``python -m``: the quick parse, the exit code, nothing made in the working folder."""
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_CACHE"} | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(bad_inputs / "hf_home")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+
+    def run(module_flags_expected):
+        module, flags, expected = module_flags_expected
+        flags = [flag.format(root=bad_inputs) for flag in flags]
+        finished = subprocess.run(command(module, *flags), capture_output=True, text=True, timeout=600, env=env,
+                                  cwd=tmp_path)
+        expected = expected.format(root=bad_inputs)
+        return _problem(module, flags, finished.returncode, finished.stderr, finished.stdout, expected, None)
+
+    with ThreadPoolExecutor(max_workers=len(SUBPROCESS_BAD_INPUTS)) as pool:
+        failures = [problem for problem in pool.map(run, SUBPROCESS_BAD_INPUTS) if problem]
+    assert not failures, "\n\n".join(failures)
+    assert list(tmp_path.iterdir()) == []  # no ./outputs (or anything else) left by a refused run
+
+
+def test_inspect_data_json_keeps_stdout_for_the_json_object(monkeypatch, capsys):
+    from qwen_helpers import inspect_data, modeling
+
+    real = modeling.load_tokenizer
+
+    def noisy(*args, **kwargs):  # as a hub download or a replica build announces itself
+        print("note: building the checkpoint")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "load_tokenizer", noisy)
+    monkeypatch.chdir(REPO)
+    assert inspect_data.main(["--data_path", TRAIN, "--json", "True"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["trained_tokens"] > 0 and "note: building the checkpoint" in captured.err
 
 
 # ---------------------------------------------------------------------------------------------- bounded, announced evaluation

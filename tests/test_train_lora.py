@@ -145,6 +145,37 @@ def test_nan_guard_stops_and_keeps_the_last_good_adapter(tmp_path, small_train_f
     for name, tensor in _lora_state(result.model).items():
         assert torch.equal(tensor, poison.good[name])
     assert json.loads((output / "run_config.json").read_text())["stopped_by_nan_guard"] is True
+    history = json.loads((output / "loss_history.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
+    losses = [record["loss"] for record in history if "loss" in record]
+    assert losses[2:] == [None] * NanGuardCallback().patience  # logged as NaN, not hidden as 0.0
+
+
+class BreakWeightsAt(TrainerCallback):
+    """At the end of step ``step``, set the LoRA B matrices to NaN (as a step at --learning_rate inf does)."""
+
+    def __init__(self, step):
+        self.step, self.good = step, None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step - 1:
+            self.good = _lora_state(model)
+        if state.global_step == self.step:
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if "lora_B" in name:
+                        parameter.fill_(float("nan"))
+
+
+def test_nan_guard_never_keeps_non_finite_weights_although_the_logged_loss_was_finite(tmp_path, small_train_file):
+    output = tmp_path / "run"
+    model_args, data_args, training_args = _args(output, small_train_file, max_steps=2)  # ends within patience
+    broken = BreakWeightsAt(step=2)  # step 2's loss was computed before the weights broke: finite
+    result = train(model_args, data_args, training_args, "lora", LoraArguments(), callbacks=[broken])
+    assert result.stopped_by_nan_guard
+    saved = load_file(Path(output) / "adapter_model.safetensors")
+    assert saved and all(torch.isfinite(t).all() for t in saved.values())
+    for name, tensor in _lora_state(result.model).items():
+        assert torch.equal(tensor, broken.good[name])  # the weights after step 1, the last finite ones
 
 
 def test_nan_guard_ignores_fp16_overflow_steps_but_not_a_nan_loss():

@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(argv[1])
     from .plan import BenchmarkArguments
 
-    (args,) = parse_command_flags("benchmark", lambda: dataclass_parser(BenchmarkArguments), argv)
+    (args,) = parse_command_flags("benchmark", lambda: dataclass_parser(BenchmarkArguments), argv,
+                                  check=lambda flags: BenchmarkArguments(**vars(flags)))
     from .report import markdown_table
     from .run import run_benchmark
 

@@ -62,7 +62,15 @@ class BenchmarkArguments:
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup_steps must be 0 or more, got {self.warmup_steps}.")
         if self.data not in ("synthetic", "lognormal") and not Path(self.data).is_file():
-            raise FileNotFoundError(f"--data {self.data}: no such file. Pass 'synthetic', 'lognormal' or a JSON/JSONL data file.")
+            raise ValueError(f"--data {self.data}: no such file. Pass 'synthetic', 'lognormal' or a JSON/JSONL "
+                             "data file.")
+        parse_methods(self.methods, self.checkpointing)  # an unknown method now, not after tokenising the data
+        from ..presets import PRESETS, preset_names
+        from ..tiny import TINY_ALIASES
+
+        if not self.model_path and self.preset not in PRESETS and self.preset not in TINY_ALIASES:
+            raise ValueError(f"--preset {self.preset} is not known. Choose one of: {', '.join(preset_names())}, "
+                             "or pass --model_path.")
         modes = self.batching_modes()
         if any(mode not in BATCHING_MODES for mode in modes):
             raise ValueError(f"--batching {self.batching}: use 'auto' or a comma list of {', '.join(BATCHING_MODES)}.")
@@ -88,21 +96,25 @@ def records_of_length(tokenizer, lengths: list[int]) -> list[dict]:
     """Instruction records whose chat-formatted examples are exactly these token lengths (when long enough).
 
     The answer is a run of one-token words, sized from the template's overhead, so both sides train on
-    examples of known length without any data file of that shape in the repository.
+    examples of known length without any data file of that shape in the repository. The prompt is the
+    shorter of the template's default system prompt and an empty one (``--overflow truncate_prompt``
+    never cuts inside a turn, so a record longer than asked would be dropped).
     """
     from ..data import tokenize_example
 
-    overhead = len(tokenize_example(tokenizer, {"instruction": "Repeat.", "output": ""})["input_ids"])
+    prompts = ({"instruction": "Repeat."}, {"instruction": "Repeat.", "system": ""})
+    overheads = [len(tokenize_example(tokenizer, {**prompt, "output": ""})["input_ids"]) for prompt in prompts]
+    prompt, overhead = min(zip(prompts, overheads), key=lambda pair: pair[1])
     records = []
     for length in lengths:
         words = max(1, length - overhead)
-        record = {"instruction": "Repeat.", "output": " ".join(["go"] * words)}
+        record = {**prompt, "output": " ".join(["go"] * words)}
         for _ in range(3):  # a word can merge with its neighbour; correct by the difference
             actual = len(tokenize_example(tokenizer, record)["input_ids"])
             if actual == length or words + length - actual < 1:
                 break
             words += length - actual
-            record = {"instruction": "Repeat.", "output": " ".join(["go"] * words)}
+            record = {**prompt, "output": " ".join(["go"] * words)}
         records.append(record)
     return records
 
