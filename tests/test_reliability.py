@@ -259,7 +259,7 @@ def test_predictions_file_is_never_replaced_unasked(tmp_path, tiny_path, capsys)
     base = ["--model_path", "tiny", "--data_path", str(data), "--max_new_tokens", "2"]
     cases = {
         "--overwrite_output_file True": base + ["--output_file", str(predictions)],
-        "is also an input": base + ["--output_file", str(data), "--overwrite_output_file", "True"],
+        f"is the file {data} (--data_path)": base + ["--output_file", str(data), "--overwrite_output_file", "True"],
         "--max_records must be at least 1": base + ["--output_file", str(predictions), "--max_records", "0", "--overwrite_output_file", "True"],
     }
     for expected, argv in cases.items():
@@ -358,7 +358,8 @@ BAD_INPUTS = [  # (command, flags, text the one line must contain); {root} is th
     ("train_qlora", ["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps"),
     ("train_prompt_tuning", ["--num_virtual_tokens", "0"], "--num_virtual_tokens"),
     ("inference", ["--instruction", ""], "--instruction is empty"),
-    ("inference", ["--data_path", "data/test.json", "--output_file", "data/test.json"], "--output_file data/test.json is also an input"),
+    ("inference", ["--data_path", "data/test.json", "--output_file", "data/test.json"],
+     "--output_file data/test.json is the file data/test.json (--data_path)"),
     ("inference", ["--data_path", "data/test.json", "--output_file", "{root}/preds.jsonl"], "--overwrite_output_file True"),
     ("inference", ["--data_path", "data/test.json", "--max_records", "0"], "--max_records"),
     ("inference", ["--adapter_path", "{root}/no_adapter", "--instruction", "hi"], "--adapter_path {root}/no_adapter: no such folder"),
