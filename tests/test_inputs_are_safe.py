@@ -455,3 +455,17 @@ def test_an_adapter_without_a_fingerprint_still_loads_on_another_base(work, othe
     del run["base_fingerprint"]  # as saved before fingerprints were recorded
     (adapter / "run_config.json").write_text(json.dumps(run))
     assert check_adapter_folder(str(adapter), str(other_base)) == str(other_base)
+
+
+def test_a_merge_run_elsewhere_uses_the_recorded_base_and_writes_plain_modes(work, other_base, monkeypatch, tmp_path):
+    monkeypatch.chdir(other_base.parent.parent)  # "models/base" here is another model; the adapter recorded its own
+    merged = tmp_path / "merged"
+    adapter = str(work / "adapters" / "adapter")
+    assert inference.main(["--merge", "True", "--adapter_path", adapter, "--output_dir", str(merged)]) == 0
+
+    def eps(folder):
+        return json.loads((folder / "config.json").read_text())["rms_norm_eps"]
+
+    assert eps(merged) == eps(work / "models" / "base") != eps(other_base)  # merged into the base it was trained on
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in merged.iterdir()}
+    assert set(modes.values()) == {oct(default_mode())} and "model.safetensors" in modes, modes

@@ -1,7 +1,7 @@
 """Reliability: nothing the user has is lost, nothing trains silently wrong, every bad input gets one clear line.
 
-The table at the end runs bad inputs through the real commands (``python -m ...``) and checks exit code 2,
-one ``error:`` line naming the flag or file, and no traceback. The kill test interrupts a real
+The table at the end runs bad inputs through the real commands' ``main`` (two rows also as ``python -m ...``) and checks
+exit code 2, one ``error:`` line naming the flag or file, and no traceback. The kill test interrupts a real
 ``--overwrite_output_dir`` run with SIGTERM and resumes it.
 """
 
@@ -379,34 +379,70 @@ BAD_INPUTS = [  # (command, flags, text the one line must contain); {root} is th
 ]
 
 
-def test_bad_inputs_get_one_line_and_exit_code_2(bad_inputs):
-    """Every bad input: exit code 2, no traceback, one ``error:`` line that names the flag or file (run in parallel: each is a fresh interpreter).
+def bad_input_row(index: int, bad_inputs: Path) -> tuple[str, list[str], str, Path | None]:
+    """A row of :data:`BAD_INPUTS` ready to run: (module, flags, the text its line must hold, its output folder)."""
+    module, flags, expected = BAD_INPUTS[index]
+    flags, output = [flag.format(root=bad_inputs) for flag in flags], None
+    if module.startswith("train") and "--data_path" not in flags:
+        flags += ["--data_path", TRAIN]
+    if module.startswith("train") and "--output_dir" not in flags:
+        output = bad_inputs / f"out-{index}-{module}"
+        flags += ["--output_dir", str(output)]
+    return module, flags, expected.format(root=bad_inputs), output
 
-    Run offline (HF_HUB_OFFLINE=1) with an empty Hugging Face cache; a refused training command leaves no output or staging folder.
+
+def bad_input_problem(module, flags, code, stdout, stderr, expected, output) -> str | None:
+    """Why a refused row is wrong: not exit 2, a traceback, not one ``error:`` line naming the input, or too late."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    if code != 2 or "Traceback" in stderr or len(errors) != 1 or expected not in errors[0]:
+        return f"{module} {' '.join(flags)} -> exit {code}: {stderr[-600:]}"
+    if output is not None and (output.exists() or staging_folders(output) or "trainable params" in stdout):
+        return f"{module} {' '.join(flags)}: refused only after the run started ({output} or its staging folder made)"
+    return None
+
+
+# a misspelled flag and an uncached hub id also run as real processes, end to end
+END_TO_END = (("train_lora", ["--lerning_rate", "1e-4"]), ("train_lora", ["--model_path", HUB_ID]))
+IN_A_FRESH_INTERPRETER = [index for index, (module, flags, _) in enumerate(BAD_INPUTS) if (module, flags) in END_TO_END]
+
+
+def test_bad_inputs_get_one_line_and_exit_code_2(bad_inputs, monkeypatch, capsys):
+    """Every bad input: exit code 2, no traceback, one ``error:`` line that names the flag or file.
+
+    Each row calls the command's ``main(argv)`` in this process (a fresh interpreter costs ~10 s of imports per row),
+    offline (``HF_HUB_OFFLINE``) with an empty Hugging Face cache, as a machine without hub access; two rows also run
+    as real processes. A refused training command leaves no output or staging folder.
     """
-    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_CACHE"} | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(bad_inputs / "hf_home")}
+    import importlib
 
-    def run(index_case):
-        index, (module, flags, expected) = index_case
-        flags = [flag.format(root=bad_inputs) for flag in flags]
-        output = None
-        if module.startswith("train") and "--data_path" not in flags:
-            flags += ["--data_path", TRAIN]
-        if module.startswith("train") and "--output_dir" not in flags:
-            output = bad_inputs / f"out-{index}-{module}"
-            flags += ["--output_dir", str(output)]
-        finished = subprocess.run(command(module, *flags), capture_output=True, text=True, timeout=600, env=env)
-        return (module, flags), finished, expected.format(root=bad_inputs), output
+    from huggingface_hub import constants
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(run, enumerate(BAD_INPUTS)))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(bad_inputs / "hf_home" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(DATA.parent)  # the rows name data/... relative to the repository, as a user in it would
     failures = []
-    for (module, flags), finished, expected, output in results:
-        errors = [line for line in finished.stderr.splitlines() if line.startswith("error:")]
-        if finished.returncode != 2 or "Traceback" in finished.stderr or len(errors) != 1 or expected not in errors[0]:
-            failures.append(f"{module} {' '.join(flags)} -> exit {finished.returncode}: {finished.stderr[-600:]}")
-        elif output is not None and (output.exists() or staging_folders(output) or "trainable params" in finished.stdout):
-            failures.append(f"{module} {' '.join(flags)}: refused only after the run started ({output} or its staging folder was made)")
+    for index in range(len(BAD_INPUTS)):
+        module, flags, expected, output = bad_input_row(index, bad_inputs)
+        main = importlib.import_module(f"qwen_helpers.{module}" + (".__main__" if module == "benchmark" else "")).main
+        code = main(flags)
+        captured = capsys.readouterr()
+        failures.append(bad_input_problem(module, flags, code, captured.out, captured.err, expected, output))
+
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_CACHE"}
+    env |= {"HF_HUB_OFFLINE": "1", "HF_HOME": str(bad_inputs / "hf_home")}
+
+    def run(index):
+        module, flags, expected, output = bad_input_row(index, bad_inputs)
+        output = output and output.with_name(output.name + "-process")
+        flags = [str(output) if flag.endswith(f"out-{index}-{module}") else flag for flag in flags]
+        finished = subprocess.run(command(module, *flags), capture_output=True, text=True, timeout=600, env=env,
+                                  cwd=DATA.parent)
+        return bad_input_problem(module, flags, finished.returncode, finished.stdout, finished.stderr, expected,
+                                 output)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        failures += list(pool.map(run, IN_A_FRESH_INTERPRETER))
+    failures = [failure for failure in failures if failure]
     assert not failures, "\n\n".join(failures)
 
 
