@@ -277,6 +277,8 @@ def check_adapter_against_base(adapter_path: str, base_model_path: str) -> None:
         if key in recorded and base_config.get(key) is not None and recorded[key] != base_config.get(key):
             problems.append(f"{key} is {recorded[key]} in the base it was trained on, {base_config.get(key)} in {base_model_path}")
     problems += adapter_shape_problems(adapter_config, shapes, base_config)
+    if not problems:
+        check_base_fingerprint(adapter_path, base_model_path, run)
     if problems:
         trained_on = run.get("model_path") or adapter_config.get("base_model_name_or_path") or "an unrecorded base"
         raise AdapterFileError(
@@ -284,6 +286,35 @@ def check_adapter_against_base(adapter_path: str, base_model_path: str) -> None:
             f"({base_config.get('model_type')}, hidden size {base_config.get('hidden_size')}): {'; '.join(problems)}. "
             f"It was trained on {trained_on}: load it on that base, or train an adapter for this one."
         )
+
+
+def check_base_fingerprint(adapter_path: str, base_model_path: str, run: dict) -> None:
+    """Refuse a base whose config.json or weight files are not those the adapter was trained on (its run_config.json's
+    ``base_fingerprint``); an adapter without one, or a hub id, is not checked."""
+    from .files import model_fingerprint
+
+    recorded = run.get("base_fingerprint") or {}
+    current = model_fingerprint(base_model_path) if recorded else None
+    parts = {"config": "its config.json", "weights": "its weight files (names or sizes)"}
+    differs = [name for name in parts if current and name in recorded and recorded[name] != current.get(name)]
+    if differs:
+        verb = "do" if "weights" in differs else "does"
+        raise AdapterFileError(
+            f"--adapter_path {adapter_path} was trained on another base than {base_model_path}: "
+            f"{' and '.join(parts[name] for name in differs)} {verb} not match what the adapter recorded (it was "
+            f"trained on {run.get('model_path') or 'an unrecorded path'}). Load it on that base or an unchanged copy "
+            f"of it (--model_path); if this is the same model saved again, delete \"base_fingerprint\" from "
+            f"{Path(adapter_path) / 'run_config.json'}."
+        )
+
+
+def adapter_command_inputs(adapter_path: str | None, model_path: str | None) -> dict[str, str | None]:
+    """What a command that loads an adapter reads: the adapter folder and its base (given, or the one it records)."""
+    if not adapter_path:
+        return {"--model_path": model_path}
+    if model_path:
+        return {"--adapter_path": adapter_path, "--model_path": model_path}
+    return {"--adapter_path": adapter_path, f"the base recorded by {adapter_path}": recorded_base_path(adapter_path)}
 
 
 def recorded_base_path(adapter_path: str) -> str | None:
@@ -322,11 +353,14 @@ def check_adapter_folder(adapter_path: str, model_path: str | None) -> str | Non
 
 def check_inference_inputs(args) -> None:
     """Everything the inference command can check before loading a model: output file, model folder, adapter."""
-    from .files import check_output_file
+    from .files import check_not_an_input, check_output_file
 
+    inputs = adapter_command_inputs(args.adapter_path, args.model_path or (None if args.adapter_path else "tiny"))
     if args.data_path and not args.merge:
         check_output_file(args.output_file, "--output_file", args.overwrite_output_file, "--overwrite_output_file",
-                          inputs=(args.data_path,))
+                          inputs={"--data_path": args.data_path, **inputs})
+    if args.merge:
+        check_not_an_input(args.output_dir, "--output_dir", inputs, example="outputs/lora_merged")
     if args.adapter_path:
         check_adapter_folder(args.adapter_path, args.model_path)
     elif args.model_path:

@@ -19,9 +19,14 @@ def check_flag_values(method: str, flags: argparse.Namespace) -> None:
     """Every check of the flags' values that needs no library, on the quick parse's namespace."""
     from .batching import check_token_budget, resolve_padding_free
     from .checks import check_model_path, looks_like_local_path
+    from .files import check_not_an_input
+    from .run_folder import training_inputs
 
     check_data_flags(flags)
     check_data_files(flags)  # before torch loads, and before any output folder is made
+    # train() checks it again (for notebooks); here it is answered before the libraries load
+    inputs = training_inputs(flags.model_path, flags.data_path, flags.eval_data_path, flags.deepspeed)
+    check_not_an_input(flags.output_dir, "--output_dir", inputs, example="outputs/lora")
     check_training_flags(flags, flags)  # the method's own checks apply where its flags are present
     check_token_budget(flags.token_budget, flags.max_length)
     resolve_padding_free(flags.padding_free, method, flags.attn_implementation)

@@ -223,7 +223,8 @@ def to_json_dict(*configs) -> dict:
     return merged
 
 
-def write_run_config(output_dir: str | os.PathLike, *configs, method: str, history: list[dict] | None = None, **extra) -> Path:
+def write_run_config(output_dir: str | os.PathLike, /, *configs, method: str, history: list[dict] | None = None,
+                     **extra) -> Path:
     """Save a run's effective configuration as run_config.json beside the adapter (and its loss history): the one writer.
 
     ``configs`` are the run's argument dataclasses; ``extra`` adds keys such as ``model_path`` when no

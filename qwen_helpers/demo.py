@@ -82,8 +82,9 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     output_dir = Path(args.output_dir) if args.output_dir else REPO / "outputs" / time.strftime("demo-lora-%Y%m%d-%H%M%S")
     trained = load_records(REPO / "data" / "train.json")[: args.records]
     held_out = load_records(REPO / "data" / "test.json")[:2]
-    output_dir.mkdir(parents=True, exist_ok=True)
-    records_path = output_dir / "train_records.json"  # the run config points at exactly what was trained
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    # beside the adapter, not in it: the run replaces its folder whole, and no output may hold an input
+    records_path = output_dir.with_name(f"{output_dir.name}.train_records.json")  # the run config points at it
     records_path.write_text(json.dumps(trained, ensure_ascii=False, indent=1), encoding="utf-8")
 
     tokenizer = load_tokenizer(args.model_path)
@@ -94,7 +95,7 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     result = train(
         ModelArguments(model_path=args.model_path),
         DataArguments(data_path=str(records_path)),
-        KitTrainingArguments(output_dir=str(output_dir), overwrite_output_dir=True,  # the folder is new: it holds only train_records.json
+        KitTrainingArguments(output_dir=str(output_dir), overwrite_output_dir=True,  # new, or empty (parse_args checked)
                              learning_rate=args.learning_rate, max_steps=args.max_steps, per_device_train_batch_size=min(args.records, 4),
                              fp16=True, save_strategy="no", logging_steps=5, report_to=[]),
         method="lora",

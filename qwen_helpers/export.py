@@ -161,7 +161,10 @@ def run_export(args: ExportArguments) -> int:
     from .merge import check_export_dir, check_mergeable_adapter
 
     check_mergeable_adapter(args.adapter_path)  # prompt tuning stops here, saying why
-    check_export_dir(args.output_dir, args.adapter_path, args.overwrite_output_dir, "--overwrite_output_dir True")
+    gguf = args.format == "gguf"
+    gguf_inputs = {"--verify_data": args.verify_data, "--llama_cpp_dir": args.llama_cpp_dir} if gguf else {}
+    check_export_dir(args.output_dir, args.adapter_path, args.overwrite_output_dir, "--overwrite_output_dir True",
+                     args.model_path, gguf_inputs)
     recorded, settings = export_settings(args)  # before any model loads: an old run re-reads its data file here
     records = verification_records(args, settings) if args.format == "gguf" else []
     tools = check_gguf_tools(args.gguf_type, args.llama_cpp_dir) if args.format == "gguf" else {}

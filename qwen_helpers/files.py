@@ -7,6 +7,8 @@ file system); a run writes into a staging folder beside its target and is swappe
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -20,6 +22,10 @@ RETIRED_MARK = ".retired-"  # .<name>.retired-XXXX: the previous folder, for the
 
 class OutputExistsError(KitError, FileExistsError):
     """A target that already holds something the user did not name for replacement."""
+
+
+class OutputIsInputError(OutputExistsError):
+    """An output that is, holds or lies inside one of the command's inputs (no overwrite flag allows it)."""
 
 
 # ---------------------------------------------------------------------------------------------- sizes
@@ -50,6 +56,33 @@ def human_bytes(size: float) -> str:
             return f"{size:.1f} {unit}"
 
 
+# Keys every save of a checkpoint rewrites: they say nothing about which model it is.
+FINGERPRINT_SKIPPED_KEYS = ("transformers_version", "_name_or_path")
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(model_path: str | os.PathLike | None) -> dict | None:
+    """A cheap identity of a local checkpoint, recorded beside an adapter: a hash of its config.json (less what every
+    save rewrites) and one of its weight files' names and sizes and shard index. No weight is read; None for a hub
+    id."""
+    folder = local_model_folder(model_path)
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        indexes = sorted(folder.glob("*.index.json"))
+        index = [json.loads(path.read_text(encoding="utf-8")).get("weight_map") for path in indexes]
+    except (OSError, ValueError):
+        return None
+    files = [path for pattern in ("*.safetensors", "*.bin") for path in folder.glob(pattern) if path.is_file()]
+    weights = sorted((path.name, path.stat().st_size) for path in files)
+    return {"config": _digest({key: value for key, value in config.items() if key not in FINGERPRINT_SKIPPED_KEYS}),
+            "weights": _digest([weights, index])}
+
+
 # ---------------------------------------------------------------------------------------------- atomic writes
 
 
@@ -62,6 +95,17 @@ def _umask() -> int:
 def _with_default_mode(path: Path, folder: bool = False) -> None:
     """Give a file or folder made by ``tempfile`` (owner-only) the permissions an ordinary ``open``/``mkdir`` would."""
     os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+def give_default_modes(folder: str | os.PathLike, since: float | None = None) -> None:
+    """Give the files under ``folder`` (those modified at or after ``since``) the permissions a plain ``open`` gives.
+
+    safetensors 0.8 writes each file through a temporary file, so adapter and model weights came out owner-only
+    (0600) beside 0644 tokenizer and config files.
+    """
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink() and (since is None or path.stat().st_mtime >= since):
+            _with_default_mode(path)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -98,13 +142,84 @@ def is_nonempty_folder(path: str | os.PathLike) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
+def local_model_folder(model_path: str | os.PathLike | None) -> Path | None:
+    """The folder on this machine that ``model_path`` names (a tiny alias: its cache folder); else None."""
+    from .tiny import alias_cache_folder
+
+    if not model_path:
+        return None
+    cached = alias_cache_folder(model_path)
+    if cached is not None:
+        return cached
+    folder = Path(model_path).expanduser()
+    return folder if folder.is_dir() else None
+
+
+def recorded_path(path: str | os.PathLike | None) -> str | None:
+    """How a run records a path: absolute for a file or folder on this machine (so it means the same from any
+    working folder), as typed for a tiny alias or a hub id."""
+    from .tiny import TINY_ALIASES
+
+    if not path or str(path) in TINY_ALIASES or not Path(path).expanduser().exists():
+        return None if path is None else str(path)
+    return os.path.abspath(Path(path).expanduser())
+
+
+def _input_locations(source: str | os.PathLike | None) -> list[Path]:
+    """Where an input lies on this machine: the path as given and, for a tiny alias, its cache folder."""
+    from .tiny import alias_cache_folder
+
+    if not source:
+        return []
+    locations = [Path(source).expanduser(), alias_cache_folder(source)]
+    return [location for location in locations if location is not None and location.exists()]
+
+
+def _relation(output: Path, source: Path) -> str | None:
+    """How ``output`` stands to ``source`` (both resolved): "is", "holds" or "lies inside"; None when apart."""
+    if output == source:
+        return "is"
+    if output in source.parents:
+        return "holds"
+    if source in output.parents:
+        return "lies inside"
+    return None
+
+
+def check_not_an_input(path: str | os.PathLike, flag: str, inputs: dict[str, str | os.PathLike | None],
+                       example: str = "outputs/run", folder: bool = True) -> None:
+    """Refuse an output that is, holds or lies inside one of the command's inputs, whatever the overwrite flag says.
+
+    ``inputs`` maps how the user named each input ("--model_path", "the base recorded by X") to its path; a tiny
+    alias stands for its cache folder, a hub id or a path that does not exist is skipped (there is nothing to lose).
+    Links are followed, so a symlink to an input is refused too. An output folder must also not be (or hold) the
+    working folder: a run replaces its output folder whole. The one check every command that writes calls.
+    """
+    noun = "folder" if folder else "file"
+    if not str(path).strip():
+        raise OutputIsInputError(f"{flag} is empty; name a new {noun}, e.g. {flag} {example}.")
+    target = Path(path).expanduser().resolve()  # follows links; a missing tail is kept as written
+    shown = f"{path} (a link to {target})" if Path(path).is_symlink() else str(path)
+    advice = f"choose a {noun} outside it, e.g. {flag} {example}; no overwrite flag allows this"
+    for label, source in inputs.items():
+        for location in _input_locations(source):
+            relation = _relation(target, location.resolve())
+            if relation:
+                kind = "folder" if location.is_dir() else "file"
+                where = source if location == Path(str(source)) else f"{source}, at {location}"
+                raise OutputIsInputError(f"{flag} {shown} {relation} the {kind} {where} ({label}): writing there would "
+                                         f"change or delete an input of this command; {advice}.")
+    if folder and _relation(target, Path.cwd().resolve()) in ("is", "holds"):
+        raise OutputIsInputError(f"{flag} {shown} is (or holds) the working folder {Path.cwd()}: the output folder is "
+                                 f"replaced whole, so it must be a folder of its own; choose a new one, e.g. "
+                                 f"{flag} {example}.")
+
+
 def check_output_file(path: str | os.PathLike, flag: str, overwrite: bool = False, overwrite_flag: str = "",
-                      inputs: tuple[str | os.PathLike | None, ...] = ()) -> None:
-    """Refuse an output file that is one of the inputs, is a folder, or (unless ``overwrite``) already holds data."""
+                      inputs: dict | None = None, example: str = "outputs/preds.jsonl") -> None:
+    """Refuse an output file that is an input or lies in one, is a folder, or (unless ``overwrite``) holds data."""
+    check_not_an_input(path, flag, inputs or {}, example, folder=False)
     path = Path(path)
-    for source in (Path(item) for item in inputs if item):
-        if path.resolve() == source.resolve():  # resolve() follows links, so a symlink to an input is caught too
-            raise OutputExistsError(f"{flag} {path} is also an input of this command; write the output to another file.")
     if path.is_dir():
         raise OutputExistsError(f"{flag} {path} is a folder; give a file name such as {path / 'predictions.jsonl'}.")
     if path.is_file() and path.stat().st_size > 0 and not overwrite:
@@ -113,12 +228,10 @@ def check_output_file(path: str | os.PathLike, flag: str, overwrite: bool = Fals
 
 
 def check_output_folder(path: str | os.PathLike, flag: str, overwrite: bool = False, overwrite_flag: str = "",
-                        inputs: tuple[str | os.PathLike | None, ...] = ()) -> None:
-    """Refuse an output folder that is (or contains) an input, is a file, or (unless ``overwrite``) is not empty."""
+                        inputs: dict | None = None, example: str = "outputs/run") -> None:
+    """Refuse an output folder that is, holds or lies in an input, is a file, or (unless ``overwrite``) is not empty."""
+    check_not_an_input(path, flag, inputs or {}, example)
     path = Path(path)
-    for source in (Path(item) for item in inputs if item):
-        if source.exists() and (path.resolve() == source.resolve() or path.resolve() in source.resolve().parents):
-            raise OutputExistsError(f"{flag} {path} is (or holds) an input of this command, {source}; choose another folder.")
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"{flag} {path} is a file, not a folder; choose a folder name.")
     if is_nonempty_folder(path) and not overwrite:
@@ -164,6 +277,7 @@ def swap_in(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
     one is in place.
     """
     staging, target = Path(staging), Path(target)
+    give_default_modes(staging)
     retired = None
     if target.exists():
         retired = Path(tempfile.mkdtemp(prefix=f".{target.name}{RETIRED_MARK}", dir=target.parent))

@@ -35,7 +35,8 @@ def parse_arguments(argv) -> argparse.Namespace:
 @command_boundary
 def main(argv=None) -> int:
     args = parse_arguments(argv)
-    check_output_folder(args.output_dir, "output_dir", overwrite=args.overwrite == "True", overwrite_flag="--overwrite")
+    check_output_folder(args.output_dir, "output_dir", overwrite=args.overwrite == "True", overwrite_flag="--overwrite",
+                        example="outputs/tiny-qwen")
     staging = new_staging_folder(args.output_dir)
     try:
         make_tiny_qwen(staging, args.arch, args.like)

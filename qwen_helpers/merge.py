@@ -13,6 +13,7 @@ the merged model is from what was trained (the 4-bit base + adapter).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,8 @@ import torch
 
 from .adapters import AdapterError, load_model_with_adapter, merge_problem, read_adapter_info
 from .data import format_prompt
-from .files import OutputExistsError, folder_size, human_bytes
+from .checks import adapter_command_inputs
+from .files import OutputExistsError, check_not_an_input, folder_size, give_default_modes, human_bytes
 from .modeling import evaluation_mode, release_memory
 from .prompt_settings import (PROMPT_SETTINGS, PromptSettings, has_thinking_switch, settings_from_run_config,
                               template_with_thinking_default, write_prompt_settings)
@@ -94,11 +96,13 @@ def check_mergeable_adapter(adapter_path: str) -> dict:
     return info
 
 
-def check_export_dir(output_dir: str, adapter_path: str, overwrite: bool, flag: str = "--overwrite True") -> None:
-    """Refuse the adapter's own folder always, and a non-empty folder unless ``overwrite``: nothing is replaced silently."""
+def check_export_dir(output_dir: str, adapter_path: str, overwrite: bool, flag: str = "--overwrite True",
+                     model_path: str | None = None, inputs: dict | None = None) -> None:
+    """Refuse, always, a folder that is, holds or lies in the adapter, its base or another input (``inputs``), and a
+    non-empty folder unless ``overwrite``: nothing is replaced silently."""
     path = Path(output_dir)
-    if path.resolve() == Path(adapter_path).resolve():
-        raise ExportDirExistsError(f"--output_dir {output_dir} is the adapter's own folder; export the merged model to another folder.")
+    inputs = {**adapter_command_inputs(adapter_path, model_path), **(inputs or {})}
+    check_not_an_input(output_dir, "--output_dir", inputs, example="outputs/lora_merged")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ExportDirExistsError(
             f"--output_dir {output_dir} already holds files. Choose an empty folder, or pass overwrite=True "
@@ -127,7 +131,7 @@ def merge_and_export(adapter_path: str, output_dir: str, model_path: str | None 
     are saved as prompt_settings.json, and the saved chat template's ``enable_thinking`` defaults to their mode.
     """
     info = check_mergeable_adapter(adapter_path)
-    check_export_dir(output_dir, adapter_path, overwrite)
+    check_export_dir(output_dir, adapter_path, overwrite, model_path=model_path)
     if settings is None and info.get("kit_run") is not None:
         settings = settings_from_run_config(info["kit_run"])
     thinking = bool(settings and settings.enable_thinking)
@@ -150,11 +154,13 @@ def merge_and_export(adapter_path: str, output_dir: str, model_path: str | None 
             f"{dtype}); nothing was saved. That points to a numerical problem such as fp16 overflow in the merged "
             "weights: merge on the CPU in fp32 instead (CUDA_VISIBLE_DEVICES= python -m qwen_helpers.inference --merge True ...)."
         )
+    started = time.time()
     merged.save_pretrained(output_dir)
     if settings is not None:
         tokenizer.chat_template = template_with_thinking_default(tokenizer.chat_template, settings.enable_thinking)
         write_prompt_settings(output_dir, settings)
     tokenizer.save_pretrained(output_dir)
+    give_default_modes(output_dir, since=started - 2)  # the files just written (safetensors' are owner-only otherwise)
     return ExportReport(
         output_dir=output_dir,
         max_abs_diff_vs_16bit_adapter=difference,

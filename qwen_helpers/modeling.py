@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .checks import hub_download_errors
+from .files import recorded_path
 from .precision import device_type, quantization_compute_dtype
 from .tiny import chat_template, resolve_model_path
 
@@ -99,7 +100,7 @@ def load_base_model(model_path: str = "tiny", dtype: torch.dtype = torch.float32
     """
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(model_path)
+    path = recorded_path(resolve_model_path(model_path))  # absolute for a local folder: peft records it as the base
     device = device or _local_device()
     if quantization_config is not None and device_map is None:
         device_map = {"": device}  # bitsandbytes quantises while loading, on the device it will run on

@@ -2,7 +2,8 @@
 
 A run writes into a staging folder beside ``--output_dir`` and replaces it only once everything is saved
 (:func:`qwen_helpers.train.publish_run`), so an interrupted run leaves the previous folder untouched and
-``--resume_from_checkpoint True`` continues it from its last complete checkpoint.
+``--resume_from_checkpoint True`` continues it from its last complete checkpoint. A finished run's folder keeps
+no checkpoints. No output folder may be, hold or lie inside one of the run's inputs (:func:`training_inputs`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import TYPE_CHECKING
 
 from .checks import safetensors_shapes
 from .errors import KitError
-from .files import OutputExistsError, is_nonempty_folder, new_staging_folder, staging_folders
+from .files import (OutputExistsError, check_not_an_input, is_nonempty_folder, new_staging_folder, remove_folders,
+                    staging_folders)
 
 if TYPE_CHECKING:
     from .config import KitTrainingArguments
@@ -30,19 +32,29 @@ class ResumeError(KitError, FileNotFoundError):
     """--resume_from_checkpoint names nothing that can be resumed."""
 
 
-def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
-    """Refuse to replace a non-empty folder, or to start over an interrupted run, unless asked to overwrite or resume."""
+def training_inputs(model_path: str | None, data_path: str | None, eval_data_path: str | None = None,
+                    deepspeed=None) -> dict:
+    """What a training run reads, by flag: its output folder may be none of them, hold none and lie in none."""
+    return {"--model_path": model_path, "--data_path": data_path, "--eval_data_path": eval_data_path,
+            "--deepspeed": deepspeed if isinstance(deepspeed, str) else None}
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resuming: bool, inputs: dict | None = None) -> None:
+    """Refuse an output folder that is (or holds, or lies in) an input, always; a non-empty folder, or one beside an
+    interrupted run, unless asked to overwrite or resume."""
+    check_not_an_input(output_dir, "--output_dir", inputs or {}, example="outputs/lora")
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise OutputDirExistsError(f"--output_dir {output_dir} is a file; choose a folder name.")
     if overwrite or resuming:
         return
-    if is_nonempty_folder(path):
-        raise OutputDirExistsError(
-            f"--output_dir {output_dir} already holds files from an earlier run. Choose another folder, "
-            "pass --overwrite_output_dir True to replace them, or --resume_from_checkpoint True to continue that run."
-        )
     interrupted = [folder for folder in staging_folders(path) if complete_checkpoints(folder)]
+    if is_nonempty_folder(path):
+        resumable = interrupted or complete_checkpoints(path)  # a finished run keeps no checkpoints to continue
+        choices = ("pass --overwrite_output_dir True to replace them, or --resume_from_checkpoint True to continue "
+                   "that run" if resumable else "or pass --overwrite_output_dir True to replace them")
+        raise OutputDirExistsError(
+            f"--output_dir {output_dir} already holds files from an earlier run. Choose another folder, {choices}.")
     if interrupted:
         raise OutputDirExistsError(
             f"--output_dir {output_dir}: an interrupted run left its files in {interrupted[0]}. Pass "
@@ -75,6 +87,14 @@ def complete_checkpoints(folder: str | os.PathLike) -> list[Path]:
     return [path for _, path in sorted(found, reverse=True)]
 
 
+def drop_checkpoints(folder: str | os.PathLike) -> None:
+    """Remove the checkpoint-N folders of a finished run: they exist to resume an interrupted one, and a finished
+    run's folder holds the adapter and the run's files only."""
+    folder = Path(folder)
+    found = folder.iterdir() if folder.is_dir() else []
+    remove_folders([path for path in found if path.is_dir() and _CHECKPOINT.match(path.name)])
+
+
 @dataclass
 class OutputPlan:
     """Where a run writes (its staging folder), what it resumes from, and the interrupted runs it replaces."""
@@ -85,7 +105,7 @@ class OutputPlan:
     stale: list[str] = field(default_factory=list)
 
 
-def plan_output(training_args: KitTrainingArguments, staged: bool = True) -> OutputPlan:
+def plan_output(training_args: KitTrainingArguments, staged: bool = True, inputs: dict | None = None) -> OutputPlan:
     """Check the output folder and decide the staging folder and the checkpoint to resume from.
 
     ``--resume_from_checkpoint True`` continues the newest interrupted run of this output folder (its
@@ -94,7 +114,7 @@ def plan_output(training_args: KitTrainingArguments, staged: bool = True) -> Out
     target = training_args.output_dir
     value = training_args.resume_from_checkpoint
     resuming = value not in (None, "", "False", "false")
-    check_output_dir(target, training_args.overwrite_output_dir, resuming)
+    check_output_dir(target, training_args.overwrite_output_dir, resuming, inputs)
     interrupted = staging_folders(target)
     plan = OutputPlan(target)
     if value in ("True", "true", "last"):
@@ -108,7 +128,8 @@ def plan_output(training_args: KitTrainingArguments, staged: bool = True) -> Out
             if not checkpoints:
                 raise ResumeError(
                     f"--resume_from_checkpoint True: no complete checkpoint-* folder in {target} or in an interrupted run beside it. "
-                    "Checkpoints are written with --save_strategy steps|epoch; start a fresh run instead."
+                    "A finished run keeps none (resuming continues an interrupted run); checkpoints are written with "
+                    "--save_strategy steps|epoch. Start a fresh run instead."
                 )
             plan.resume_from = str(checkpoints[0])
     elif resuming:
@@ -121,12 +142,13 @@ def plan_output(training_args: KitTrainingArguments, staged: bool = True) -> Out
     return plan
 
 
-def plan_output_on_main_process(training_args: KitTrainingArguments, staged: bool = True) -> OutputPlan:
+def plan_output_on_main_process(training_args: KitTrainingArguments, staged: bool = True,
+                                inputs: dict | None = None) -> OutputPlan:
     """Plan the output on the main process only and share the plan, so every rank writes to the same staging folder or all stop."""
     verdict = [None]
     if training_args.process_index == 0:
         try:
-            verdict = [plan_output(training_args, staged)]
+            verdict = [plan_output(training_args, staged, inputs)]
         except KitError as error:
             verdict = [error]
     if training_args.world_size > 1:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .adapters import AdapterError, base_model_path_of, read_adapter_info, recorded_base
+from .checks import check_base_fingerprint
 from .prompt_settings import has_thinking_switch, recorded_prompt_settings
 from .tiny import resolve_model_path
 
@@ -238,6 +239,7 @@ def check_vllm_adapter(adapter_path: str, model_path: str | None = None, max_lor
     base_path = resolve_model_path(base_name)
     if not (Path(base_path) / "config.json").is_file():
         raise AdapterError(f"The base {base_name} is not a local model folder with a config.json; pass --model_path with the folder you will serve.")
+    check_base_fingerprint(adapter_path, base_name, info.get("kit_run") or {})  # not the base it was trained on
     shapes = adapter_tensor_shapes(adapter_path)
     rank = adapter_rank(info, shapes)
     check = VllmCheck(adapter_path=adapter_path, base=base_path, rank=rank, max_lora_rank=max_lora_rank)

@@ -287,9 +287,23 @@ def _verified_build(folder: Path, signature: tuple) -> bool:
     return is_complete_build(folder)
 
 
+def _cache_name(arch: str = "qwen2", like: str | None = None) -> str:
+    return f"replica-{like}" if like else f"tiny-{arch}"
+
+
+def alias_cache_folder(model_path: str | os.PathLike) -> Path | None:
+    """The cache folder a tiny alias names, built or not (None for anything else): what the alias puts at risk."""
+    name = str(model_path)
+    if name in _DEFAULT_ALIASES:
+        return cache_root() / _cache_name("qwen2")
+    if name in TINY_ALIASES:
+        return cache_root() / _cache_name(like=name.removeprefix("tiny-"))
+    return None
+
+
 def tiny_model_path(arch: str = "qwen2", like: str | None = None) -> Path:
     """Return the cached tiny checkpoint's (or replica's) folder, building it first if it is missing or damaged."""
-    name = f"replica-{like}" if like else f"tiny-{arch}"
+    name = _cache_name(arch, like)
     folder = cache_root() / name
     if _verified_build(folder, _file_signature(folder)):
         return folder

@@ -24,13 +24,15 @@ from .flag_checks import (check_classification_flags, check_data_files, check_lo
 from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments, write_run_config
 from .data import chat_tokens_to_train
 from .data_files import load_dataset_for_training
-from .files import base_weights_size, folder_size, human_bytes, remove_folders, swap_in
+from .files import (base_weights_size, folder_size, human_bytes, model_fingerprint, recorded_path, remove_folders,
+                    swap_in)
 from .lora_variants import describe_variants, loraplus_optimizer, save_as_plain_lora, save_initial_adapter
 from .methods import get_method
 from .modeling import base_config_of, build_quantization_config, check_target_modules, count_parameters, load_base_model, load_tokenizer
 from .precision import base_dtype
 from .prompt_settings import SYSTEM_PROMPT_KEY, training_system_prompt
-from .run_folder import OutputPlan, complete_checkpoints, plan_output_on_main_process, resumed_history
+from .run_folder import (OutputPlan, complete_checkpoints, drop_checkpoints, plan_output_on_main_process,
+                         resumed_history, training_inputs)
 from .speed import apply_cpu_allocator_setting, check_liger
 
 logger = logging.getLogger("qwen_helpers")
@@ -197,7 +199,10 @@ def train(
     task, labels = (prompt_args.task, prompt_args.labels) if adapter == "prompt_tuning" and prompt_args else ("auto", None)
     check_classification_flags(data_args, task, labels)  # a bad --labels now, not after training
     check_distributed_launch(training_args)
-    plan = plan_output_on_main_process(training_args, staged=save)
+    # the output may be, hold or lie in none of the inputs; nothing is written before this check
+    inputs = training_inputs(model_args.model_path, data_args.data_path, data_args.eval_data_path,
+                             training_args.deepspeed)
+    plan = plan_output_on_main_process(training_args, staged=save, inputs=inputs)
     check_resume_flags(plan.resume_from, method_args)  # another --lora_r fails only after loading, as a size mismatch
     target_args = training_args
     if save:  # the Trainer writes checkpoints and the adapter into the staging folder; the target changes only at the swap
@@ -307,16 +312,24 @@ def save_run(result: TrainResult, model_args, data_args, training_args, method_a
         save_as_plain_lora(result.model, result.output_dir, result.initial_adapter_dir)
     result.tokenizer.save_pretrained(result.output_dir)  # the final folder carries the tokenizer; checkpoints do not
     configs = [model_args, data_args, training_args] + ([method_args] if method_args is not None else [])
-    write_run_config(result.output_dir, *configs, method=method, history=result.history, stopped_by_nan_guard=result.stopped_by_nan_guard,
+    # absolute paths mean the same from any folder; the base's fingerprint catches a folder that is not that base
+    paths = dict(model_path=recorded_path(model_args.model_path), data_path=recorded_path(data_args.data_path),
+                 eval_data_path=recorded_path(data_args.eval_data_path),
+                 output_dir=os.path.abspath(training_args.output_dir))
+    write_run_config(result.output_dir, *configs, method=method, history=result.history,
+                     stopped_by_nan_guard=result.stopped_by_nan_guard,
                      **{SYSTEM_PROMPT_KEY: system_prompt},  # the one every training record shared, or None
-                     base_model=base_summary(base_config_of(result.model)))  # lets a later load check the base without it
+                     base_model=base_summary(base_config_of(result.model)),  # a later load checks the base without it
+                     base_fingerprint=model_fingerprint(model_args.model_path), **paths)
 
 
 def publish_run(result: TrainResult) -> None:
-    """Swap the completed staging folder in as the output folder (main process), and drop interrupted runs it replaces."""
+    """Swap the completed staging folder in as the output folder (main process), without its checkpoints, and drop
+    interrupted runs it replaces."""
     if result.output_dir == result.target_dir:
         return
     if result.trainer.is_world_process_zero():
+        drop_checkpoints(result.output_dir)  # they exist to resume an interrupted run; this one finished
         swap_in(result.output_dir, result.target_dir)
         remove_folders(result.stale_runs)
     result.output_dir = result.target_dir

@@ -1,6 +1,8 @@
 """The README's demo: on the tiny model its adapter answers trained records word for word, and its log is readable."""
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,8 @@ def test_demo_memorises_its_records_and_prints_clean_loss_lines(tmp_path, capsys
     assert result.exact >= 2, f"the adapter reproduced {result.exact} of {len(result.trained)} trained answers: {result.after}"
     assert result.after != result.before
     assert {"adapter_config.json", "adapter_model.safetensors", "run_config.json"} <= {path.name for path in (tmp_path / "demo").iterdir()}
+    records = json.loads((tmp_path / "demo" / "run_config.json").read_text())["data_path"]  # what was trained is still there
+    assert records == str(tmp_path / "demo.train_records.json") and len(json.loads(Path(records).read_text())) == len(result.trained)
     loss_lines = re.findall(r"^step +\d+/30  loss +(\d+\.\d{4})  learning rate", printed, flags=re.MULTILINE)
     assert len(loss_lines) == 6, printed  # one line per log (logging_steps=5 over 30 steps)
     assert float(loss_lines[-1]) < float(loss_lines[0])

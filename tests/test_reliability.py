@@ -1,7 +1,7 @@
 """Reliability: nothing the user has is lost, nothing trains silently wrong, every bad input gets one clear line.
 
-The table at the end runs bad inputs through the real commands (``python -m ...``) and checks exit code 2,
-one ``error:`` line naming the flag or file, and no traceback. The kill test interrupts a real
+The table at the end runs bad inputs through the real commands' ``main`` (two rows also as ``python -m ...``) and checks
+exit code 2, one ``error:`` line naming the flag or file, and no traceback. The kill test interrupts a real
 ``--overwrite_output_dir`` run with SIGTERM and resumes it.
 """
 
@@ -272,7 +272,7 @@ def test_predictions_file_is_never_replaced_unasked(tmp_path, tiny_path, capsys)
     base = ["--model_path", "tiny", "--data_path", str(data), "--max_new_tokens", "2"]
     cases = {
         "--overwrite_output_file True": base + ["--output_file", str(predictions)],
-        "is also an input": base + ["--output_file", str(data), "--overwrite_output_file", "True"],
+        f"is the file {data} (--data_path)": base + ["--output_file", str(data), "--overwrite_output_file", "True"],
         "--max_records must be at least 1": base + ["--output_file", str(predictions), "--max_records", "0", "--overwrite_output_file", "True"],
     }
     for expected, argv in cases.items():
@@ -395,7 +395,8 @@ BAD_INPUTS = [  # (command, flags, text the one line must contain); {root} is th
     ("inference", ["--instruction", "hi", "--top_p", "5"], "--top_p must be above 0 and at most 1"),
     ("inference", ["--instruction", "hi", "--repetition_penalty", "-1"], "--repetition_penalty must be above 0"),
     ("inference", ["--instruction", "hi", "--do_sample", "True", "--temperature", "inf"], "--temperature inf: not"),
-    ("inference", ["--data_path", "data/test.json", "--output_file", "data/test.json"], "--output_file data/test.json is also an input"),
+    ("inference", ["--data_path", "data/test.json", "--output_file", "data/test.json"],
+     "--output_file data/test.json is the file data/test.json (--data_path)"),
     ("inference", ["--data_path", "data/test.json", "--output_file", "{root}/preds.jsonl"], "--overwrite_output_file True"),
     ("inference", ["--data_path", "data/test.json", "--max_records", "0"], "--max_records"),
     ("inference", ["--adapter_path", "{root}/no_adapter", "--instruction", "hi"], "--adapter_path {root}/no_adapter: no such folder"),

@@ -109,15 +109,39 @@ def test_unknown_target_modules_list_the_real_ones(tmp_path, small_train_file):
         train(model_args, data_args, training_args, "lora", LoraArguments(target_modules="c_attn"))
 
 
-def test_output_dir_is_refused_then_resumed(tmp_path, small_train_file):
+class InterruptAtSave(TrainerCallback):
+    """Stop the run (as Ctrl-C would) once the checkpoint of step ``step`` is complete."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_run_is_resumed_and_a_finished_one_keeps_no_checkpoint(tmp_path, small_train_file):
+    from qwen_helpers.files import staging_folders
+    from qwen_helpers.run_folder import ResumeError
+
     output = tmp_path / "run"
-    model_args, data_args, training_args = _args(output, small_train_file, max_steps=2, save_strategy="steps", save_steps=2)
-    train(model_args, data_args, training_args, "lora", LoraArguments())
-    with pytest.raises(OutputDirExistsError, match="--overwrite_output_dir True"):
+    model_args, data_args, training_args = _args(output, small_train_file, save_strategy="steps", save_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(model_args, data_args, training_args, "lora", LoraArguments(), callbacks=[InterruptAtSave(2)])
+    (staging,) = staging_folders(output)
+    assert not output.exists() and [path.name for path in staging.glob("checkpoint-*")] == ["checkpoint-2"]  # to resume
+    with pytest.raises(OutputDirExistsError, match="an interrupted run left its files"):
         train(model_args, data_args, training_args, "lora", LoraArguments())
-    resumed = train(model_args, data_args, replace(training_args, max_steps=4, resume_from_checkpoint="True"), "lora", LoraArguments())
+    resume = replace(training_args, resume_from_checkpoint="True")
+    resumed = train(model_args, data_args, resume, "lora", LoraArguments())
     assert [record["step"] for record in resumed.history if "loss" in record] == [1, 2, 3, 4]  # continued, not restarted; history whole
-    assert resumed.trainer.state.global_step == 4
+    assert resumed.trainer.state.global_step == 4 and staging_folders(output) == []
+    assert not list(output.glob("checkpoint-*")) and (output / "adapter_model.safetensors").is_file()  # finished: none
+    with pytest.raises(OutputDirExistsError, match="--overwrite_output_dir True") as refused:
+        train(model_args, data_args, training_args, "lora", LoraArguments())
+    assert "--resume_from_checkpoint" not in str(refused.value)  # a finished run has nothing to continue
+    with pytest.raises(ResumeError, match="A finished run keeps none"):
+        train(model_args, data_args, resume, "lora", LoraArguments())
 
 
 class PoisonAfter(TrainerCallback):

@@ -181,7 +181,8 @@ def run_data_benchmark(args: DataSpeedArguments, command: str, echo=print) -> di
     from ..files import check_output_folder
 
     if args.output_dir:
-        check_output_folder(args.output_dir, "--output_dir")
+        check_output_folder(args.output_dir, "--output_dir", inputs={"--model_path": args.model_path},
+                            example="outputs/data_speed")
     with tempfile.TemporaryDirectory(prefix="qwen-data-benchmark-") as scratch:
         data_path = Path(scratch) / f"generated-{args.data_format}.jsonl"
         records = generate_jsonl(data_path, args.size_mb, args.data_format, args.seed)

@@ -105,11 +105,16 @@ def run_benchmark(args: BenchmarkArguments, echo=print, command: str | None = No
     """Estimate, then run every row in its own process (each kit row beside its plain reference), then write the files."""
     from ..modeling import device_type
 
+    from ..files import check_not_an_input
+
     device = device_type()
     check_options(args, device)
+    folder = result_folder(args)
+    data_file = args.data if args.variable_length and args.data != "lognormal" else None
+    inputs = {"--model_path": args.model_path, "--data": data_file}
+    check_not_an_input(folder, "--folder" if args.folder else "--output_dir", inputs, example="outputs/benchmark")
     config, model_path = model_config_and_path(args, device)
     environment = environment_info()
-    folder = result_folder(args)
     folder.mkdir(parents=True, exist_ok=True)
     data_path, lengths = prepare_data(args, model_path, folder)
     budget = default_token_budget(args, lengths)

@@ -107,12 +107,14 @@ def run_suite(args: SuiteArguments, echo=print) -> Path:
     from ..modeling import device_type
     from .plan import BenchmarkArguments, BenchmarkResult
     from .report import add_speed_relative_to_full, markdown_table, write_results
+    from ..files import check_not_an_input
     from .run import run_benchmark
 
     device = device_type() if args.device == "auto" else args.device
     if device == "cuda" and device_type() != "cuda":
         raise ValueError("--device cuda: no CUDA GPU is visible here; run the CPU variant with --device cpu.")
     folder = Path(args.folder) if args.folder else default_folder(device)
+    check_not_an_input(folder, "--folder", {}, example="outputs/gpu_check_cpu")  # nor the working folder, nor above it
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows, parts, results = [], [], []
