@@ -13,13 +13,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import Trainer, set_seed
+from transformers import EarlyStoppingCallback, Trainer, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .batching import check_token_budget, kit_trainer_class, make_training_collator, resolve_padding_free
 from .callbacks import LossHistoryCallback, NanGuardCallback, train_losses
 from .checks import base_summary, check_model_path
-from .flag_checks import check_classification_flags, check_training_flags
+from .flag_checks import check_classification_flags, check_evaluation_data, check_training_flags
+from .held_out import HeldOutScorer, best_and_stop, best_of_run, held_out_scorer, held_out_task, judged_by, stop_reason
 from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments, write_run_config
 from .data import chat_tokens_to_train
 from .data_files import load_dataset_for_training
@@ -130,6 +131,8 @@ class TrainResult:
     stopped_by_nan_guard: bool = False
     data_report: str = ""
     notes: list[str] = field(default_factory=list)
+    held_out: HeldOutScorer | None = None  # the task's metric at each evaluation during training, answers by step
+    stopped_because: str = ""
     target_dir: str = ""  # where output_dir goes when the run is published (output_dir is the staging folder until then)
     stale_runs: list[str] = field(default_factory=list)
 
@@ -185,6 +188,10 @@ def train(
     check_model_path(model_args.model_path)
     task, labels = (prompt_args.task, prompt_args.labels) if adapter == "prompt_tuning" and prompt_args else ("auto", None)
     check_classification_flags(data_args, task, labels)  # a bad --labels now, not after training
+    check_evaluation_data(data_args, training_args)  # evaluation during training needs held-out data
+    if str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no":
+        # a metric this task produces
+        check_evaluation_data(data_args, training_args, held_out_task(data_args, task, labels)[0])
     check_distributed_launch(training_args)
     plan = plan_output_on_main_process(training_args, staged=save)
     target_args = training_args
@@ -228,6 +235,12 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
     notes.append(str(parameters))
 
     history, nan_guard = LossHistoryCallback(), NanGuardCallback()
+    held_out = held_out_scorer(tokenizer, data_args, training_args, prompt_args if adapter == "prompt_tuning" else None)
+    early_stopping = (
+        EarlyStoppingCallback(training_args.early_stopping_patience) if training_args.early_stopping_patience else None
+    )
+    if held_out is not None:
+        notes.append(held_out.describe())
     trainer = KitTrainer(
         model=model,
         args=training_args,
@@ -235,7 +248,8 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
         eval_dataset=eval_data.dataset if eval_data else None,
         data_collator=make_training_collator(tokenizer, padding_free, model_args.attn_implementation),
         processing_class=tokenizer,
-        callbacks=[history, nan_guard, *(callbacks or [])],
+        callbacks=[history, nan_guard, *([early_stopping] if early_stopping else []), *(callbacks or [])],
+        held_out_scorer=held_out,
         token_budget=training_args.token_budget,
         padding_free=padding_free,
         # prompt tuning shifts positions by its virtual tokens; Liger's fused loss never materialises the logits anyway
@@ -267,6 +281,8 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
         notes=notes,
         target_dir=target_args.output_dir,
         stale_runs=plan.stale,
+        held_out=held_out,
+        stopped_because=stop_reason(trainer, early_stopping, nan_guard.triggered),
     )
     if save:
         save_run(result, model_args, data_args, target_args, lora_args if adapter == "lora" else prompt_args, method)
@@ -284,8 +300,20 @@ def save_run(result: TrainResult, model_args, data_args, training_args, method_a
         return
     result.tokenizer.save_pretrained(result.output_dir)  # the final folder carries the tokenizer; checkpoints do not
     configs = [model_args, data_args, training_args] + ([method_args] if method_args is not None else [])
-    write_run_config(result.output_dir, *configs, method=method, history=result.history, stopped_by_nan_guard=result.stopped_by_nan_guard,
-                     base_model=base_summary(base_config_of(result.model)))  # lets a later load check the base without it
+    write_run_config(
+        result.output_dir,
+        *configs,
+        method=method,
+        history=result.history,
+        stopped_by_nan_guard=result.stopped_by_nan_guard,
+        base_model=base_summary(base_config_of(result.model)),  # lets a later load check the base without it
+        **best_and_stop(result),
+    )
+    if result.held_out is not None:
+        best = best_of_run(trainer, result.history)
+        last = max(result.held_out.answers, default=None)
+        step = best[0] if best and trainer.args.load_best_model_at_end else last  # the answers of the saved adapter
+        result.held_out.write_answer_table(result.output_dir, result.model, step)
 
 
 def publish_run(result: TrainResult) -> None:
@@ -310,4 +338,18 @@ def report(result, model_path: str) -> str:
         + (f"; the base model's weights are {human_bytes(base)}, {base / max(adapter, 1):,.0f}x larger)" if base else ")"),
         f"loss curve: {output / 'loss_plot.png'}",
     ]
+    stopped = getattr(result, "stopped_because", "")
+    if stopped:
+        lines.insert(1, f"stopped: {stopped}")
+    judged = best_of_run(result.trainer, result.history) if hasattr(result, "trainer") else None
+    if judged is not None:
+        metric = judged_by(result.trainer.args)[0]
+        saved = (
+            "the adapter saved"
+            if result.trainer.args.load_best_model_at_end
+            else "not the adapter saved (--load_best_model_at_end False)"
+        )
+        lines.insert(2, f"best held-out {metric}: {judged[1]:.4g} at step {judged[0]} ({saved})")
+    if getattr(result, "held_out", None) is not None:
+        lines.append(f"held-out answers before and after: {output / 'heldout_answers.jsonl'}")
     return "\n".join(lines)
