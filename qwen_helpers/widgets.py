@@ -36,6 +36,8 @@ STOPS = {
     "seq_len": [16, 32, 64, 128, 256, 512, 1024, 2048],
     "batch_size": [1, 2, 4, 8, 16],
     "steps": [1, 2, 3, 5, 10, 20],
+    "eval_steps": [5, 10, 20, 25, 50, 100, 200],
+    "early_stopping_patience": [1, 2, 3, 5, 10],
 }
 AUTO = "auto"  # a tri-state widget's stand-in for None ("the kit decides")
 PANEL_WIDTH = "400px"  # two panels side by side fit a 1280 px JupyterLab window with the file browser open

@@ -243,3 +243,14 @@ def test_best_evaluation_skips_the_untrained_baseline_and_keeps_the_first_of_equ
     assert best_evaluation(history, "chrf", greater_is_better=True) == (4, 30.0)
     assert best_evaluation(history, "eval_chrf", greater_is_better=False) == (2, 10.0)
     assert best_evaluation(history, "eval_accuracy", greater_is_better=True) is None
+
+
+def test_loss_plot_draws_the_held_out_metric_on_a_second_axis_only_when_logged():
+    from qwen_helpers.plots import plot_loss
+
+    history = [{"step": 0, "eval_loss": 12.0, "eval_exact_match": 0.0}, {"step": 5, "loss": 9.0},
+               {"step": 5, "eval_loss": 8.0, "eval_exact_match": 25.0}]
+    figure = plot_loss(history, metric="exact_match")
+    assert len(figure.axes) == 2 and figure.axes[1].get_ylabel() == "exact match"
+    assert list(figure.axes[1].lines[0].get_ydata()) == [0.0, 25.0]
+    assert len(plot_loss([{"step": 1, "loss": 3.0}, {"step": 1, "eval_loss": 4.0}]).axes) == 1
