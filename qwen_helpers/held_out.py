@@ -166,10 +166,10 @@ def stop_reason(trainer, early_stopping=None, stopped_by_nan_guard: bool = False
     args, state = trainer.args, trainer.state
     if stopped_by_nan_guard:
         return "NaN guard: the loss stayed non-finite (the last good adapter was put back)"
-    if (
-        early_stopping is not None
-        and early_stopping.early_stopping_patience_counter >= early_stopping.early_stopping_patience
-    ):
+    patience_spent = early_stopping is not None and (
+        early_stopping.early_stopping_patience_counter >= early_stopping.early_stopping_patience
+    )
+    if patience_spent and state.global_step < state.max_steps:  # at the last step anyway, the cap ended it
         return (
             f"early stopping: {best_metric_name(args.metric_for_best_model)} did not improve for "
             f"{early_stopping.early_stopping_patience} "

@@ -344,11 +344,9 @@ def report(result, model_path: str) -> str:
     judged = best_of_run(result.trainer, result.history) if hasattr(result, "trainer") else None
     if judged is not None:
         metric = judged_by(result.trainer.args)[0]
-        saved = (
-            "the adapter saved"
-            if result.trainer.args.load_best_model_at_end
-            else "not the adapter saved (--load_best_model_at_end False)"
-        )
+        last = result.trainer.state.global_step
+        saved = ("its adapter is the one saved" if result.trainer.args.load_best_model_at_end or judged[0] == last
+                 else f"the adapter saved is step {last}'s; --load_best_model_at_end True saves the best")
         lines.insert(2, f"best held-out {metric}: {judged[1]:.4g} at step {judged[0]} ({saved})")
     if getattr(result, "held_out", None) is not None:
         lines.append(f"held-out answers before and after: {output / 'heldout_answers.jsonl'}")
