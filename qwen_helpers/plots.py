@@ -38,9 +38,10 @@ def plot_loss(history: list[dict], title: str = "Training loss", metric: str | N
     if name:
         right = axes.twinx()
         points = [(record["step"], record[name]) for record in history if name in record]
-        handles += right.plot(*zip(*points), color="tab:green", marker="s", label=f"held-out {name[len('eval_') :]}")
-        labels.append(f"held-out {name[len('eval_') :]}")
-        right.set_ylabel(name[len("eval_") :].replace("_", " "))
+        shown = name[len("eval_") :].replace("_", " ")
+        handles += right.plot(*zip(*points), color="tab:green", marker="s", label=f"held-out {shown}")
+        labels.append(f"held-out {shown}")
+        right.set(ylabel=shown, ylim=(0, 1.05 if name in ("eval_accuracy", "eval_macro_f1") else 105))  # the full scale
     axes.legend(handles, labels, fontsize="small")
     figure.tight_layout()
     return figure
