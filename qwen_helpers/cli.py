@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from .flag_checks import check_data_flags, check_evaluation_data, check_evaluation_flags, check_training_flags
+from .flag_checks import (best_metric_name, check_data_flags, check_evaluation_data, check_evaluation_flags,
+                          check_training_flags, evaluation_task)
 from .quickflags import dataclass_parser, parse_command_flags
 
 
@@ -24,6 +25,9 @@ def check_flag_values(method: str, flags: argparse.Namespace) -> None:
     check_training_flags(flags, flags)  # the method's own checks apply where its flags are present
     check_evaluation_flags(flags)
     check_evaluation_data(flags, flags)  # e.g. --eval_strategy steps without --eval_data_path
+    metric = best_metric_name(flags.metric_for_best_model)
+    if flags.eval_data_path and metric not in (None, "eval_loss"):  # a metric the data's task produces
+        check_evaluation_data(flags, flags, evaluation_task(flags, getattr(flags, "task", "auto")))
     check_token_budget(flags.token_budget, flags.max_length)
     resolve_padding_free(flags.padding_free, method, flags.attn_implementation)
     if looks_like_local_path(flags.model_path):  # a hub id is checked by train(), once (it may print a download note)

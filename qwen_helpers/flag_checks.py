@@ -166,3 +166,13 @@ def check_evaluation_data(data_args, training_args, task: str | None = None) -> 
         f"{data_args.data_path} is {task} data, whose held-out metrics are "
         f"{', '.join('eval_' + metric for metric in metrics)} (or eval_loss).",
     )
+
+
+def evaluation_task(data_args, task: str = "auto") -> str:
+    """'generation' or 'classification' for the held-out metric: ``--task``, else detected from the training answers."""
+    from .records import FieldMap, detect_task, iter_records
+
+    args = data_args
+    fields = FieldMap(args.instruction_field, args.input_field, args.output_field, args.system_field)
+    answers = [{"output": record["output"]} for record in iter_records(args.data_path, fields, args.data_format)]
+    return detect_task(answers, task)
