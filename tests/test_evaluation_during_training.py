@@ -254,3 +254,31 @@ def test_loss_plot_draws_the_held_out_metric_on_a_second_axis_only_when_logged()
     assert len(figure.axes) == 2 and figure.axes[1].get_ylabel() == "exact match"
     assert list(figure.axes[1].lines[0].get_ydata()) == [0.0, 25.0]
     assert len(plot_loss([{"step": 1, "loss": 3.0}, {"step": 1, "eval_loss": 4.0}]).axes) == 1
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_cheap_eval_loss_equals_the_trainers_own(tiny_path, tokenizer, digits, tmp_path, padding_free, monkeypatch):
+    """Eval loss from logits only where the loss reads them is the Trainer's full-vocabulary one, padded or not."""
+    from qwen_helpers import batching
+    from qwen_helpers.batching import make_training_collator
+    from qwen_helpers.config import KitTrainingArguments, LoraArguments
+    from qwen_helpers.data import tokenize_records
+    from qwen_helpers.modeling import load_base_model
+    from qwen_helpers.records import load_records
+    from qwen_helpers.train import KitTrainer, attach_adapter
+
+    data = tokenize_records(tokenizer, load_records(digits["test"]), 64).dataset
+    lora = LoraArguments(lora_r=4, target_modules="all-linear")
+    model = attach_adapter(load_base_model(tiny_path), "lora", tiny_path, lora, tokenizer=tokenizer)
+    args = KitTrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], disable_tqdm=True)
+    cheap_batches = []
+    keep = batching.only_trained_logits
+    monkeypatch.setattr(batching, "only_trained_logits", lambda inputs: cheap_batches.append(1) or keep(inputs))
+    losses = {}
+    for only in (True, False):
+        collator = make_training_collator(tokenizer, padding_free)
+        trainer = KitTrainer(model=model, args=args, eval_dataset=data, data_collator=collator,
+                             trained_logits_only=only, padding_free=padding_free)
+        losses[only] = trainer.evaluate()["eval_loss"]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    assert len(cheap_batches) == 2  # 6 records in batches of 4: the cheap path ran, and only for trained_logits_only
