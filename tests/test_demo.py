@@ -33,6 +33,7 @@ def test_demo_refuses_a_folder_that_holds_files(tmp_path):
 
 def test_held_out_answers_are_labelled_for_what_they_are():
     trained = [{"output": "Hello"}, {"output": "Thanks"}]
-    assert demo.held_out_label("Hello", {"output": "Good morning"}, trained) == "a memorised training answer, not this prompt's"
+    memorised = "a memorised training answer, not this prompt's"
+    assert demo.held_out_label("Hello", {"output": "Good morning"}, trained) == memorised
     assert demo.held_out_label("Good morning", {"output": "Good morning"}, trained) == "the reference"
     assert demo.held_out_label("xq!", {"output": "Good morning"}, trained) == "not the reference 'Good morning'"

@@ -95,7 +95,7 @@ def test_bad_evaluation_flags_are_one_line_and_exit_2_before_any_model_loads(fla
 
 
 def test_early_stopping_stops_a_run_whose_held_out_metric_stalls(tmp_path, digits, capsys):
-    """A learning rate of 1e-12 leaves the answers unchanged: exact match stalls, so patience 2 ends the run at step 6/40."""
+    """A learning rate of 1e-12 leaves the answers unchanged: exact match stalls; patience 2 stops the run at 6/40."""
     output = tmp_path / "stalled"
     argv = [
         "--data_path",

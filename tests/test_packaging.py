@@ -28,7 +28,8 @@ def test_notebooks_exist_in_order():
     assert names[:2] == ["01_data_prep.ipynb", "02_lora_fp16.ipynb"]
     numbered = [name for name in names if name[2] == "_"]  # 02b_... is a lettered lesson that sorts between 02 and 03
     assert [name[:3] for name in numbered] == [f"{i:02d}_" for i in range(1, len(numbered) + 1)]
-    assert all(name[:2].isdigit() and (name[2] == "_" or (name[2].isalpha() and name[3] == "_")) for name in names), names
+    lettered = [name for name in names if name[2] != "_"]
+    assert all(name[:2].isdigit() and name[2].isalpha() and name[3] == "_" for name in lettered), names
 
 
 def _committed(path: Path) -> bool:
