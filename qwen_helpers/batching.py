@@ -190,9 +190,18 @@ def _build_kit_trainer():
         precision, checkpoints) is the ``Trainer``'s own.
         """
 
-        def __init__(self, *args, token_budget: int | None = None, padding_free: bool = False, trained_logits_only: bool = False, **kwargs):
+        def __init__(
+            self,
+            *args,
+            token_budget: int | None = None,
+            padding_free: bool = False,
+            trained_logits_only: bool = False,
+            held_out_scorer=None,
+            **kwargs,
+        ):
             super().__init__(*args, **kwargs)
             self.token_budget, self.padding_free, self.trained_logits_only = token_budget, padding_free, trained_logits_only
+            self.held_out_scorer = held_out_scorer  # the task's metric at each evaluation (qwen_helpers.held_out)
             if padding_free and self.args.use_cache:
                 # masking_utils only reads packed examples from position_ids when no cache is passed
                 raise ValueError("--use_cache True cannot train padding-free batches (the attention mask would then span examples); "
@@ -215,6 +224,28 @@ def _build_kit_trainer():
             if self.trained_logits_only and not return_outputs and "labels" in inputs:
                 inputs = only_trained_logits(inputs)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            # Eval loss alone needs logits only where the loss reads them, as in training (~4x cheaper on a small Qwen)
+            if not (self.trained_logits_only and prediction_loss_only and "labels" in inputs):
+                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            import torch
+
+            inputs = self._prepare_inputs(inputs)
+            num_items_in_batch = self._get_num_items_in_batch([inputs], self.args.device)  # as the Trainer's eval step
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            return loss.detach().mean(), None, None
+
+        def evaluation_loop(
+            self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+        ):
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
+            if self.held_out_scorer is not None:  # before the Trainer logs these metrics and picks the best from them
+                output.metrics.update(self.held_out_scorer(self.model, self.state.global_step, metric_key_prefix))
+            return output
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             self._examples_since_log += examples_in_batch(inputs)

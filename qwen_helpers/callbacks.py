@@ -116,15 +116,71 @@ def _all_finite(weights: dict) -> bool:
 
 
 class LossLineProgress(ProgressCallback):
-    """The Trainer's progress bar, with one readable line per log: step, loss, learning rate, gradient norm."""
+    """The Trainer's progress bar, with one readable line per log: step, loss, learning rate, grad norm; eval metrics.
+
+    With ``--disable_tqdm True`` the bars stay off and the lines are printed alone.
+    """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.quiet = args.disable_tqdm
+        if not self.quiet:
+            super().on_train_begin(args, state, control, **kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.quiet:
+            super().on_step_end(args, state, control, **kwargs)
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if not getattr(self, "quiet", args.disable_tqdm):
+            super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            super().on_train_end(args, state, control, **kwargs)
+
+    def write(self, line: str) -> None:
+        if self.training_bar is not None:
+            self.training_bar.write(line)
+        else:
+            print(line, flush=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not (state.is_world_process_zero and self.training_bar is not None and logs):
+        if not (state.is_world_process_zero and logs):
             return
         if "loss" in logs:
-            self.training_bar.write(
+            self.write(
                 f"step {state.global_step:>4}/{state.max_steps}  loss {logs['loss']:7.4f}  "
                 f"learning rate {logs.get('learning_rate', float('nan')):.2e}  grad norm {logs.get('grad_norm', float('nan')):.3f}"
             )
+        elif "eval_loss" in logs or "eval_runtime" in logs:
+            self.write(f"step {state.global_step:>4}/{state.max_steps}  {evaluation_line(logs)}")
         elif "train_runtime" in logs:
-            self.training_bar.write(f"trained {state.global_step} steps in {logs['train_runtime']:.1f} s, mean loss {logs['train_loss']:.4f}")
+            self.write(
+                f"trained {state.global_step} steps in {logs['train_runtime']:.1f} s, "
+                f"mean loss {logs['train_loss']:.4f}"
+            )
+
+
+GENERATION_METRIC_NAMES = ("chrf", "bleu", "exact_match")  # 0-100, printed with one decimal
+CLASSIFICATION_METRIC_NAMES = ("accuracy", "macro_f1")  # 0-1, printed with three
+
+
+def evaluation_line(logs: dict) -> str:
+    """One readable line for an evaluation's logs: eval loss, the task's metrics, and what scoring them cost."""
+    parts = [f"eval loss {logs['eval_loss']:.4f}"] if "eval_loss" in logs else []
+    for name in GENERATION_METRIC_NAMES + CLASSIFICATION_METRIC_NAMES:
+        value = logs.get(f"eval_{name}")
+        if value is not None:
+            parts.append(
+                f"{name.replace('_', ' ')} {value:.1f}"
+                if name in GENERATION_METRIC_NAMES
+                else f"{name.replace('_', ' ')} {value:.3f}"
+            )
+    if "eval_scoring_seconds" in logs and "eval_runtime" in logs:
+        parts.append(
+            f"({logs['eval_scoring_seconds']:.1f} s of the {logs['eval_runtime']:.1f} s evaluation "
+            "went to the held-out metric)"
+        )
+    elif "eval_runtime" in logs:
+        parts.append(f"({logs['eval_runtime']:.1f} s)")
+    return "  ".join(parts)

@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from .flag_checks import check_data_files, check_data_flags, check_training_flags
+from .flag_checks import (best_metric_name, check_data_files, check_data_flags, check_evaluation_data,
+                          check_evaluation_flags, check_training_flags, evaluation_task)
 from .quickflags import dataclass_parser, parse_command_flags
 
 
@@ -28,6 +29,11 @@ def check_flag_values(method: str, flags: argparse.Namespace) -> None:
     inputs = training_inputs(flags.model_path, flags.data_path, flags.eval_data_path, flags.deepspeed)
     check_not_an_input(flags.output_dir, "--output_dir", inputs, example="outputs/lora")
     check_training_flags(flags, flags)  # the method's own checks apply where its flags are present
+    check_evaluation_flags(flags)
+    check_evaluation_data(flags, flags)  # e.g. --eval_strategy steps without --eval_data_path
+    metric = best_metric_name(flags.metric_for_best_model)
+    if flags.eval_data_path and metric not in (None, "eval_loss"):  # a metric the data's task produces
+        check_evaluation_data(flags, flags, evaluation_task(flags, getattr(flags, "task", "auto")))
     check_token_budget(flags.token_budget, flags.max_length)
     resolve_padding_free(flags.padding_free, method, flags.attn_implementation)
     if looks_like_local_path(flags.model_path):  # a hub id is checked by train(), once (it may print a download note)
@@ -67,7 +73,7 @@ def run_training_command(method: str, argv: list[str] | None = None, **defaults)
     """Entry point body of train_lora / train_qlora / train_prompt_tuning."""
     model_args, data_args, method_args, training_args = parse_training_args(method, argv, **defaults)
 
-    from .callbacks import NanGuardCallback
+    from .callbacks import LossLineProgress, NanGuardCallback
     from .methods import get_method
     from .plots import plot_loss
     from .train import publish_run, report, train
@@ -75,11 +81,22 @@ def run_training_command(method: str, argv: list[str] | None = None, **defaults)
     prompt_args = method_args if get_method(method).adapter == "prompt_tuning" else None
     lora_args = method_args if get_method(method).adapter == "lora" else None
     # publish=False: the loss plot joins the run's folder before it replaces --output_dir
-    result = train(model_args, data_args, training_args, method=method, lora_args=lora_args, prompt_args=prompt_args, publish=False)
+    result = train(
+        model_args,
+        data_args,
+        training_args,
+        method=method,
+        lora_args=lora_args,
+        prompt_args=prompt_args,
+        publish=False,
+        callbacks=[LossLineProgress()],
+    )  # one readable line per log (step, loss, learning rate; eval metrics)
     sharded = weights_are_sharded(result.trainer)
     if not result.trainer.is_world_process_zero():
         return 0
-    plot_loss(result.history, title=f"{method} on {model_args.model_path}").savefig(Path(result.output_dir) / "loss_plot.png", dpi=100)
+    metric = training_args.metric_for_best_model
+    figure = plot_loss(result.history, title=f"{method} on {model_args.model_path}", metric=metric)
+    figure.savefig(Path(result.output_dir) / "loss_plot.png", dpi=100)
     publish_run(result)
     print(report(result, model_args.model_path), flush=True)
     if sharded:  # rank 0 alone cannot run the model: the other ranks hold parts of its weights

@@ -18,7 +18,7 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
-from .flag_checks import check_data_flags, check_lora_flags, check_prompt_tuning_flags
+from .flag_checks import check_data_flags, check_evaluation_flags, check_lora_flags, check_prompt_tuning_flags
 from .records import FieldMap
 from .files import atomic_write_text
 from .precision import Precision, apply_precision_policy
@@ -194,10 +194,35 @@ class KitTrainingArguments(TrainingArguments):
         default=True,
         metadata={"help": "On a CPU, keep freed memory in the process (glibc mallopt): about 2x faster steps, 15-30 percent more peak RSS that is never returned."},
     )
+    eval_generate_records: int = field(
+        default=16,
+        metadata={
+            "help": "At each evaluation during training, also score this many held-out records (a seeded sample) "
+            "with the task's "
+            "metric: chrF/BLEU/exact match by generation, accuracy/macro-F1 by label scoring; 0: eval loss only."
+        },
+    )
+    eval_max_new_tokens: int = field(
+        default=64,
+        metadata={
+            "help": "Longest generated answer when scoring held-out records during training "
+            "(keep it short: it is the cost)."
+        },
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop after this many evaluations without improving --metric_for_best_model "
+            "(transformers' EarlyStoppingCallback)."
+        },
+    )
     precision_notice: str = field(default="", init=False, repr=False)
 
     def __post_init__(self):
         check_deepspeed_installed(self.deepspeed)
+        check_evaluation_flags(self)  # one line naming the flags, before transformers' own multi-line checks
+        if self.early_stopping_patience is not None and self.metric_for_best_model is None:
+            self.metric_for_best_model = "eval_loss"  # EarlyStoppingCallback needs one; the Trainer's own default
         if self.bf16:
             self.fp16 = False  # --bf16 True replaces the default fp16 request
         self.precision_notice = apply_precision_policy(self)

@@ -4,7 +4,8 @@
 
 The tiny model's weights are random, so in a minute it can only memorise: the demo trains on the first few
 records of data/train.json and prints their answers before and after training (after: word for word the
-trained answers), then two held-out test prompts (still noise: generalising needs a pretrained Qwen).
+trained answers), then two held-out test prompts it never saw, whose answers are not learned: noise, or one of the
+memorised answers (each is marked). Generalising needs a pretrained Qwen, or a task as simple as notebook 02b's.
 Each run writes a new timestamped folder under outputs/, so nothing is overwritten.
 """
 
@@ -116,10 +117,21 @@ def print_report(demo: DemoResult, model_path: str) -> None:
     for record, old, new in zip(demo.trained, demo.before, demo.after):
         mark = "exact" if new == record["output"] else "differs"
         print(f"{record['instruction']} {record['input']}\n  before: {old!r}\n  after:  {new!r}  ({mark}; trained answer {record['output']!r})")
-    print("\n=== held-out prompts: still noise, a random model has nothing to generalise from (a real Qwen does) ===")
+    print("\n=== held-out prompts, never trained: not learned (noise, or a memorised answer); "
+          "generalising needs a real Qwen ===")
     for record, old, new in zip(demo.held_out, demo.held_out_before, demo.held_out_after):
-        print(f"{record['instruction']} {record['input']}\n  before: {old!r}\n  after:  {new!r}")
+        label = held_out_label(new, record, demo.trained)
+        print(f"{record['instruction']} {record['input']}\n  before: {old!r}\n  after:  {new!r}  ({label})")
     print(report(demo.train_result, model_path))
+
+
+def held_out_label(answer: str, record: dict, trained: list[dict]) -> str:
+    """What a held-out answer is: its reference, a trained record's answer (memorised, wrong here), or neither."""
+    if answer == record["output"]:
+        return "the reference"
+    if any(answer == example["output"] for example in trained):
+        return "a memorised training answer, not this prompt's"
+    return f"not the reference {record['output']!r}"
 
 
 def main(argv=None) -> int:

@@ -191,3 +191,97 @@ def check_resume_flags(checkpoint: str | None, method_args) -> None:
             raise FlagError(f"--target_modules {method_args.target_modules}: the interrupted run in {checkpoint} "
                             f"adapts {','.join(sorted(recorded['target_modules']))}; resume with those, or start over "
                             "with --overwrite_output_dir True.")
+
+
+GENERATION_METRICS = ("chrf", "bleu", "exact_match")  # metrics.generation_scores, 0-100
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1")  # classification.classification_metrics, 0-1
+
+
+def _strategy(value) -> str:
+    """An interval strategy as its plain name, whether the flag is still a string or already transformers' enum."""
+    return str(getattr(value, "value", value))
+
+
+def best_metric_name(metric_for_best_model: str | None) -> str | None:
+    """``--metric_for_best_model`` as logged: 'chrf' and 'eval_chrf' both name 'eval_chrf'."""
+    if not metric_for_best_model:
+        return None
+    return metric_for_best_model if metric_for_best_model.startswith("eval_") else f"eval_{metric_for_best_model}"
+
+
+def check_evaluation_flags(args) -> None:
+    """Evaluation during training, early stopping, the best checkpoint: combinations that cannot work, one line each."""
+    evaluating = _strategy(args.eval_strategy) != "no"
+    patience = getattr(args, "early_stopping_patience", None)
+    _require(
+        getattr(args, "eval_generate_records", 0) >= 0,
+        f"--eval_generate_records must be 0 (eval loss only) or more, got {args.eval_generate_records}.",
+    )
+    _require(
+        getattr(args, "eval_max_new_tokens", 1) >= 1,
+        f"--eval_max_new_tokens must be at least 1, got {getattr(args, 'eval_max_new_tokens', 1)}.",
+    )
+    if patience is not None:
+        _require(patience >= 1, f"--early_stopping_patience must be at least 1 evaluation, got {patience}.")
+        _require(
+            evaluating,
+            f"--early_stopping_patience {patience} needs evaluations to compare: add --eval_data_path HELD_OUT.json "
+            "--eval_strategy steps --eval_steps 20 (or --eval_strategy epoch).",
+        )
+    if args.load_best_model_at_end:
+        _require(
+            evaluating,
+            "--load_best_model_at_end True needs evaluations to pick from: add --eval_data_path HELD_OUT.json "
+            "--eval_strategy steps --eval_steps 20 (or --eval_strategy epoch).",
+        )
+        save = _strategy(args.save_strategy)
+        _require(
+            save in ("best", _strategy(args.eval_strategy)),
+            f"--load_best_model_at_end True needs a checkpoint at each evaluation, but --save_strategy is {save} "
+            f"and --eval_strategy "
+            f"{_strategy(args.eval_strategy)}: pass --save_strategy best (a checkpoint only when the metric improves).",
+        )
+    name = best_metric_name(args.metric_for_best_model)
+    if name is not None:
+        known = ("loss", *GENERATION_METRICS, *CLASSIFICATION_METRICS)
+        _require(
+            name[len("eval_") :] in known,
+            f"--metric_for_best_model {args.metric_for_best_model}: the kit logs "
+            f"{', '.join('eval_' + metric for metric in known)} "
+            "(generation data: chrf, bleu, exact_match; classification: accuracy, macro_f1).",
+        )
+        _require(
+            name == "eval_loss" or getattr(args, "eval_generate_records", 0) > 0,
+            f"--metric_for_best_model {args.metric_for_best_model} is computed on --eval_generate_records records, "
+            "and that is 0: give it a sample size such as 16, or use eval_loss.",
+        )
+
+
+def check_evaluation_data(data_args, training_args, task: str | None = None) -> None:
+    """Evaluation during training needs held-out data, and a metric the data's task produces (``task``, once known)."""
+    strategy = _strategy(training_args.eval_strategy)
+    _require(
+        strategy == "no" or bool(data_args.eval_data_path),
+        f"--eval_strategy {strategy} evaluates during training, but there is no --eval_data_path: name a held-out file "
+        "in the training data's format (e.g. data/test.json), or drop --eval_strategy.",
+    )
+    name = best_metric_name(training_args.metric_for_best_model)
+    if task is None or name is None or name == "eval_loss":
+        return
+    metrics = GENERATION_METRICS if task == "generation" else CLASSIFICATION_METRICS
+    _require(
+        name[len("eval_") :] in metrics,
+        f"--metric_for_best_model {training_args.metric_for_best_model}: "
+        f"{data_args.data_path} is {task} data, whose held-out metrics are "
+        f"{', '.join('eval_' + metric for metric in metrics)} (or eval_loss).",
+    )
+
+
+def evaluation_task(data_args, task: str = "auto") -> str:
+    """'generation' or 'classification' for the held-out metric: ``--task``, else detected from the training answers."""
+    from .records import FieldMap, detect_task, iter_records
+
+    args = data_args
+    fields = FieldMap(args.instruction_field, args.input_field, args.output_field, args.system_field)
+    answers = [{"output": record["output"]} for record in iter_records(args.data_path, fields, args.data_format)]
+    return detect_task(answers, task)

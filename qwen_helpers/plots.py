@@ -10,18 +10,39 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 
-def plot_loss(history: list[dict], title: str = "Training loss") -> Figure:
-    """Training (and, when logged, evaluation) loss against the optimiser step."""
+TASK_METRICS = (
+    "eval_exact_match",
+    "eval_chrf",
+    "eval_bleu",
+    "eval_accuracy",
+    "eval_macro_f1",
+)  # the held-out metrics, preferred first
+
+
+def plot_loss(history: list[dict], title: str = "Training loss", metric: str | None = None) -> Figure:
+    """Training and evaluation loss against the optimiser step, and a held-out metric on a second axis when logged.
+
+    ``metric`` names it (``--metric_for_best_model``: 'chrf' or 'eval_chrf'); by default the first TASK_METRICS logged.
+    """
     figure, axes = plt.subplots(figsize=(6, 3.5))
     train = [(record["step"], record["loss"]) for record in history if "loss" in record]
     evaluation = [(record["step"], record["eval_loss"]) for record in history if "eval_loss" in record]
     if train:
-        axes.plot(*zip(*train), label="train", marker=".")
+        axes.plot(*zip(*train), label="train loss", marker=".")
     if evaluation:
-        axes.plot(*zip(*evaluation), label="eval", marker="o")
+        axes.plot(*zip(*evaluation), label="eval loss", marker="o")
     axes.set(xlabel="step", ylabel="loss (nats per trained token)", title=title)
     axes.grid(alpha=0.3)
-    axes.legend()
+    handles, labels = axes.get_legend_handles_labels()
+    name = metric_to_plot(history, metric)
+    if name:
+        right = axes.twinx()
+        points = [(record["step"], record[name]) for record in history if name in record]
+        shown = name[len("eval_") :].replace("_", " ")
+        handles += right.plot(*zip(*points), color="tab:green", marker="s", label=f"held-out {shown}")
+        labels.append(f"held-out {shown}")
+        right.set(ylabel=shown, ylim=(0, 1.05 if name in ("eval_accuracy", "eval_macro_f1") else 105))  # the full scale
+    axes.legend(handles, labels, fontsize="small")
     figure.tight_layout()
     return figure
 
@@ -38,6 +59,16 @@ def plot_losses(histories: dict[str, list[dict]], title: str = "Training loss pe
     axes.legend()
     figure.tight_layout()
     return figure
+
+
+def metric_to_plot(history: list[dict], metric: str | None) -> str | None:
+    """The held-out metric to draw: ``metric`` when logged (and not a loss), else the first of TASK_METRICS logged."""
+    if metric and not metric.startswith("eval_"):
+        metric = f"eval_{metric}"
+    logged = {key for record in history for key in record}
+    if metric and metric in logged and not metric.endswith("loss"):
+        return metric
+    return next((name for name in TASK_METRICS if name in logged), None)
 
 
 def plot_length_histogram(lengths_by_name: dict[str, list[int]], max_length: int | None = None) -> Figure:

@@ -13,14 +13,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import Trainer, set_seed
+from transformers import EarlyStoppingCallback, Trainer, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .batching import check_token_budget, kit_trainer_class, make_training_collator, resolve_padding_free
 from .callbacks import LossHistoryCallback, NanGuardCallback, train_losses
 from .checks import base_summary, check_model_path
-from .flag_checks import (check_classification_flags, check_data_files, check_lora_variant_on_4bit, check_prompt_fits_model,
-                          check_resume_flags, check_training_flags)
+from .flag_checks import (check_classification_flags, check_data_files, check_evaluation_data, check_lora_variant_on_4bit,
+                          check_prompt_fits_model, check_resume_flags, check_training_flags)
+from .held_out import HeldOutScorer, best_and_stop, best_of_run, held_out_scorer, held_out_task, judged_by, stop_reason
 from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments, write_run_config
 from .data import chat_tokens_to_train
 from .data_files import load_dataset_for_training
@@ -136,6 +137,8 @@ class TrainResult:
     data_report: str = ""
     notes: list[str] = field(default_factory=list)
     initial_adapter_dir: str | None = None  # PiSSA/OLoRA's start, for saving the adapter converted to plain LoRA
+    held_out: HeldOutScorer | None = None  # the task's metric at each evaluation during training, answers by step
+    stopped_because: str = ""
     target_dir: str = ""  # where output_dir goes when the run is published (output_dir is the staging folder until then)
     stale_runs: list[str] = field(default_factory=list)
 
@@ -198,6 +201,10 @@ def train(
                                 base_config)
     task, labels = (prompt_args.task, prompt_args.labels) if adapter == "prompt_tuning" and prompt_args else ("auto", None)
     check_classification_flags(data_args, task, labels)  # a bad --labels now, not after training
+    check_evaluation_data(data_args, training_args)  # evaluation during training needs held-out data
+    if str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no":
+        # a metric this task produces
+        check_evaluation_data(data_args, training_args, held_out_task(data_args, task, labels)[0])
     check_distributed_launch(training_args)
     # the output may be, hold or lie in none of the inputs; nothing is written before this check
     inputs = training_inputs(model_args.model_path, data_args.data_path, data_args.eval_data_path,
@@ -250,6 +257,12 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
     initial_adapter_dir = save_initial_adapter(model, lora_variant_args) if on_main else None
 
     history, nan_guard = LossHistoryCallback(), NanGuardCallback()
+    held_out = held_out_scorer(tokenizer, data_args, training_args, prompt_args if adapter == "prompt_tuning" else None)
+    early_stopping = (
+        EarlyStoppingCallback(training_args.early_stopping_patience) if training_args.early_stopping_patience else None
+    )
+    if held_out is not None:
+        notes.append(held_out.describe())
     trainer = KitTrainer(
         model=model,
         args=training_args,
@@ -257,8 +270,9 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
         eval_dataset=eval_data.dataset if eval_data else None,
         data_collator=make_training_collator(tokenizer, padding_free, model_args.attn_implementation),
         processing_class=tokenizer,
-        callbacks=[history, nan_guard, *(callbacks or [])],
+        callbacks=[history, nan_guard, *([early_stopping] if early_stopping else []), *(callbacks or [])],
         optimizers=(loraplus_optimizer(model, lora_variant_args, training_args), None),  # None: the Trainer's own
+        held_out_scorer=held_out,
         token_budget=training_args.token_budget,
         padding_free=padding_free,
         # prompt tuning shifts positions by its virtual tokens; Liger's fused loss never materialises the logits anyway
@@ -291,6 +305,8 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
         initial_adapter_dir=initial_adapter_dir,
         target_dir=target_args.output_dir,
         stale_runs=plan.stale,
+        held_out=held_out,
+        stopped_because=stop_reason(trainer, early_stopping, nan_guard.triggered),
     )
     if save:
         method_args = lora_args if adapter == "lora" else prompt_args
@@ -320,7 +336,12 @@ def save_run(result: TrainResult, model_args, data_args, training_args, method_a
                      stopped_by_nan_guard=result.stopped_by_nan_guard,
                      **{SYSTEM_PROMPT_KEY: system_prompt},  # the one every training record shared, or None
                      base_model=base_summary(base_config_of(result.model)),  # a later load checks the base without it
-                     base_fingerprint=model_fingerprint(model_args.model_path), **paths)
+                     base_fingerprint=model_fingerprint(model_args.model_path), **paths, **best_and_stop(result))
+    if result.held_out is not None:
+        best = best_of_run(trainer, result.history)
+        last = max(result.held_out.answers, default=None)
+        step = best[0] if best and trainer.args.load_best_model_at_end else last  # the answers of the saved adapter
+        result.held_out.write_answer_table(result.output_dir, result.model, step)
 
 
 def publish_run(result: TrainResult) -> None:
@@ -347,4 +368,16 @@ def report(result, model_path: str) -> str:
         + (f"; the base model's weights are {human_bytes(base)}, {base / max(adapter, 1):,.0f}x larger)" if base else ")"),
         f"loss curve: {output / 'loss_plot.png'}",
     ]
+    stopped = getattr(result, "stopped_because", "")
+    if stopped:
+        lines.insert(1, f"stopped: {stopped}")
+    judged = best_of_run(result.trainer, result.history) if hasattr(result, "trainer") else None
+    if judged is not None:
+        metric = judged_by(result.trainer.args)[0]
+        last = result.trainer.state.global_step
+        saved = ("its adapter is the one saved" if result.trainer.args.load_best_model_at_end or judged[0] == last
+                 else f"the adapter saved is step {last}'s; --load_best_model_at_end True saves the best")
+        lines.insert(2, f"best held-out {metric}: {judged[1]:.4g} at step {judged[0]} ({saved})")
+    if getattr(result, "held_out", None) is not None:
+        lines.append(f"held-out answers before and after: {output / 'heldout_answers.jsonl'}")
     return "\n".join(lines)

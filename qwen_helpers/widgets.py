@@ -36,6 +36,8 @@ STOPS = {
     "seq_len": [16, 32, 64, 128, 256, 512, 1024, 2048],
     "batch_size": [1, 2, 4, 8, 16],
     "steps": [1, 2, 3, 5, 10, 20],
+    "eval_steps": [5, 10, 20, 25, 50, 100, 200],
+    "early_stopping_patience": [1, 2, 3, 5, 10],
 }
 # Dropdown choices for free-text fields with a few usual values (the parameters cell's value is always added).
 CHOICES = {"init_lora_weights": ["true", "gaussian", "pissa", "pissa_niter_4", "olora"]}

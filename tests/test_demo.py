@@ -33,3 +33,11 @@ def test_demo_refuses_a_folder_that_holds_files(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         demo.parse_args(["--output_dir", str(tmp_path)])
     assert exit_info.value.code == 2
+
+
+def test_held_out_answers_are_labelled_for_what_they_are():
+    trained = [{"output": "Hello"}, {"output": "Thanks"}]
+    memorised = "a memorised training answer, not this prompt's"
+    assert demo.held_out_label("Hello", {"output": "Good morning"}, trained) == memorised
+    assert demo.held_out_label("Good morning", {"output": "Good morning"}, trained) == "the reference"
+    assert demo.held_out_label("xq!", {"output": "Good morning"}, trained) == "not the reference 'Good morning'"

@@ -28,6 +28,13 @@ CASES = {
                   "trainer.state.global_step": 5, "model.peft_config['default'].r": 32,
                   "model.peft_config['default'].use_dora": True},
     },
+    "02b_held_out_evaluation.ipynb": {  # the panel's evaluation interval and patience reach the 500-record run
+        "overrides": "MAX_STEPS = 2\nSMALL_MAX_STEPS = 2\nEVAL_STEPS = 1\nOUTPUT_DIR = {tmp!r}",
+        "until": "large = run(",
+        "move": "training_panel.set(eval_steps=5, early_stopping_patience=2, max_steps=5)",
+        "probe": {"large.trainer.args.eval_steps": 5, "large.trainer.args.early_stopping_patience": 2,
+                  "large.trainer.state.global_step": 5, "len([r for r in large.history if 'eval_loss' in r])": 2},
+    },
     "03_prompt_tuning.ipynb": {
         "overrides": "MAX_STEPS = 2\nOUTPUT_DIR = {tmp!r}",
         "move": "training_panel.set(learning_rate=1e-2, max_steps=5)\nprompt_panel.set(num_virtual_tokens=10)",
