@@ -1,6 +1,7 @@
 """The package's shape: every module imports on its own, imports point one way (leaves <- core <- commands), files stay small."""
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -70,12 +71,47 @@ def imports_in(source: str, package_parts: list[str]) -> set[str]:
     return {name for name in imported if (PACKAGE / f"{name}.py").is_file() or (PACKAGE / name).is_dir()}
 
 
+# One interpreter imports the heavy libraries once, then forks a child per module; the child imports that module
+# before any other of the package, as a fresh interpreter would (50 fresh interpreters cost ~10 s of torch each).
+IMPORT_EACH_ALONE = """
+import json, os, sys, traceback
+import torch, numpy, datasets, accelerate, peft, transformers, matplotlib.pyplot  # not the package: libraries only
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+results = {}
+for module in sys.argv[1:]:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            assert not any(name.startswith("qwen_helpers") for name in sys.modules)
+            __import__("qwen_helpers." + module)
+            os._exit(0)
+        except BaseException:
+            os.write(write, traceback.format_exc()[-2000:].encode())
+            os._exit(1)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        message = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    results[module] = "" if status == 0 else message or f"exit status {status}"
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def imported_alone() -> dict[str, str]:
+    """module -> '' if it imports as the first module of the package in a new process, else the traceback."""
+    run = subprocess.run([sys.executable, "-c", IMPORT_EACH_ALONE, *module_names()], capture_output=True, text=True,
+                         cwd=PACKAGE.parent, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("module", module_names())
-def test_module_imports_alone_in_a_fresh_interpreter(module):
+def test_module_imports_alone_in_a_fresh_interpreter(module, imported_alone):
     """An import cycle shows up as an ImportError when the module is the first one imported."""
-    run = subprocess.run([sys.executable, "-c", f"import qwen_helpers.{module}"], capture_output=True, text=True,
-                         cwd=PACKAGE.parent, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert imported_alone[module] == "", imported_alone[module]
 
 
 def test_imports_point_one_way():

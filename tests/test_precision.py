@@ -69,7 +69,9 @@ def test_method_registry_covers_every_command_and_benchmark_name():
     from qwen_helpers.benchmark import METHODS as BENCHMARK_METHODS
 
     runs = benchmark_runs()
-    assert set(runs) == set(BENCHMARK_METHODS)
+    variants = {name: row for name, row in BENCHMARK_METHODS.items() if row.lora_options}  # LoRA + one peft option
+    assert set(runs) == set(BENCHMARK_METHODS) - set(variants) and variants
+    assert all(row.adapter == "lora" and not row.load_in_4bit and row.precision == "bf16" for row in variants.values())
     for name, (method, requested) in runs.items():
         assert method.adapter == BENCHMARK_METHODS[name].adapter and requested == BENCHMARK_METHODS[name].precision
         assert method.load_in_4bit == BENCHMARK_METHODS[name].load_in_4bit
