@@ -59,7 +59,11 @@ class PreferenceDataArguments:
 
 @dataclass
 class KitDPOConfig(KitTrainingArguments, DPOConfig):
-    """TRL's ``DPOConfig`` (``--beta``, ``--loss_type``, ...) with the kit's defaults and precision policy."""
+    """TRL's ``DPOConfig`` (``--beta``, ``--loss_type``, ...) with the kit's defaults and precision policy.
+
+    The kit's TrainingArguments defaults win over DPOConfig's (logging every step, precision policy,
+    --activation_checkpointing off where TRL turns gradient checkpointing on); DPO's own fields keep TRL's.
+    """
 
     output_dir: str = field(default="outputs/dpo", metadata={"help": "Where the adapter and run files go."})
     learning_rate: float = field(
