@@ -25,7 +25,7 @@ from .files import remove_folders
 from .flag_checks import check_training_flags
 from .modeling import base_config_of, count_parameters, load_tokenizer
 from .preference import prompt_messages
-from .preference_training import KitDPOTrainer, load_start_model
+from .preference_training import KitDPOTrainer, check_chat_token_flag, load_start_model
 from .records import DataValidationError, read_raw_records, validate_record
 from .rewards import COLUMNS_NEEDED, REWARDS, reward_names
 from .run_folder import complete_checkpoints, plan_output_on_main_process
@@ -146,6 +146,7 @@ def train_grpo(
     from .generation import stop_token_ids
 
     check_training_flags(config, lora_args)
+    check_chat_token_flag(lora_args)
     check_model_path(model_args.model_path)
     records = load_prompt_records(data_args.data_path, [] if reward_funcs else reward_names(data_args.reward))
     plan = plan_output_on_main_process(config, staged=True)

@@ -11,13 +11,14 @@ adapter it is the SFT model, which DPO should stay close to. Only the "default" 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from trl import DPOConfig, DPOTrainer
 
 from .callbacks import LossHistoryCallback, NanGuardCallback
 from .checks import base_summary, check_model_path
+from .data import is_base_checkpoint
 from .config import KitTrainingArguments, LoraArguments, ModelArguments, write_run_config
 from .errors import FlagError
 from .files import remove_folders, swap_in
@@ -101,7 +102,20 @@ def load_start_model(
     base = load_model_for_training(model_args, config)
     if data_args.adapter_path:
         return PeftModel.from_pretrained(base, data_args.adapter_path, is_trainable=True)
+    if lora_args.train_chat_tokens is None and is_base_checkpoint(tokenizer):
+        print("chat-token rows not trained: TRL 1.16's fused LM head cannot run with peft's trainable token rows; "
+              "on a base checkpoint, start from an SFT adapter (--adapter_path) that learned them.", flush=True)
+    lora_args = replace(lora_args, train_chat_tokens=False)
     return attach_adapter(base, "lora", model_args.model_path, lora_args, tokenizer=tokenizer)
+
+
+def check_chat_token_flag(lora_args: LoraArguments) -> None:
+    """Refuse --train_chat_tokens True before loading: TRL's fused LM head cannot run with peft's token wrapper."""
+    if lora_args.train_chat_tokens:
+        raise FlagError(
+            "--train_chat_tokens True cannot be used with DPO/GRPO (TRL 1.16's fused LM head cannot run with peft's "
+            "trainable token rows); train the chat tokens with train_lora first and pass --adapter_path."
+        )
 
 
 def train_dpo(
@@ -117,6 +131,7 @@ def train_dpo(
     output_dir only once everything is saved (:mod:`qwen_helpers.run_folder`).
     """
     check_training_flags(config, lora_args)
+    check_chat_token_flag(lora_args)
     check_model_path(model_args.model_path)
     train_pairs = load_preference_records(data_args.data_path)
     eval_pairs = load_preference_records(data_args.eval_data_path) if data_args.eval_data_path else None

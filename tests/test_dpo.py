@@ -213,3 +213,14 @@ def test_an_sft_adapter_start_is_its_own_reference(tmp_path):
     )
     config = json.loads((tmp_path / "dpo" / "adapter_config.json").read_text(encoding="utf-8"))
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]  # the SFT adapter, continued
+
+
+def test_chat_token_rows_are_refused_before_the_model_loads(tmp_path, capsys):
+    """TRL 1.16's fused LM head cannot run with peft's trainable token rows (a base checkpoint's chat tokens)."""
+    from qwen_helpers import train_dpo
+
+    flags = ["--model_path", "tiny", "--data_path", str(DATA / "preference.json"), "--train_chat_tokens", "True"]
+    assert train_dpo.main([*flags, "--output_dir", str(tmp_path / "out")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--train_chat_tokens True" in errors[0] and "--adapter_path" in errors[0]
+    assert not (tmp_path / "out").exists()
