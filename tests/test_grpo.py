@@ -1,7 +1,6 @@
 """GRPO on LoRA (train_grpo): the reward library, unknown rewards and bad records refused before the model loads,
 and a short run through the command that samples with the kit's prompt and stop tokens, logs rewards and KL, and
-saves an adapter that loads with plain peft. Mechanics only: on the tiny random model the reward does not rise
-reliably within a test's budget (see the report in tests' docstrings and README)."""
+saves an adapter that loads with plain peft; and the toy whose mean reward the tiny random model can raise."""
 
 import json
 import subprocess
@@ -107,3 +106,23 @@ def test_a_short_run_samples_scores_and_saves(tmp_path):
     assert 0 < history[0]["completions/mean_length"] <= 4
     assert (output_dir / "adapter_model.safetensors").is_file() and not (output_dir / "ref").exists()
     PeftModel.from_pretrained(load_base_model("tiny"), str(output_dir))  # plain peft loads it
+
+
+def test_the_toy_mean_reward_rises(tmp_path):
+    """What the tiny random model can learn: put Han tokens first among its 5 likeliest (the language reward).
+    Measured (seed 0, 12 steps of 8 completions, shared 2-core CPU): mean reward 0.12 over steps 1-4, 0.27 over 9-12."""
+    from qwen_helpers import train_grpo
+
+    output_dir = tmp_path / "grpo"
+    flags = ["--model_path", "tiny", "--data_path", str(DATA / "grpo_toy.json"), "--reward", "language",
+             "--target_modules", "all-linear", "--top_k", "5", "--learning_rate", "3e-3", "--max_steps", "12",
+             "--per_device_train_batch_size", "8", "--max_completion_length", "4", "--warmup_steps", "0",
+             "--lr_scheduler_type", "constant", "--seed", "0", "--save_strategy", "no", "--report_to", "none",
+             "--disable_tqdm", "True", "--output_dir", str(output_dir)]  # fmt: skip
+    assert train_grpo.main(flags) == 0
+    history = json.loads((output_dir / "loss_history.json").read_text(encoding="utf-8"))
+    means = [record["reward"] for record in history if "reward" in record]
+    assert len(means) == 12
+    first, last = sum(means[:4]) / 4, sum(means[-4:]) / 4
+    assert last - first > 0.08, means
+    assert (output_dir / "grpo_plot.png").is_file()
