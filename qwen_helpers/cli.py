@@ -118,6 +118,8 @@ COMMANDS = {
     "train_lora": "LoRA on a 16-bit base (fp16 mixed precision on a GPU)",
     "train_qlora": "LoRA on a 4-bit NF4 base (bitsandbytes, GPU)",
     "train_prompt_tuning": "soft prompts (virtual tokens) before every input",
+    "train_dpo": "preference tuning (DPO, TRL) of a LoRA adapter on chosen/rejected pairs",
+    "train_grpo": "RL with verifiable rewards (GRPO, TRL) of a LoRA adapter",
     "inference": "answer prompts or a test file with an adapter, score it",
     "export": "merge an adapter (--format hf), GGUF for llama.cpp/Ollama (--format gguf), check it for vLLM",
     "inspect_data": "show which tokens of a record are trained",

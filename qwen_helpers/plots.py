@@ -171,3 +171,48 @@ def plot_memory_footprint(parts_by_model: dict[str, dict[str, float]], title: st
     axes.legend(loc="lower right", fontsize="small")
     figure.tight_layout()
     return figure
+
+
+def plot_preference(history: list[dict], title: str = "DPO") -> Figure:
+    """DPO's loss, and its reward margin and preference accuracy on the training batches and the held-out pairs."""
+    figure, (loss_axes, margin_axes) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for prefix, label in (("", "train"), ("eval_", "held-out")):
+        losses = [(r["step"], r[f"{prefix}loss"]) for r in history if f"{prefix}loss" in r]
+        margins = [(r["step"], r[f"{prefix}rewards/margins"]) for r in history if f"{prefix}rewards/margins" in r]
+        accuracy_key = f"{prefix}rewards/accuracies"
+        accuracies = [(r["step"], r[accuracy_key]) for r in history if accuracy_key in r]
+        if losses:
+            loss_axes.plot(*zip(*losses), label=label, marker=".")
+        if margins:
+            margin_axes.plot(*zip(*margins), label=f"{label} margin", marker=".")
+        if accuracies:
+            margin_axes.plot(*zip(*accuracies), label=f"{label} accuracy", linestyle="--")
+    loss_axes.set(xlabel="step", ylabel="DPO loss", title=title)
+    margin_axes.set(xlabel="step", ylabel="reward margin / accuracy", title="chosen - rejected reward")
+    for axes in (loss_axes, margin_axes):
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+def plot_rewards(history: list[dict], title: str = "GRPO") -> Figure:
+    """GRPO's mean reward (total and per reward function) with its spread, and the completion length, per step."""
+    figure, (reward_axes, length_axes) = plt.subplots(1, 2, figsize=(10, 3.5))
+    logs = [record for record in history if "reward" in record]
+    steps = [record["step"] for record in logs]
+    if logs:
+        means, spreads = [r["reward"] for r in logs], [r.get("reward_std", 0.0) for r in logs]
+        reward_axes.plot(steps, means, label="total", marker=".")
+        low, high = [m - s for m, s in zip(means, spreads)], [m + s for m, s in zip(means, spreads)]
+        reward_axes.fill_between(steps, low, high, alpha=0.2)
+        for key in sorted(k for k in logs[0] if k.startswith("rewards/") and k.endswith("/mean")):
+            reward_axes.plot(steps, [r[key] for r in logs], label=key.split("/")[1], linestyle="--")
+        length_axes.plot(steps, [r.get("completions/mean_length", float("nan")) for r in logs], marker=".")
+    reward_axes.set(xlabel="step", ylabel="mean reward (band: std)", title=title)
+    length_axes.set(xlabel="step", ylabel="tokens", title="mean completion length")
+    for axes in (reward_axes, length_axes):
+        axes.grid(alpha=0.3)
+    reward_axes.legend()
+    figure.tight_layout()
+    return figure

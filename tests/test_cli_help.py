@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-COMMANDS = ["train_lora", "train_qlora", "train_prompt_tuning", "inference", "export", "benchmark.__main__", "benchmark.suite", "benchmark.data_speed",
+COMMANDS = ["train_lora", "train_qlora", "train_prompt_tuning", "train_dpo", "train_grpo", "inference", "export", "benchmark.__main__", "benchmark.suite", "benchmark.data_speed",
             "inspect_data", "make_tiny_qwen", "demo"]
 
 

@@ -193,6 +193,8 @@ def test_hf_export_writes_the_merged_folder_and_its_report(lora_adapter, tmp_pat
     assert report["format"] == "hf" and report["merge"]["max_abs_diff_vs_16bit_adapter"] < 1e-3
     assert (output_dir / "model.safetensors").is_file() and not (output_dir / "adapter_config.json").exists()
     assert not list(output_dir.glob("*.gguf"))
+    assert report["merge"]["output_dir"] == str(output_dir) and "staging" not in json.dumps(report["merge"])
+    assert any(f"from_pretrained({str(output_dir)!r})" in note for note in report["merge"]["notes"])
 
 
 @needs_llama_cpp

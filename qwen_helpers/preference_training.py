@@ -1,0 +1,239 @@
+"""DPO on LoRA with TRL's ``DPOTrainer``: the kit's data, model loading, output folder and NaN rules around TRL's loss.
+
+    preference file ──preference.load_preference_records──▶ pairs ──tokenize_preference──▶ prompt/chosen/rejected ids
+    base (+ --adapter_path SFT adapter, continued) ──KitDPOTrainer (TRL's DPO loss, reference = start)──▶ LoRA adapter
+
+Reference model: with a peft model and no ``ref_model``, TRL 1.16 copies the "default" adapter into a frozen
+"ref" adapter and scores the reference with it. From a fresh LoRA (B = 0) that copy is the base; from an SFT
+adapter it is the SFT model, which DPO should stay close to. Only the "default" adapter is saved.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from trl import DPOConfig, DPOTrainer
+
+from .callbacks import LossHistoryCallback, NanGuardCallback
+from .checks import base_summary, check_model_path
+from .data import is_base_checkpoint
+from .config import KitTrainingArguments, LoraArguments, ModelArguments, write_run_config
+from .errors import FlagError
+from .files import remove_folders, swap_in
+from .flag_checks import check_training_flags
+from .modeling import base_config_of, count_parameters, load_tokenizer
+from .preference import load_preference_records, tokenize_preference
+from .run_folder import complete_checkpoints, plan_output_on_main_process
+from .train import TrainResult, attach_adapter, load_model_for_training
+
+
+@dataclass
+class PreferenceDataArguments:
+    """Preference pairs and where DPO starts."""
+
+    data_path: str = field(
+        default="data/preference.json", metadata={"help": "Preference pairs: prompt (or messages), chosen, rejected."}
+    )
+    eval_data_path: str | None = field(
+        default=None, metadata={"help": "Held-out pairs: reward margin and accuracy logged at each evaluation."}
+    )
+    enable_thinking: bool = field(
+        default=False,
+        metadata={"help": "Qwen3: render prompts in thinking mode (default: non-thinking, as SFT and inference)."},
+    )
+    adapter_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from this SFT LoRA adapter: it is trained further, and a frozen copy of it is the reference."
+        },
+    )
+
+    def __post_init__(self):
+        if self.adapter_path and not (Path(self.adapter_path) / "adapter_config.json").is_file():
+            raise FlagError(
+                f"--adapter_path {self.adapter_path}: no adapter_config.json there; "
+                "give a folder a training command wrote."
+            )
+
+
+@dataclass
+class KitDPOConfig(KitTrainingArguments, DPOConfig):
+    """TRL's ``DPOConfig`` (``--beta``, ``--loss_type``, ...) with the kit's defaults and precision policy.
+
+    The kit's TrainingArguments defaults win over DPOConfig's (logging every step, precision policy,
+    --activation_checkpointing off where TRL turns gradient checkpointing on); DPO's own fields keep TRL's.
+    """
+
+    output_dir: str = field(default="outputs/dpo", metadata={"help": "Where the adapter and run files go."})
+    learning_rate: float = field(
+        default=5e-5, metadata={"help": "Peak learning rate (DPO on LoRA: 5e-6 to 5e-5 on a real Qwen)."}
+    )
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "How far from the reference the policy may move: higher stays closer (TRL's beta)."},
+    )
+    max_length: int | None = field(
+        default=1024, metadata={"help": "Longest prompt + answer in tokens; longer pairs are dropped and counted."}
+    )
+
+
+class KitDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer on pairs the kit has tokenised, saving only the trained adapter (never TRL's "ref" copy)."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if "prompt_ids" in dataset.column_names:  # the kit's tokens: its prompt format and trained spans, not TRL's
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, selected_adapters=["default"])
+
+
+def load_start_model(
+    model_args: ModelArguments, data_args: PreferenceDataArguments, lora_args: LoraArguments, config, tokenizer
+):
+    """The base with a fresh LoRA adapter, or with ``--adapter_path``'s SFT adapter loaded trainable."""
+    from peft import PeftModel
+
+    base = load_model_for_training(model_args, config)
+    if data_args.adapter_path:
+        return PeftModel.from_pretrained(base, data_args.adapter_path, is_trainable=True)
+    if lora_args.train_chat_tokens is None and is_base_checkpoint(tokenizer):
+        print("chat-token rows not trained: TRL 1.16's fused LM head cannot run with peft's trainable token rows; "
+              "on a base checkpoint, start from an SFT adapter (--adapter_path) that learned them.", flush=True)
+    lora_args = replace(lora_args, train_chat_tokens=False)
+    return attach_adapter(base, "lora", model_args.model_path, lora_args, tokenizer=tokenizer)
+
+
+def check_chat_token_flag(lora_args: LoraArguments) -> None:
+    """Refuse --train_chat_tokens True before loading: TRL's fused LM head cannot run with peft's token wrapper."""
+    if lora_args.train_chat_tokens:
+        raise FlagError(
+            "--train_chat_tokens True cannot be used with DPO/GRPO (TRL 1.16's fused LM head cannot run with peft's "
+            "trainable token rows); train the chat tokens with train_lora first and pass --adapter_path."
+        )
+
+
+def train_dpo(
+    model_args: ModelArguments,
+    data_args: PreferenceDataArguments,
+    lora_args: LoraArguments,
+    config: KitDPOConfig,
+    callbacks: list | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter with DPO and save it (adapter, tokenizer, run_config.json, loss_history.json) to output_dir.
+
+    Every record is checked before the model loads; the run writes into a staging folder that replaces
+    output_dir only once everything is saved (:mod:`qwen_helpers.run_folder`).
+    """
+    check_training_flags(config, lora_args)
+    check_chat_token_flag(lora_args)
+    check_model_path(model_args.model_path)
+    train_pairs = load_preference_records(data_args.data_path)
+    eval_pairs = load_preference_records(data_args.eval_data_path) if data_args.eval_data_path else None
+    plan = plan_output_on_main_process(config, staged=True)
+    target = config.output_dir
+    config = copy.copy(config)
+    config.output_dir = plan.staging
+    try:
+        result = _train_into(
+            model_args, data_args, lora_args, config, train_pairs, eval_pairs, callbacks, plan.resume_from
+        )
+    except BaseException:
+        if config.process_index == 0 and not complete_checkpoints(plan.staging):
+            remove_folders([plan.staging])
+        raise
+    result.target_dir, result.stale_runs = target, plan.stale
+    return result
+
+
+def _train_into(
+    model_args, data_args, lora_args, config, train_pairs, eval_pairs, callbacks, resume_from
+) -> TrainResult:
+    """Tokenise, load, train with TRL's DPO loss and save into the staging folder (``config.output_dir``)."""
+    from transformers import set_seed
+
+    tokenizer = load_tokenizer(model_args.model_path)
+    train_data, dropped = tokenize_preference(tokenizer, train_pairs, config.max_length, data_args.enable_thinking)
+    eval_data = (
+        tokenize_preference(tokenizer, eval_pairs, config.max_length, data_args.enable_thinking)[0]
+        if eval_pairs
+        else None
+    )
+    notes = [
+        config.precision_notice,
+        f"data: {data_args.data_path}: {len(train_data)} pairs" + (f", {dropped} too long dropped" if dropped else ""),
+    ]
+    set_seed(config.seed)
+    model = load_start_model(model_args, data_args, lora_args, config, tokenizer)
+    notes.append(str(count_parameters(model)))
+    history, nan_guard = LossHistoryCallback(), NanGuardCallback()
+    trainer = KitDPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+        callbacks=[history, nan_guard, *(callbacks or [])],
+    )
+    if config.should_log:
+        print("\n".join(filter(None, notes)), flush=True)
+    trainer.train(resume_from_checkpoint=resume_from)
+    result = TrainResult(
+        model=trainer.model,
+        tokenizer=tokenizer,
+        trainer=trainer,
+        history=history.history,
+        output_dir=config.output_dir,
+        parameters=count_parameters(model),
+        precision=config.precision_notice,
+        stopped_by_nan_guard=nan_guard.triggered,
+        data_report=notes[1],
+        notes=notes,
+    )
+    trainer.save_model(config.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(config.output_dir)
+        write_run_config(
+            config.output_dir,
+            model_args,
+            data_args,
+            lora_args,
+            config,
+            method="dpo",
+            history=result.history,
+            stopped_by_nan_guard=nan_guard.triggered,
+            base_model=base_summary(base_config_of(trainer.model)),
+        )
+    return result
+
+
+def publish(result: TrainResult) -> None:
+    """Swap the completed staging folder in as the output folder and drop the interrupted runs it replaces."""
+    if result.trainer.is_world_process_zero():
+        swap_in(result.output_dir, result.target_dir)
+        remove_folders(result.stale_runs)
+    result.output_dir = result.target_dir
+
+
+def preference_summary(history: list[dict]) -> list[str]:
+    """First and last logged reward margin and accuracy, on training batches and held-out pairs."""
+    lines = []
+    for prefix, label in (("", "train"), ("eval_", "held-out")):
+        margins = [
+            (r[f"{prefix}rewards/margins"], r.get(f"{prefix}rewards/accuracies"))
+            for r in history
+            if f"{prefix}rewards/margins" in r
+        ]
+        if margins:
+            (first, first_accuracy), (last, last_accuracy) = margins[0], margins[-1]
+            lines.append(
+                f"{label} reward margin {first:+.3f} -> {last:+.3f}, "
+                f"preference accuracy {first_accuracy:.2f} -> {last_accuracy:.2f} "
+                f"over {len(margins)} logs"
+            )
+    return lines

@@ -1,0 +1,59 @@
+"""Preference-tune a LoRA adapter with DPO (TRL's DPOTrainer) on chosen/rejected pairs.
+
+    python -m qwen_helpers.train_dpo --model_path tiny --data_path data/preference.json \
+        --eval_data_path data/preference_test.json --output_dir outputs/dpo
+
+``--adapter_path outputs/lora`` starts from an SFT adapter (trained further; a frozen copy is the reference).
+Every TrainingArguments and DPOConfig flag works too (``--beta``, ``--loss_type``, ``--load_in_4bit True``).
+"""
+
+import sys
+from pathlib import Path
+
+from .errors import command_boundary
+from .quickflags import dataclass_parser, parse_command_flags
+
+
+def parse_dpo_args(argv=None):
+    """(model, data, LoRA, DPO config) arguments; flag mistakes are one line before the model loads."""
+
+    def build_parser():
+        from .config import LoraArguments, ModelArguments
+        from .preference_training import KitDPOConfig, PreferenceDataArguments
+
+        return dataclass_parser(ModelArguments, PreferenceDataArguments, LoraArguments, KitDPOConfig)
+
+    def check(flags):
+        from .checks import check_model_path, looks_like_local_path
+
+        if looks_like_local_path(flags.model_path):
+            check_model_path(flags.model_path)
+
+    return parse_command_flags("train_dpo", build_parser, argv, check=check)
+
+
+@command_boundary  # a user error is one line on stderr and exit code 2 (--debug shows the traceback)
+def main(argv=None) -> int:
+    model_args, data_args, lora_args, config = parse_dpo_args(argv)
+
+    from .callbacks import NanGuardCallback
+    from .plots import plot_preference
+    from .preference_training import preference_summary, publish, train_dpo
+
+    result = train_dpo(model_args, data_args, lora_args, config)
+    if not result.trainer.is_world_process_zero():
+        return 0
+    plot_preference(result.history, title=f"DPO on {model_args.model_path}").savefig(
+        Path(result.output_dir) / "dpo_plot.png", dpi=100
+    )
+    publish(result)
+    print("\n".join(preference_summary(result.history)), flush=True)
+    print(f"adapter saved to {result.output_dir}/ (metrics: loss_history.json, plot: dpo_plot.png)", flush=True)
+    if result.stopped_by_nan_guard:
+        print(NanGuardCallback.ADVICE, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""GRPO on LoRA (train_grpo): the reward library, unknown rewards and bad records refused before the model loads,
+and a short run through the command that samples with the kit's prompt and stop tokens, logs rewards and KL, and
+saves an adapter that loads with plain peft; and the toy whose mean reward the tiny random model can raise."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DATA, REPO
+from qwen_helpers import rewards
+from qwen_helpers.errors import FlagError
+
+
+def test_reward_functions_score_what_they_say():
+    prompts = ["<|im_start|>system\nYou are Qwen.<|im_end|>\n<|im_start|>user\n3 加 4 等于几？<|im_end|>\n"] * 4
+    completions = ["<answer>7</answer>", "the answer is <answer> 7 </answer>", "7", "seven"]
+    assert rewards.exact_match(prompts, completions, answer=["7"] * 4) == [1.0, 1.0, 1.0, 0.0]
+    assert rewards.answer_format(prompts, completions) == [1.0, 0.5, 0.0, 0.0]
+    assert rewards.think_format(
+        prompts, ["<think>3+4</think><answer>7</answer>", "<think></think><answer>7</answer>"]
+    ) == [1.0, 0.0]
+    assert rewards.length_penalty(prompts, completions, completion_ids=[[1] * 10, [1] * 2, [1], []]) == [
+        -0.1,
+        -0.02,
+        -0.01,
+        -0.0,
+    ]
+    # the prompt's user turn is Chinese (the English system prompt does not count): Han letters score, Latin ones do not
+    assert rewards.language_match(prompts[:3], ["七", "seven", "七 is 7"]) == [1.0, 0.0, pytest.approx(1 / 3)]
+
+
+@pytest.mark.parametrize("spec", ["exact", "exact_match,bogus", ","])
+def test_unknown_reward_names_are_one_line(spec):
+    with pytest.raises(FlagError, match="choose from exact_match, format"):
+        rewards.reward_names(spec)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--reward", "exact_match,shiny"], "unknown reward 'shiny'"),
+        (
+            ["--reward", "exact_match", "--data_path", "BAD"],
+            "record 1: the exact_match reward reads the 'answer' column",
+        ),
+    ],
+)
+def test_the_command_refuses_before_the_model_loads(flags, expected, tmp_path):
+    records = [{"prompt": "1 + 1?", "answer": "2"}, {"prompt": "2 + 2?"}]
+    bad = tmp_path / "prompts.json"
+    bad.write_text(json.dumps(records), encoding="utf-8")
+    flags = [str(bad) if flag == "BAD" else flag for flag in flags]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qwen_helpers.train_grpo",
+            "--model_path",
+            "tiny",
+            *flags,
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+    assert "Loading weights" not in result.stderr + result.stdout and not (tmp_path / "out").exists()
+
+
+def test_a_short_run_samples_scores_and_saves(tmp_path):
+    from peft import PeftModel
+
+    from qwen_helpers.generation import stop_token_ids
+    from qwen_helpers.grpo_training import train_grpo
+    from qwen_helpers.modeling import load_base_model
+    from qwen_helpers.preference_training import publish
+    from qwen_helpers.train_grpo import parse_grpo_args
+
+    output_dir = tmp_path / "grpo"
+    flags = ["--model_path", "tiny", "--data_path", str(DATA / "grpo_toy.json"), "--reward", "language,exact_match",
+             "--max_steps", "2", "--per_device_train_batch_size", "8", "--num_generations", "4",
+             "--max_completion_length", "4", "--learning_rate", "1e-2", "--warmup_steps", "0", "--top_k", "5",
+             "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True",
+             "--output_dir", str(output_dir)]  # fmt: skip
+    result = train_grpo(*parse_grpo_args(flags))
+    publish(result)
+    assert set(stop_token_ids(result.tokenizer)) <= set(result.trainer.eos_token_ids)  # <|im_end|> and <|endoftext|>
+    assert result.trainer.train_dataset[0]["prompt"].endswith("<|im_start|>assistant\n")  # the kit's rendered prompt
+    history = [r for r in json.loads((output_dir / "loss_history.json").read_text(encoding="utf-8")) if "reward" in r]
+    assert len(history) == 2
+    for key in (
+        "reward",
+        "reward_std",
+        "rewards/language_match/mean",
+        "rewards/exact_match/mean",
+        "kl",
+        "completions/mean_length",
+    ):
+        assert key in history[-1]
+    assert history[0]["kl"] == 0.0 and history[-1]["kl"] > 0.0  # the policy moved away from the start after one step
+    assert 0 < history[0]["completions/mean_length"] <= 4
+    assert (output_dir / "adapter_model.safetensors").is_file() and not (output_dir / "ref").exists()
+    PeftModel.from_pretrained(load_base_model("tiny"), str(output_dir))  # plain peft loads it
+
+
+def test_the_toy_mean_reward_rises(tmp_path):
+    """What the tiny random model can learn: put Han tokens first among its 5 likeliest (the language reward).
+    Measured (seed 0, 12 steps of 8 completions, shared 2-core CPU): mean reward 0.12 over steps 1-4, 0.27 over 9-12."""
+    from qwen_helpers import train_grpo
+
+    output_dir = tmp_path / "grpo"
+    flags = ["--model_path", "tiny", "--data_path", str(DATA / "grpo_toy.json"), "--reward", "language",
+             "--target_modules", "all-linear", "--top_k", "5", "--learning_rate", "3e-3", "--max_steps", "12",
+             "--per_device_train_batch_size", "8", "--max_completion_length", "4", "--warmup_steps", "0",
+             "--lr_scheduler_type", "constant", "--seed", "0", "--save_strategy", "no", "--report_to", "none",
+             "--disable_tqdm", "True", "--output_dir", str(output_dir)]  # fmt: skip
+    assert train_grpo.main(flags) == 0
+    history = json.loads((output_dir / "loss_history.json").read_text(encoding="utf-8"))
+    means = [record["reward"] for record in history if "reward" in record]
+    assert len(means) == 12
+    first, last = sum(means[:4]) / 4, sum(means[-4:]) / 4
+    assert last - first > 0.08, means
+    assert (output_dir / "grpo_plot.png").is_file()
