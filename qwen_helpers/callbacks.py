@@ -148,9 +148,11 @@ class LossLineProgress(ProgressCallback):
         if not (state.is_world_process_zero and logs):
             return
         if "loss" in logs:
+            examples = logs.get("examples_per_step")  # token-budget batches: how many examples each step took
             self.write(
                 f"step {state.global_step:>4}/{state.max_steps}  loss {logs['loss']:7.4f}  "
                 f"learning rate {logs.get('learning_rate', float('nan')):.2e}  grad norm {logs.get('grad_norm', float('nan')):.3f}"
+                + (f"  examples/step {examples:g}" if examples is not None else "")
             )
         elif "eval_loss" in logs or "eval_runtime" in logs:
             self.write(f"step {state.global_step:>4}/{state.max_steps}  {evaluation_line(logs)}")

@@ -224,7 +224,7 @@ def test_token_budget_batches_under_ddp_are_per_rank_disjoint_and_even(tmp_path)
     assert epochs[0] != epochs[1]  # the batch order is reshuffled per epoch (set_epoch reaches the sampler under DDP)
 
     steps = 2 * -(-per_rank // 2)  # two epochs of per_rank micro-batches, two per optimiser step
-    printed = [float(value) for value in re.findall(r"'examples_per_step': '([\d.]+)'", rank0)]
+    printed = [float(value) for value in re.findall(r"examples/step ([\d.]+)", rank0)]
     own = [sum(len(note["examples"]) for note in notes[0] if note["step"] == step) for step in range(steps)]
     assert printed == own  # rank 0 logs its own examples per step (accumulation 2: two micro-batches each)
     assert rank0.count("adapter saved to") == 1 and "adapter saved to" not in rank1
