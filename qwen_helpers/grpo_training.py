@@ -25,10 +25,11 @@ from .files import remove_folders
 from .flag_checks import check_training_flags
 from .modeling import base_config_of, count_parameters, load_tokenizer
 from .preference import prompt_messages
+from .prompt_settings import SYSTEM_PROMPT_KEY, shared_system_prompt
 from .preference_training import KitDPOTrainer, check_chat_token_flag, load_start_model
 from .records import DataValidationError, read_raw_records, validate_record
 from .rewards import COLUMNS_NEEDED, REWARDS, reward_names
-from .run_folder import complete_checkpoints, plan_output_on_main_process
+from .run_folder import complete_checkpoints, plan_output_on_main_process, training_inputs
 from .train import TrainResult
 
 
@@ -149,7 +150,10 @@ def train_grpo(
     check_chat_token_flag(lora_args)
     check_model_path(model_args.model_path)
     records = load_prompt_records(data_args.data_path, [] if reward_funcs else reward_names(data_args.reward))
-    plan = plan_output_on_main_process(config, staged=True)
+    # the output may be, hold or lie in none of the inputs (the base, the prompts, the SFT adapter it continues)
+    inputs = {**training_inputs(model_args.model_path, data_args.data_path, None, config.deepspeed),
+              "--adapter_path": data_args.adapter_path}
+    plan = plan_output_on_main_process(config, staged=True, inputs=inputs)
     target, config = config.output_dir, copy.copy(config)
     config.output_dir = plan.staging
     try:
@@ -186,6 +190,7 @@ def train_grpo(
                 history=history.history,
                 stopped_by_nan_guard=nan_guard.triggered,
                 base_model=base_summary(base_config_of(trainer.model)),
+                **{SYSTEM_PROMPT_KEY: shared_system_prompt(records)},  # export and inference ask as training did
             )
     except BaseException:
         if config.process_index == 0 and not complete_checkpoints(plan.staging):

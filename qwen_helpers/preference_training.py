@@ -25,7 +25,8 @@ from .files import remove_folders, swap_in
 from .flag_checks import check_training_flags
 from .modeling import base_config_of, count_parameters, load_tokenizer
 from .preference import load_preference_records, tokenize_preference
-from .run_folder import complete_checkpoints, plan_output_on_main_process
+from .prompt_settings import SYSTEM_PROMPT_KEY, shared_system_prompt
+from .run_folder import complete_checkpoints, plan_output_on_main_process, training_inputs
 from .train import TrainResult, attach_adapter, load_model_for_training
 
 
@@ -135,7 +136,10 @@ def train_dpo(
     check_model_path(model_args.model_path)
     train_pairs = load_preference_records(data_args.data_path)
     eval_pairs = load_preference_records(data_args.eval_data_path) if data_args.eval_data_path else None
-    plan = plan_output_on_main_process(config, staged=True)
+    # the output may be, hold or lie in none of the inputs (the base, the data, the SFT adapter it continues)
+    inputs = {**training_inputs(model_args.model_path, data_args.data_path, data_args.eval_data_path, config.deepspeed),
+              "--adapter_path": data_args.adapter_path}
+    plan = plan_output_on_main_process(config, staged=True, inputs=inputs)
     target = config.output_dir
     config = copy.copy(config)
     config.output_dir = plan.staging
@@ -208,6 +212,7 @@ def _train_into(
             history=result.history,
             stopped_by_nan_guard=nan_guard.triggered,
             base_model=base_summary(base_config_of(trainer.model)),
+            **{SYSTEM_PROMPT_KEY: shared_system_prompt(pair["chosen"] for pair in train_pairs)},  # export and inference ask as training did
         )
     return result
 

@@ -469,3 +469,24 @@ def test_a_merge_run_elsewhere_uses_the_recorded_base_and_writes_plain_modes(wor
     assert eps(merged) == eps(work / "models" / "base") != eps(other_base)  # merged into the base it was trained on
     modes = {path.name: oct(path.stat().st_mode & 0o777) for path in merged.iterdir()}
     assert set(modes.values()) == {oct(default_mode())} and "model.safetensors" in modes, modes
+
+
+@pytest.mark.parametrize("command, data_file", [("train_dpo", "preference.json"), ("train_grpo", "grpo_toy.json")])
+def test_preference_and_rl_commands_never_write_into_their_inputs(work, monkeypatch, capsys, command, data_file):
+    """train_dpo and train_grpo follow the same rule: not the base, not the data's folder, not the adapter they continue."""
+    import importlib
+
+    main = importlib.import_module(f"qwen_helpers.{command}").main
+    folder = work / f"{command}-data"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(DATA / data_file, folder / data_file)
+    monkeypatch.chdir(work)
+    before = tree(work)
+    for output, label in ((work / "models" / "base", "--model_path"), (folder, "--data_path"),
+                          (work / "adapters" / "adapter" / "run", "--adapter_path")):
+        code = main(["--model_path", "models/base", "--data_path", str(folder / data_file), "--adapter_path",
+                     "adapters/adapter", "--output_dir", str(output), "--overwrite_output_dir", "True",
+                     "--max_steps", "1"])
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and f"({label})" in errors[0], (label, errors)
+    assert tree(work) == before, "a refused command changed its inputs"
