@@ -131,7 +131,7 @@ def build_export(args: ExportArguments, folder: Path, records: list[dict], tools
     merge = merge_and_export(args.adapter_path, str(folder), model_path=args.model_path, overwrite=True, settings=recorded)
     # where it will be once the folder is swapped in, in the report and in the notes' "load it" line
     merge.output_dir = str(output_dir)
-    merge.notes = [note.replace(repr(str(folder)), repr(str(output_dir))) for note in merge.notes]
+    merge.notes = [note.replace(str(folder), str(output_dir)) for note in merge.notes]
     print(merge, flush=True)
     report = {"adapter_path": args.adapter_path, "format": args.format, "merge": dict(merge.__dict__),
               "prompt_settings": settings.to_json(), **({"tools": tools} if tools else {})}
