@@ -225,6 +225,28 @@ def publish(result: TrainResult) -> None:
     result.output_dir = result.target_dir
 
 
+def finish_command(result: TrainResult, name: str, title: str, plot, summary) -> int:
+    """The end of ``train_dpo`` / ``train_grpo``: the plot joins the run, the run is published, the summary printed.
+
+    ``plot(history, title=title)`` returns the figure saved as ``{name}_plot.png``; ``summary(history)`` its lines.
+    Returns the exit code: 2 when the NaN guard stopped the run.
+    """
+    import sys
+
+    if not result.trainer.is_world_process_zero():
+        return 0
+    plot(result.history, title=title).savefig(
+        Path(result.output_dir) / f"{name}_plot.png", dpi=100
+    )
+    publish(result)
+    print("\n".join(summary(result.history)), flush=True)
+    print(f"adapter saved to {result.output_dir}/ (metrics: loss_history.json, plot: {name}_plot.png)", flush=True)
+    if result.stopped_by_nan_guard:
+        print(NanGuardCallback.ADVICE, file=sys.stderr)
+        return 2
+    return 0
+
+
 def preference_summary(history: list[dict]) -> list[str]:
     """First and last logged reward margin and accuracy, on training batches and held-out pairs."""
     lines = []

@@ -8,7 +8,6 @@ Every TrainingArguments and DPOConfig flag works too (``--beta``, ``--loss_type`
 """
 
 import sys
-from pathlib import Path
 
 from .errors import command_boundary
 from .quickflags import dataclass_parser, parse_command_flags
@@ -36,23 +35,11 @@ def parse_dpo_args(argv=None):
 def main(argv=None) -> int:
     model_args, data_args, lora_args, config = parse_dpo_args(argv)
 
-    from .callbacks import NanGuardCallback
     from .plots import plot_preference
-    from .preference_training import preference_summary, publish, train_dpo
+    from .preference_training import finish_command, preference_summary, train_dpo
 
     result = train_dpo(model_args, data_args, lora_args, config)
-    if not result.trainer.is_world_process_zero():
-        return 0
-    plot_preference(result.history, title=f"DPO on {model_args.model_path}").savefig(
-        Path(result.output_dir) / "dpo_plot.png", dpi=100
-    )
-    publish(result)
-    print("\n".join(preference_summary(result.history)), flush=True)
-    print(f"adapter saved to {result.output_dir}/ (metrics: loss_history.json, plot: dpo_plot.png)", flush=True)
-    if result.stopped_by_nan_guard:
-        print(NanGuardCallback.ADVICE, file=sys.stderr)
-        return 2
-    return 0
+    return finish_command(result, "dpo", f"DPO on {model_args.model_path}", plot_preference, preference_summary)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ Every TrainingArguments and GRPOConfig flag works too (``--num_generations``, ``
 """
 
 import sys
-from pathlib import Path
 
 from .errors import command_boundary
 from .quickflags import dataclass_parser, parse_command_flags
@@ -38,24 +37,12 @@ def parse_grpo_args(argv=None):
 def main(argv=None) -> int:
     model_args, data_args, lora_args, config = parse_grpo_args(argv)
 
-    from .callbacks import NanGuardCallback
-    from .grpo_training import reward_summary, train_grpo
     from .plots import plot_rewards
-    from .preference_training import publish
+    from .preference_training import finish_command
+    from .grpo_training import reward_summary, train_grpo
 
     result = train_grpo(model_args, data_args, lora_args, config)
-    if not result.trainer.is_world_process_zero():
-        return 0
-    plot_rewards(result.history, title=f"GRPO on {model_args.model_path}").savefig(
-        Path(result.output_dir) / "grpo_plot.png", dpi=100
-    )
-    publish(result)
-    print("\n".join(reward_summary(result.history)), flush=True)
-    print(f"adapter saved to {result.output_dir}/ (metrics: loss_history.json, plot: grpo_plot.png)", flush=True)
-    if result.stopped_by_nan_guard:
-        print(NanGuardCallback.ADVICE, file=sys.stderr)
-        return 2
-    return 0
+    return finish_command(result, "grpo", f"GRPO on {model_args.model_path}", plot_rewards, reward_summary)
 
 
 if __name__ == "__main__":
