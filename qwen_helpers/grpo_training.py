@@ -26,10 +26,10 @@ from .flag_checks import check_training_flags
 from .modeling import base_config_of, count_parameters, load_tokenizer
 from .preference import prompt_messages
 from .prompt_settings import SYSTEM_PROMPT_KEY, shared_system_prompt
-from .preference_training import KitDPOTrainer, check_chat_token_flag, load_start_model
+from .preference_training import AdapterTrainerMixin, load_start_model
 from .records import DataValidationError, read_raw_records, validate_record
 from .rewards import COLUMNS_NEEDED, REWARDS, reward_names
-from .run_folder import complete_checkpoints, plan_output_on_main_process, training_inputs
+from .run_folder import complete_checkpoints, plan_output_on_main_process, resumed_history, training_inputs
 from .train import TrainResult
 
 
@@ -125,10 +125,8 @@ def prompt_dataset(tokenizer, records: list[dict], enable_thinking: bool):
     return Dataset.from_list(rows)
 
 
-class KitGRPOTrainer(GRPOTrainer):
-    """TRL's GRPOTrainer, saving only the trained adapter."""
-
-    _save = KitDPOTrainer._save
+class KitGRPOTrainer(AdapterTrainerMixin, GRPOTrainer):
+    """TRL's GRPOTrainer with a complete "ref" copy (``--beta`` > 0 from an SFT adapter), saving only the trained adapter."""
 
 
 def train_grpo(
@@ -147,7 +145,6 @@ def train_grpo(
     from .generation import stop_token_ids
 
     check_training_flags(config, lora_args)
-    check_chat_token_flag(lora_args)
     check_model_path(model_args.model_path)
     records = load_prompt_records(data_args.data_path, [] if reward_funcs else reward_names(data_args.reward))
     # the output may be, hold or lie in none of the inputs (the base, the prompts, the SFT adapter it continues)
@@ -176,7 +173,9 @@ def train_grpo(
                 f"{count_parameters(model)}",
                 flush=True,
             )
+        earlier_history = resumed_history(plan.resume_from)  # read first: --save_total_limit may delete it
         trainer.train(resume_from_checkpoint=plan.resume_from)
+        history.history[:0] = earlier_history  # a resumed run's history covers every step
         trainer.save_model(config.output_dir)
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(config.output_dir)

@@ -11,14 +11,13 @@ adapter it is the SFT model, which DPO should stay close to. Only the "default" 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from trl import DPOConfig, DPOTrainer
 
 from .callbacks import LossHistoryCallback, NanGuardCallback
 from .checks import base_summary, check_model_path
-from .data import is_base_checkpoint
 from .config import KitTrainingArguments, LoraArguments, ModelArguments, write_run_config
 from .errors import FlagError
 from .files import remove_folders, swap_in
@@ -26,7 +25,7 @@ from .flag_checks import check_training_flags
 from .modeling import base_config_of, count_parameters, load_tokenizer
 from .preference import load_preference_records, tokenize_preference
 from .prompt_settings import SYSTEM_PROMPT_KEY, shared_system_prompt
-from .run_folder import complete_checkpoints, plan_output_on_main_process, training_inputs
+from .run_folder import complete_checkpoints, drop_checkpoints, plan_output_on_main_process, resumed_history, training_inputs
 from .train import TrainResult, attach_adapter, load_model_for_training
 
 
@@ -80,13 +79,12 @@ class KitDPOConfig(KitTrainingArguments, DPOConfig):
     )
 
 
-class KitDPOTrainer(DPOTrainer):
-    """TRL's DPOTrainer on pairs the kit has tokenised, saving only the trained adapter (never TRL's "ref" copy)."""
+class AdapterTrainerMixin:
+    """What the kit's DPO and GRPO trainers add to TRL's: a complete "ref" copy, and only the trained adapter saved."""
 
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        if "prompt_ids" in dataset.column_names:  # the kit's tokens: its prompt format and trained spans, not TRL's
-            return dataset
-        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        copy_token_rows_to_reference(self.model)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
@@ -94,29 +92,66 @@ class KitDPOTrainer(DPOTrainer):
         self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, selected_adapters=["default"])
 
 
+def copy_token_rows_to_reference(model) -> None:
+    """Finish TRL 1.16's frozen "ref" copy of the adapter: its copy loop matches names containing ``.default.``.
+
+    peft names trained chat-token rows ``...token_adapter.trainable_tokens_delta.default`` (no dot after), so TRL
+    leaves the "ref" rows at the base's values, and a continued SFT adapter's reference would score ``<|im_start|>``
+    and ``<|im_end|>`` with the base's rows: nonzero rewards before the first step, a reference that is not the start.
+    """
+    import torch
+
+    if "ref" not in getattr(model, "peft_config", {}):
+        return
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".default"):
+                model.get_parameter(name.removesuffix("default") + "ref").copy_(parameter)
+
+
+class KitDPOTrainer(AdapterTrainerMixin, DPOTrainer):
+    """TRL's DPOTrainer on pairs the kit has tokenised, saving only the trained adapter (never TRL's "ref" copy)."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if "prompt_ids" in dataset.column_names:  # the kit's tokens: its prompt format and trained spans, not TRL's
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+
 def load_start_model(
     model_args: ModelArguments, data_args: PreferenceDataArguments, lora_args: LoraArguments, config, tokenizer
 ):
-    """The base with a fresh LoRA adapter, or with ``--adapter_path``'s SFT adapter loaded trainable."""
+    """The base with a fresh LoRA adapter (chat-token rows trained on a base checkpoint, as in SFT), or with
+    ``--adapter_path``'s SFT adapter loaded trainable; either way ready for TRL's fused LM head."""
     from peft import PeftModel
 
     base = load_model_for_training(model_args, config)
     if data_args.adapter_path:
-        return PeftModel.from_pretrained(base, data_args.adapter_path, is_trainable=True)
-    if lora_args.train_chat_tokens is None and is_base_checkpoint(tokenizer):
-        print("chat-token rows not trained: TRL 1.16's fused LM head cannot run with peft's trainable token rows; "
-              "on a base checkpoint, start from an SFT adapter (--adapter_path) that learned them.", flush=True)
-    lora_args = replace(lora_args, train_chat_tokens=False)
-    return attach_adapter(base, "lora", model_args.model_path, lora_args, tokenizer=tokenizer)
+        model = PeftModel.from_pretrained(base, data_args.adapter_path, is_trainable=True)
+    else:
+        model = attach_adapter(base, "lora", model_args.model_path, lora_args, tokenizer=tokenizer)
+    return expose_lm_head_bias(model)
 
 
-def check_chat_token_flag(lora_args: LoraArguments) -> None:
-    """Refuse --train_chat_tokens True before loading: TRL's fused LM head cannot run with peft's token wrapper."""
-    if lora_args.train_chat_tokens:
-        raise FlagError(
-            "--train_chat_tokens True cannot be used with DPO/GRPO (TRL 1.16's fused LM head cannot run with peft's "
-            "trainable token rows); train the chat tokens with train_lora first and pass --adapter_path."
-        )
+def expose_lm_head_bias(model):
+    """Let TRL 1.16's fused LM head read ``lm_head.bias`` when peft trains chat-token rows (a base checkpoint's).
+
+    TRL's fused head (``trl.trainer.utils.add_fused_lm_head``) projects with ``lm_head.weight`` and ``lm_head.bias``.
+    On a base checkpoint the LM head is peft's ``TrainableTokensWrapper``: it serves ``weight`` (the base rows with
+    the active adapter's trained token rows merged in, so the policy and its "ref" copy score with their own rows)
+    but raises AttributeError for ``bias``. Qwen's LM head has no bias, so the wrapper gets a plain ``bias = None``.
+    """
+    from peft.utils.other import TrainableTokensWrapper
+
+    head = model.get_output_embeddings()
+    if isinstance(head, TrainableTokensWrapper) and "bias" not in vars(head):
+        if head.original_module.bias is not None:
+            raise FlagError(
+                "this model's LM head has a bias, which TRL's fused LM head cannot read through peft's trainable "
+                "token rows; pass --train_chat_tokens False (or an adapter trained without them)."
+            )
+        head.bias = None  # a plain attribute, not a parameter: nothing new is trained or saved
+    return model
 
 
 def train_dpo(
@@ -132,7 +167,6 @@ def train_dpo(
     output_dir only once everything is saved (:mod:`qwen_helpers.run_folder`).
     """
     check_training_flags(config, lora_args)
-    check_chat_token_flag(lora_args)
     check_model_path(model_args.model_path)
     train_pairs = load_preference_records(data_args.data_path)
     eval_pairs = load_preference_records(data_args.eval_data_path) if data_args.eval_data_path else None
@@ -186,12 +220,13 @@ def _train_into(
     )
     if config.should_log:
         print("\n".join(filter(None, notes)), flush=True)
+    earlier_history = resumed_history(resume_from)  # read first: the run may delete that checkpoint (--save_total_limit)
     trainer.train(resume_from_checkpoint=resume_from)
     result = TrainResult(
         model=trainer.model,
         tokenizer=tokenizer,
         trainer=trainer,
-        history=history.history,
+        history=earlier_history + history.history,  # a resumed run's history covers every step
         output_dir=config.output_dir,
         parameters=count_parameters(model),
         precision=config.precision_notice,
@@ -218,8 +253,10 @@ def _train_into(
 
 
 def publish(result: TrainResult) -> None:
-    """Swap the completed staging folder in as the output folder and drop the interrupted runs it replaces."""
+    """Swap the completed staging folder in as the output folder, without its checkpoints (they exist to resume an
+    interrupted run; this one finished), and drop the interrupted runs it replaces."""
     if result.trainer.is_world_process_zero():
+        drop_checkpoints(result.output_dir)
         swap_in(result.output_dir, result.target_dir)
         remove_folders(result.stale_runs)
     result.output_dir = result.target_dir

@@ -1,5 +1,6 @@
 """DPO on LoRA (train_dpo): the kit's prompt and trained spans reach TRL, bad records stop before the model loads,
-the held-out reward margin rises on a seeded tiny run, and the adapter loads with plain peft and merges."""
+the held-out reward margin rises on a seeded tiny run, and an SFT start is its own reference.
+Loading, merging and exporting the adapter: test_preference_export.py; the replicas: test_preference_replicas.py."""
 
 import json
 import subprocess
@@ -146,32 +147,6 @@ def test_held_out_reward_margin_rises(dpo_run):
     ] == "dpo"
 
 
-def test_adapter_loads_with_plain_peft_and_merges(dpo_run, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from qwen_helpers import export
-    from qwen_helpers.tiny import resolve_model_path
-
-    assert sorted(path.name for path in dpo_run.glob("adapter_*")) == [
-        "adapter_config.json",
-        "adapter_model.safetensors",
-    ]
-    assert not (dpo_run / "ref").exists()  # TRL's frozen reference copy is not saved
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny"))
-    ids = torch.tensor([[9707, 11, 1879, 0]])
-    with torch.no_grad():
-        base_logits = base(ids).logits
-        tuned = PeftModel.from_pretrained(base, str(dpo_run))
-        tuned_logits = tuned(ids).logits
-    assert (tuned_logits - base_logits).abs().max() > 1e-4  # the adapter is not the identity
-    merged_dir = tmp_path / "merged"
-    assert export.main(["--adapter_path", str(dpo_run), "--output_dir", str(merged_dir), "--format", "hf"]) == 0
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
-    with torch.no_grad():
-        assert torch.allclose(merged(ids).logits, tuned_logits, atol=1e-4)
-
-
 def test_an_sft_adapter_start_is_its_own_reference(tmp_path):
     """From --adapter_path the first step's rewards are 0: TRL scores the reference with a frozen copy of that adapter,
     not with the base (against the base, the SFT adapter's changes would show up as nonzero rewards)."""
@@ -215,12 +190,26 @@ def test_an_sft_adapter_start_is_its_own_reference(tmp_path):
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]  # the SFT adapter, continued
 
 
-def test_chat_token_rows_are_refused_before_the_model_loads(tmp_path, capsys):
-    """TRL 1.16's fused LM head cannot run with peft's trainable token rows (a base checkpoint's chat tokens)."""
-    from qwen_helpers import train_dpo
+def test_an_interrupted_run_resumes_and_ends_at_the_same_step(tmp_path):
+    """Interrupted (as Ctrl-C would) once checkpoint-2 is saved, then --resume_from_checkpoint True: steps 3-4 run."""
+    from test_train_lora import InterruptAtSave
 
-    flags = ["--model_path", "tiny", "--data_path", str(DATA / "preference.json"), "--train_chat_tokens", "True"]
-    assert train_dpo.main([*flags, "--output_dir", str(tmp_path / "out")]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "--train_chat_tokens True" in errors[0] and "--adapter_path" in errors[0]
-    assert not (tmp_path / "out").exists()
+    from qwen_helpers import train_dpo as command
+    from qwen_helpers.files import staging_folders
+    from qwen_helpers.preference_training import train_dpo
+    from qwen_helpers.train_dpo import parse_dpo_args
+
+    output = tmp_path / "run"
+    flags = ["--model_path", "tiny", "--data_path", str(DATA / "preference.json"), "--learning_rate", "2e-3",
+             "--warmup_steps", "0", "--max_steps", "4", "--per_device_train_batch_size", "2", "--save_strategy", "steps",
+             "--save_steps", "2", "--report_to", "none", "--disable_tqdm", "True", "--seed", "0",
+             "--output_dir", str(output)]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        train_dpo(*parse_dpo_args(flags), callbacks=[InterruptAtSave(2)])
+    (staging,) = staging_folders(output)
+    assert not output.exists() and [path.name for path in staging.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert command.main([*flags, "--resume_from_checkpoint", "True"]) == 0
+    history = json.loads((output / "loss_history.json").read_text(encoding="utf-8"))
+    assert [record["step"] for record in history if "loss" in record] == [1, 2, 3, 4]  # continued, not restarted
+    assert staging_folders(output) == [] and not list(output.glob("checkpoint-*"))  # finished: no checkpoint kept
+    assert (output / "adapter_model.safetensors").is_file() and not (output / "ref").exists()

@@ -126,3 +126,29 @@ def test_the_toy_mean_reward_rises(tmp_path):
     first, last = sum(means[:4]) / 4, sum(means[-4:]) / 4
     assert last - first > 0.08, means
     assert (output_dir / "grpo_plot.png").is_file()
+
+
+def test_an_interrupted_run_resumes_and_ends_at_the_same_step(tmp_path):
+    """Interrupted (as Ctrl-C would) once checkpoint-2 is saved, then --resume_from_checkpoint True: steps 3-4 run."""
+    from test_train_lora import InterruptAtSave
+
+    from qwen_helpers import train_grpo as command
+    from qwen_helpers.files import staging_folders
+    from qwen_helpers.grpo_training import train_grpo
+    from qwen_helpers.train_grpo import parse_grpo_args
+
+    output = tmp_path / "run"
+    flags = ["--model_path", "tiny", "--data_path", str(DATA / "grpo_toy.json"), "--reward", "language",
+             "--max_steps", "4", "--per_device_train_batch_size", "4", "--num_generations", "4",
+             "--max_completion_length", "4", "--learning_rate", "1e-3", "--warmup_steps", "0", "--save_strategy", "steps",
+             "--save_steps", "2", "--report_to", "none", "--disable_tqdm", "True", "--seed", "0",
+             "--output_dir", str(output)]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        train_grpo(*parse_grpo_args(flags), callbacks=[InterruptAtSave(2)])
+    (staging,) = staging_folders(output)
+    assert not output.exists() and [path.name for path in staging.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert command.main([*flags, "--resume_from_checkpoint", "True"]) == 0
+    history = json.loads((output / "loss_history.json").read_text(encoding="utf-8"))
+    assert [record["step"] for record in history if "reward" in record] == [1, 2, 3, 4]  # continued, not restarted
+    assert staging_folders(output) == [] and not list(output.glob("checkpoint-*"))  # finished: no checkpoint kept
+    assert (output / "adapter_model.safetensors").is_file() and not (output / "ref").exists()
