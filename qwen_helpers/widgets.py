@@ -38,6 +38,9 @@ STOPS = {
     "steps": [1, 2, 3, 5, 10, 20],
     "eval_steps": [5, 10, 20, 25, 50, 100, 200],
     "early_stopping_patience": [1, 2, 3, 5, 10],
+    "beta": [0.0, 0.01, 0.04, 0.1, 0.2, 0.5, 1.0],  # DPO's (0.1) and GRPO's KL weight (0.04; 0.0 skips the reference)
+    "num_generations": [2, 4, 8, 16],
+    "max_completion_length": [4, 8, 16, 32, 64, 128, 256, 512, 1024],
 }
 # Dropdown choices for free-text fields with a few usual values (the parameters cell's value is always added).
 CHOICES = {"init_lora_weights": ["true", "gaussian", "pissa", "pissa_niter_4", "olora"]}

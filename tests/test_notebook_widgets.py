@@ -52,6 +52,19 @@ CASES = {
         "move": "benchmark_panel.set(seq_len=128, lora_r=16)",
         "probe": {"args.seq_len": 128, "args.lora_r": 16, "lora_model.peft_config['default'].r": 16},
     },
+    "07_preference_dpo.ipynb": {  # the panel's beta reaches TRL's loss, not only the config
+        "overrides": "MAX_STEPS = 2\nOUTPUT_DIR = {tmp!r}",
+        "move": "dpo_panel.set(beta=0.5, learning_rate=5e-3, max_steps=5)",
+        "probe": {"trainer.args.beta": 0.5, "trainer.beta": 0.5, "trainer.args.learning_rate": 5e-3,
+                  "trainer.optimizer.param_groups[0]['initial_lr']": 5e-3, "trainer.state.global_step": 5},
+    },
+    "08_grpo_rewards.ipynb": {  # group size and completion length reach the sampler, beta the KL term
+        "overrides": "MAX_STEPS = 2\nOUTPUT_DIR = {tmp!r}",
+        "move": "grpo_panel.set(learning_rate=1e-3, beta=0.1, num_generations=2, max_completion_length=8, max_steps=5)",
+        "probe": {"trainer.args.learning_rate": 1e-3, "trainer.beta": 0.1, "trainer.num_generations": 2,
+                  "trainer.max_completion_length": 8, "trainer.state.global_step": 5,
+                  "max(r['completions/max_length'] for r in history.history if 'reward' in r) > 4": True},
+    },
 }
 
 
