@@ -80,11 +80,13 @@ class KitDPOConfig(KitTrainingArguments, DPOConfig):
 
 
 class AdapterTrainerMixin:
-    """What the kit's DPO and GRPO trainers add to TRL's: a complete "ref" copy, and only the trained adapter saved."""
+    """What the kit's DPO and GRPO trainers add to TRL's: chat-token rows that work with its fused LM head (a readable
+    ``lm_head.bias``, the rows in the "ref" copy), and only the trained adapter saved."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         copy_token_rows_to_reference(self.model)
+        expose_lm_head_bias(self.model)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
@@ -122,18 +124,16 @@ def load_start_model(
     model_args: ModelArguments, data_args: PreferenceDataArguments, lora_args: LoraArguments, config, tokenizer
 ):
     """The base with a fresh LoRA adapter (chat-token rows trained on a base checkpoint, as in SFT), or with
-    ``--adapter_path``'s SFT adapter loaded trainable; either way ready for TRL's fused LM head."""
+    ``--adapter_path``'s SFT adapter loaded trainable (its token rows too)."""
     from peft import PeftModel
 
     base = load_model_for_training(model_args, config)
     if data_args.adapter_path:
-        model = PeftModel.from_pretrained(base, data_args.adapter_path, is_trainable=True)
-    else:
-        model = attach_adapter(base, "lora", model_args.model_path, lora_args, tokenizer=tokenizer)
-    return expose_lm_head_bias(model)
+        return PeftModel.from_pretrained(base, data_args.adapter_path, is_trainable=True)
+    return attach_adapter(base, "lora", model_args.model_path, lora_args, tokenizer=tokenizer)
 
 
-def expose_lm_head_bias(model):
+def expose_lm_head_bias(model) -> None:
     """Let TRL 1.16's fused LM head read ``lm_head.bias`` when peft trains chat-token rows (a base checkpoint's).
 
     TRL's fused head (``trl.trainer.utils.add_fused_lm_head``) projects with ``lm_head.weight`` and ``lm_head.bias``.
@@ -151,7 +151,6 @@ def expose_lm_head_bias(model):
                 "token rows; pass --train_chat_tokens False (or an adapter trained without them)."
             )
         head.bias = None  # a plain attribute, not a parameter: nothing new is trained or saved
-    return model
 
 
 def train_dpo(
