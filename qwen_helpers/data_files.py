@@ -22,16 +22,22 @@ from .data import (BATCH_SIZE, OverflowPolicy, TokenizedData, build_messages, re
 from .records import DataFormat, DataValidationError, FieldMap, iter_records
 
 # What the tokenised result depends on besides the settings: the code of these modules (a kit upgrade re-tokenises).
-_CODE = ("records.py", "chat_spans.py", "data.py", "data_files.py")
+_CODE = ("records.py", "chat_spans.py", "data.py", "data_files.py", "raw_text.py")
 
 
 def load_dataset_for_training(tokenizer, path, max_length: int, overflow: OverflowPolicy = "drop", fields: FieldMap = FieldMap(),
                               data_format: DataFormat = "auto", enable_thinking: bool = False, cache_dir: str | None = None,
-                              echo=print) -> TokenizedData:
+                              echo=print):
     """Load, validate and tokenise a data file (what the training commands use), with a progress bar and a closing line.
 
-    ``cache_dir`` replaces the datasets cache folder (tests and the benchmark use a fresh one).
+    ``cache_dir`` replaces the datasets cache folder (tests and the benchmark use a fresh one). Raw text
+    (``data_format`` "text", or under "auto" a .txt file or {"text": ...} records) is packed into blocks of
+    ``max_length`` tokens instead (:mod:`qwen_helpers.raw_text`).
     """
+    from .raw_text import is_raw_text, load_raw_text_for_training  # it builds on this module
+
+    if is_raw_text(path, data_format, fields):
+        return load_raw_text_for_training(tokenizer, path, max_length, cache_dir, echo)
     started = time.perf_counter()
     if enable_thinking and not renders_reasoning(tokenizer):
         echo("note: --enable_thinking True, and this chat template has no place for reasoning (Qwen2.5 and earlier): "

@@ -61,6 +61,39 @@ def check_data_files(args) -> None:
         check_data_file(Path(args.eval_data_path), "--eval_data_path")
 
 
+def check_raw_text_flags(args, metric_for_best_model: str | None = None, task: str = "auto", labels: str | None = None) -> bool:
+    """Whether the run trains on raw text (:mod:`qwen_helpers.raw_text`), refusing what raw text cannot do; True when it does.
+
+    The evaluation file must be in the same kind (raw text, or records), and the only held-out measure of raw
+    text is its loss: it has no answers to generate, score or classify.
+    """
+    from .raw_text import is_raw_text
+    from .records import FieldMap
+
+    fields = FieldMap(args.instruction_field, args.input_field, args.output_field, args.system_field)
+    text = is_raw_text(args.data_path, args.data_format, fields)
+    if args.eval_data_path and is_raw_text(args.eval_data_path, args.data_format, fields) != text:
+        kinds = ("raw text", "instruction or chat records") if text else ("instruction or chat records", "raw text")
+        raise FlagError(f"--eval_data_path {args.eval_data_path} holds {kinds[1]}, while --data_path {args.data_path} holds "
+                        f"{kinds[0]}: give held-out data of the same kind.")
+    if not text:
+        return False
+    _require(best_metric_name(metric_for_best_model) in (None, "eval_loss"), f"--metric_for_best_model {metric_for_best_model}: raw text has no answers "
+             "to score; use eval_loss (the held-out text's loss).")
+    _require(task != "classification" and labels is None, f"--task {task} / --labels {labels}: raw text has no answers to "
+             "classify; drop them (or train on classification records without --data_format text).")
+    return True
+
+
+def refuse_data_format_flag(argv: list[str] | None, command: str, reads: str) -> None:
+    """train_dpo and train_grpo read their own records: ``--data_format`` (raw text included) is an SFT command's flag."""
+    import sys
+
+    if any(arg == "--data_format" or arg.startswith("--data_format=") for arg in (sys.argv[1:] if argv is None else argv)):
+        raise FlagError(f"--data_format: {command} reads {reads}, detected by their keys; raw text for continued "
+                        "pre-training trains with train_lora (or train_qlora) --data_format text. Drop the flag.")
+
+
 def check_lora_flags(args) -> None:
     """LoRA's rank, scale, dropout and targets (``LoraArguments`` runs them on construction)."""
     _require(args.lora_r >= 1, f"--lora_r must be at least 1, got {args.lora_r}.")
