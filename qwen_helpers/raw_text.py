@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .data import BATCH_SIZE, token_ids
-from .data_files import _hash, file_digest, tokenizer_fingerprint
+from .data import BATCH_SIZE, file_digest, fingerprint_of, token_ids, tokenizer_fingerprint
 from .records import FieldMap, DataValidationError, _duplicate_key, _not_utf8, detect_format, read_raw_records
 
 TEXT_SUFFIXES = (".txt",)  # read as plain text under --data_format auto
@@ -142,13 +141,13 @@ class PackedText:
 
 
 def load_raw_text_for_training(tokenizer, path, max_length: int, cache_dir: str | None = None, echo=print) -> PackedText:
-    """Validate, tokenise and pack a raw-text file (cached on disk like :func:`qwen_helpers.data_files.load_dataset_for_training`)."""
+    """Validate, tokenise and pack a raw-text file (cached on disk as the records' tokenising pass is)."""
     from datasets import Dataset, Features, List, Value
     from datasets.exceptions import DatasetGenerationError
 
     file = Path(path)
     end_id = document_end_id(tokenizer)
-    fingerprint = _hash("raw text", str(file.resolve()), file_digest(file) if file.is_file() else None)
+    fingerprint = fingerprint_of("raw text", str(file.resolve()), file_digest(file) if file.is_file() else None)
     try:
         documents = Dataset.from_generator(_document_rows, features=Features({"text": Value("string")}), cache_dir=cache_dir,
                                            fingerprint=fingerprint, gen_kwargs=dict(path=str(file)))
@@ -159,11 +158,11 @@ def load_raw_text_for_training(tokenizer, path, max_length: int, cache_dir: str 
     tokens = documents.map(_stream_of_tokens, batched=True, batch_size=BATCH_SIZE, remove_columns=["text"],
                            fn_kwargs=dict(tokenizer=tokenizer, end_id=end_id), features=Features({"token": Value("int32")}),
                            writer_batch_size=1 << 16, desc=f"Tokenising {path}",
-                           new_fingerprint=_hash("tokens", documents._fingerprint, tokenizer_fingerprint(tokenizer), end_id))
+                           new_fingerprint=fingerprint_of("tokens", documents._fingerprint, tokenizer_fingerprint(tokenizer), end_id))
     block_features = Features({name: List(Value("int32")) for name in ("input_ids", "attention_mask", "labels")})
     blocks = tokens.map(_pack_blocks, batched=True, batch_size=max_length * BLOCKS_PER_BATCH, remove_columns=["token"],
                         fn_kwargs=dict(block_length=max_length), features=block_features, desc=f"Packing {path}",
-                        new_fingerprint=_hash("blocks", tokens._fingerprint, max_length, BLOCKS_PER_BATCH))
+                        new_fingerprint=fingerprint_of("blocks", tokens._fingerprint, max_length, BLOCKS_PER_BATCH))
     packed = PackedText(blocks, documents=len(documents), tokens=len(tokens), block_length=max_length)
     if packed.kept == 0:
         raise DataValidationError(f"{path}: {packed.tokens} tokens in {packed.documents} documents, fewer than one block of "
