@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from conftest import DATA
-from qwen_helpers import inspect_data, raw_text, train_dpo, train_lora, train_prompt_tuning
+from qwen_helpers import inspect_data, raw_text, train_dpo, train_grpo, train_lora, train_prompt_tuning
 from qwen_helpers import train as train_module
+from qwen_helpers.prompt_settings import settings_from_run_config
 from qwen_helpers.batching import TokenBudgetBatchSampler, make_training_collator
 from qwen_helpers.data_files import load_dataset_for_training
 from qwen_helpers.raw_text import is_raw_text, iter_documents
@@ -179,6 +180,7 @@ def test_bad_raw_text_is_one_line_and_exit_2_before_the_model_loads(tmp_path, mo
      "--metric_for_best_model chrf: raw text has no answers to score"),
     (train_prompt_tuning, ["--task", "classification"], "raw text has no answers to classify"),
     (train_dpo, ["--data_format", "text"], "--data_format: train_dpo reads preference pairs"),
+    (train_grpo, ["--data_format=text"], "--data_format: train_grpo reads prompt records"),
 ])
 def test_what_raw_text_cannot_do_is_refused_in_one_line(tmp_path, monkeypatch, capsys, command, flags, expected):
     monkeypatch.setattr(train_module, "load_tokenizer", lambda *a, **k: pytest.fail("the tokenizer loaded before the flags were checked"))
@@ -187,6 +189,13 @@ def test_what_raw_text_cannot_do_is_refused_in_one_line(tmp_path, monkeypatch, c
     code = command.main(["--data_path", str(txt), "--output_dir", str(tmp_path / "run"), "--max_steps", "1", *flags])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and expected in errors[0], errors
+
+
+def test_a_raw_text_adapter_reads_chat_files_afterwards():
+    """Inference and export take the data format from run_config.json: after raw text, their test files are chat records."""
+    settings = settings_from_run_config({"data_format": "text", "training_system_prompt": None})
+    assert settings.data_format == "auto" and settings.system_prompt is None
+    assert settings_from_run_config({"data_format": "sharegpt", "training_system_prompt": None}).data_format == "sharegpt"
 
 
 # ---------------------------------------------------------------------------------------------- inspect_data
