@@ -215,3 +215,19 @@ def test_inspect_data_shows_the_packed_blocks_holding_a_document_every_token_tra
     assert inspect_data.main(["--data_path", str(path), "--index", "12"]) == 2
     error = capsys.readouterr().err
     assert "error: --index 12: " in error and "has 12 documents (0 to 11)" in error
+
+
+def test_every_documents_view_is_the_blocks_training_packs(tmp_path, tokenizer):
+    """Each document's blocks, found by streaming the file, are those training packs; a tail in the dropped remainder is counted."""
+    path = write_txt(tmp_path / "corpus.txt")
+    rows = packed(tokenizer, path, 16, tmp_path).dataset["input_ids"]
+    stream, offset = expected_stream(tokenizer), 0
+    for index, document in enumerate(DOCUMENTS):
+        view = inspect_data.inspect_text(tokenizer, path, index, 16)
+        length = len(tokenizer(document, add_special_tokens=False)["input_ids"]) + 1
+        first, start = divmod(offset, 16)
+        assert view["first_block"] == first and view["document_span"] == [start, start + length]
+        assert [block["input_ids"] for block in view["blocks"]] == rows[first:first + len(view["blocks"])]
+        assert view["dropped_tokens"] == max(0, offset + length - len(rows) * 16)
+        offset += length
+    assert offset == len(stream) and view["dropped_tokens"] > 0  # the last document's tail is the dropped remainder
