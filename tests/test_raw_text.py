@@ -101,6 +101,16 @@ def test_auto_detects_txt_files_and_text_records(tmp_path):
     assert not is_raw_text(txt, "alpaca") and is_raw_text(DATA / "train.json", "text")  # a forced format wins
 
 
+@pytest.mark.parametrize("replica", ["tiny-qwen2.5-base", "tiny-qwen2.5-instruct", "tiny-qwen3", "tiny-qwen1.5-chat"])
+def test_documents_end_with_endoftext_on_base_and_instruct_checkpoints(replica):
+    """The released files differ in eos (<|endoftext|> on base, <|im_end|> on instruct); a document ends the same on both."""
+    from qwen_helpers.modeling import load_tokenizer
+    from qwen_helpers.tiny import resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path(replica))
+    assert raw_text.document_end_id(tokenizer) == ENDOFTEXT == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+
 def test_chat_readers_refuse_raw_text_in_one_line(tmp_path):
     for path in (write_txt(tmp_path / "corpus.txt"), write_jsonl(tmp_path / "corpus.jsonl", [{"text": "a document"}])):
         with pytest.raises(DataValidationError, match=r"raw text .* trains with --data_format text on train_lora"):
