@@ -201,9 +201,10 @@ def train(
         check_prompt_fits_model(prompt_args.num_virtual_tokens, data_args.max_length, model_args.model_path,
                                 base_config)
     task, labels = (prompt_args.task, prompt_args.labels) if adapter == "prompt_tuning" and prompt_args else ("auto", None)
-    raw_text = check_raw_text_flags(data_args, training_args.metric_for_best_model, task, labels)
-    if raw_text:  # decided once: every reader below, and run_config.json, see "text"
+    raw_text = check_raw_text_flags(data_args, training_args.metric_for_best_model, task, labels, lora_args, training_args)
+    if raw_text:  # decided once: every reader below, and run_config.json, see "text"; no chat-token rows (no chat turns)
         data_args = dataclasses.replace(data_args, data_format="text")
+        lora_args = dataclasses.replace(lora_args, train_chat_tokens=False) if lora_args is not None else None
     else:
         check_classification_flags(data_args, task, labels)  # a bad --labels now, not after training
     check_evaluation_data(data_args, training_args)  # evaluation during training needs held-out data

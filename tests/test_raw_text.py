@@ -4,13 +4,16 @@ The expected token stream is built here independently (each document tokenised o
 and the packed blocks must be exactly its first floor(total / max_length) x max_length tokens, cut in order.
 """
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from conftest import DATA
-from qwen_helpers import inspect_data, raw_text, train_dpo, train_grpo, train_lora, train_prompt_tuning
+from qwen_helpers import cli, flag_checks, inspect_data, raw_text, train_dpo, train_grpo, train_lora, train_prompt_tuning, train_qlora
+from qwen_helpers.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
+from qwen_helpers.errors import FlagError
 from qwen_helpers import train as train_module
 from qwen_helpers.prompt_settings import settings_from_run_config
 from qwen_helpers.batching import TokenBudgetBatchSampler, make_training_collator
@@ -199,6 +202,58 @@ def test_what_raw_text_cannot_do_is_refused_in_one_line(tmp_path, monkeypatch, c
     code = command.main(["--data_path", str(txt), "--output_dir", str(tmp_path / "run"), "--max_steps", "1", *flags])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and expected in errors[0], errors
+
+
+@pytest.mark.parametrize("command, flags, expected", [
+    (train_lora, ["--overflow", "truncate_prompt"], "--overflow truncate_prompt: raw text has no chat turns to truncate"),
+    (train_lora, ["--enable_thinking", "True"], "--enable_thinking True: raw text has no chat template, so no thinking block"),
+    (train_lora, ["--instruction_field", "prompt"], "--instruction_field prompt: raw text is read from the 'text' key"),
+    (train_lora, ["--system_field", "persona"], "--system_field persona: raw text is read from the 'text' key"),
+    (train_lora, ["--train_chat_tokens", "True"], "--train_chat_tokens True: raw text has no chat turns"),
+    (train_lora, ["--max_eval_records", "50"], "--max_eval_records 50: raw text has no answers to evaluate"),
+    (train_lora, ["--eval_generate_records", "4"], "--eval_generate_records 4: raw text has no answers to generate"),
+    (train_qlora, ["--data_format", "text", "--overflow", "truncate_prompt"], "--overflow truncate_prompt:"),
+    (train_prompt_tuning, ["--enable_thinking", "True"], "--enable_thinking True:"),
+    (train_prompt_tuning, ["--task", "generation"], "--task generation / --labels None: raw text has no answers"),
+])
+def test_a_chat_only_flag_set_for_raw_text_is_refused_not_ignored(tmp_path, monkeypatch, capsys, command, flags, expected):
+    """A .txt (auto-detected) or --data_format text: a chat-only flag given a value that would change anything is one line, exit 2."""
+    monkeypatch.setattr(train_module, "load_tokenizer", lambda *a, **k: pytest.fail("the tokenizer loaded before the flags were checked"))
+    code = command.main(["--data_path", str(write_txt(tmp_path / "corpus.txt")), "--output_dir", str(tmp_path / "run"),
+                         "--max_steps", "1", *flags])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and expected in errors[0], errors
+    assert "drop the flag" in errors[0] or "drop them" in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_chat_only_flags_at_values_that_change_nothing_are_accepted_for_raw_text(tmp_path):
+    """The defaults given explicitly, and the 'off' values (0 records, no chat-token rows), pass the quick parse's checks."""
+    harmless = ["--overflow", "drop", "--enable_thinking", "False", "--instruction_field", "instruction", "--output_field", "output",
+                "--train_chat_tokens", "False", "--max_eval_records", "0", "--eval_generate_records", "0", "--eval_max_new_tokens", "64"]
+    argv = ["--data_path", str(write_txt(tmp_path / "corpus.txt")), "--output_dir", str(tmp_path / "run"), *harmless]
+    model_args, data_args, lora_args, training_args = cli.parse_training_args("lora", argv)
+    assert data_args.overflow == "drop" and lora_args.train_chat_tokens is False and data_args.max_eval_records == 0
+    # the same flags on chat records are untouched by the raw-text check
+    assert flag_checks.check_raw_text_flags(dataclasses.replace(data_args, data_path=str(DATA / "train.json"), overflow="truncate_prompt",
+                                                                enable_thinking=True)) is False
+
+
+def test_the_refused_values_start_from_the_dataclasses_defaults():
+    """RAW_TEXT_IGNORES names each flag's default first; a changed default in config.py must be changed there too."""
+    defaults = {field.name: field.default for config in (DataArguments, LoraArguments, KitTrainingArguments)
+                for field in dataclasses.fields(config) if field.init}
+    assert {name: allowed[0] for name, (allowed, _) in flag_checks.RAW_TEXT_IGNORES.items()} == {
+        name: defaults[name] for name in flag_checks.RAW_TEXT_IGNORES}
+
+
+def test_train_refuses_a_chat_only_flag_for_raw_text_in_python_too(tmp_path, monkeypatch):
+    """The notebooks call train() with dataclasses, past the command line's quick parse: the same check runs there."""
+    monkeypatch.setattr(train_module, "load_tokenizer", lambda *a, **k: pytest.fail("the tokenizer loaded before the flags were checked"))
+    data = DataArguments(data_path=str(write_txt(tmp_path / "corpus.txt")), data_format="text", enable_thinking=True)
+    training = KitTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, report_to="none")
+    with pytest.raises(FlagError, match=r"^--enable_thinking True: raw text has no chat template"):
+        train_module.train(ModelArguments(), data, training, lora_args=LoraArguments())
 
 
 def test_a_raw_text_adapter_reads_chat_files_afterwards():
