@@ -170,6 +170,44 @@ def test_train_lora_trains_raw_text_blocks_with_every_label_its_input_id(tmp_pat
     assert not any("eval_chrf" in record for record in history)  # raw text has no answers to generate and score
 
 
+def test_padding_free_raw_text_trains_every_token_but_each_blocks_first(tmp_path, monkeypatch, capsys):
+    """Padding-free (one row per batch): the loss is the padded blocks' loss, over every token but each block's first.
+
+    The reference is the same model on the same blocks as a padded batch (standard labels = input ids), at each
+    step before its update; it matches only if no block attends to another and the same tokens are counted.
+    On a base checkpoint (eos <|endoftext|>) raw text trains no chat-token rows: it has no chat turns.
+    """
+    block, seen = 32, []
+    original = train_module.KitTrainer.compute_loss
+
+    def recording_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        blocks = inputs["input_ids"].view(-1, block)
+        with torch.no_grad():
+            reference = model(input_ids=blocks, labels=blocks).loss  # mean over every token but each row's first
+        loss = original(self, model, inputs, return_outputs, num_items_in_batch)
+        seen.append(dict(inputs={name: inputs[name].clone() for name in ("input_ids", "labels", "position_ids")},
+                         items=int(num_items_in_batch), loss=loss.item(), reference=reference.item()))
+        return loss
+
+    monkeypatch.setattr(train_module.KitTrainer, "compute_loss", recording_loss)
+    output = tmp_path / "run"
+    code = train_lora.main(["--model_path", "tiny-qwen2.5-base", "--data_path", str(write_txt(tmp_path / "corpus.txt")),
+                            "--max_length", str(block), "--padding_free", "True", "--per_device_train_batch_size", "2",
+                            "--lora_dropout", "0", "--max_steps", "2", "--output_dir", str(output), "--disable_tqdm", "True",
+                            "--report_to", "none"])
+    printed = capsys.readouterr().out
+    assert code == 0 and len(seen) == 2 and "batches: padding-free" in printed
+    for step in seen:
+        ids, labels, positions = (step["inputs"][name][0] for name in ("input_ids", "labels", "position_ids"))
+        assert ids.shape == (2 * block,) and positions.tolist() == list(range(block)) * 2  # one row, two whole blocks
+        assert labels[::block].tolist() == [-100, -100]  # each block's first token: no position predicts it
+        assert torch.equal(labels.view(2, block)[:, 1:], ids.view(2, block)[:, 1:])  # every other token trained
+        assert step["items"] == 2 * (block - 1)
+        assert step["loss"] == pytest.approx(step["reference"], rel=1e-4)
+    assert "also training the embedding rows" not in printed
+    assert not json.loads((output / "adapter_config.json").read_text(encoding="utf-8")).get("trainable_token_indices")
+
+
 @pytest.mark.parametrize("name, content, expected", [
     ("empty.jsonl", '{"text": "a document"}\n{"text": "   "}\n', "empty.jsonl, record 1, field 'text': the text is empty"),
     ("number.jsonl", '{"text": 42}\n', "number.jsonl, record 0, field 'text': expected a string, found int"),
