@@ -18,6 +18,7 @@ from typing import Literal
 from .data import IGNORE_INDEX, build_messages, format_prompt, tokenize_example
 from .checks import check_model_path
 from .errors import FlagError, command_boundary
+from .flag_checks import RAW_TEXT_IGNORES
 from .prompt_settings import field_flag, field_map_of
 from .quickflags import dataclass_parser, parse_command_flags
 from .raw_text import document_blocks, is_raw_text
@@ -104,6 +105,10 @@ def _print_text_view(args, tokenizer, view: dict) -> None:
 def _main_raw_text(args) -> int:
     if args.max_length < 1:
         raise FlagError(f"--max_length must be at least 1 token (the block length training packs into), got {args.max_length}.")
+    for name in ("enable_thinking", "instruction_field", "input_field", "output_field", "system_field"):  # chat records' flags
+        harmless, why = RAW_TEXT_IGNORES[name]
+        if getattr(args, name) not in (None, *harmless):
+            raise FlagError(f"--{name} {getattr(args, name)}: {why}; drop the flag (it applies to instruction or chat records).")
     check_model_path(args.model_path)
     from .modeling import load_tokenizer
 

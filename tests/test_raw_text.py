@@ -320,6 +320,15 @@ def test_inspect_data_shows_the_packed_blocks_holding_a_document_every_token_tra
     assert "error: --index 12: " in error and "has 12 documents (0 to 11)" in error
 
 
+@pytest.mark.parametrize("flags, expected", [(["--enable_thinking", "True"], "--enable_thinking True: raw text has no chat template"),
+                                             (["--output_field", "answer"], "--output_field answer: raw text is read from the 'text' key")])
+def test_inspect_data_refuses_a_chat_only_flag_on_raw_text(tmp_path, monkeypatch, capsys, flags, expected):
+    monkeypatch.setattr(inspect_data, "check_model_path", lambda *a, **k: pytest.fail("the model was looked up before the flags were checked"))
+    assert inspect_data.main(["--data_path", str(write_txt(tmp_path / "corpus.txt")), *flags]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], errors
+
+
 def test_every_documents_view_is_the_blocks_training_packs(tmp_path, tokenizer):
     """Each document's blocks, found by streaming the file, are those training packs; a tail in the dropped remainder is counted."""
     path = write_txt(tmp_path / "corpus.txt")
