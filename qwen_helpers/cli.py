@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .flag_checks import (best_metric_name, check_data_files, check_data_flags, check_evaluation_data,
-                          check_evaluation_flags, check_training_flags, evaluation_task)
+                          check_evaluation_flags, check_raw_text_flags, check_training_flags, evaluation_task)
 from .quickflags import dataclass_parser, parse_command_flags
 
 
@@ -31,8 +31,9 @@ def check_flag_values(method: str, flags: argparse.Namespace) -> None:
     check_training_flags(flags, flags)  # the method's own checks apply where its flags are present
     check_evaluation_flags(flags)
     check_evaluation_data(flags, flags)  # e.g. --eval_strategy steps without --eval_data_path
+    raw_text = check_raw_text_flags(flags, flags.metric_for_best_model, getattr(flags, "task", "auto"), getattr(flags, "labels", None))
     metric = best_metric_name(flags.metric_for_best_model)
-    if flags.eval_data_path and metric not in (None, "eval_loss"):  # a metric the data's task produces
+    if flags.eval_data_path and metric not in (None, "eval_loss") and not raw_text:  # a metric the data's task produces
         check_evaluation_data(flags, flags, evaluation_task(flags, getattr(flags, "task", "auto")))
     check_token_budget(flags.token_budget, flags.max_length)
     resolve_padding_free(flags.padding_free, method, flags.attn_implementation)
@@ -102,7 +103,7 @@ def run_training_command(method: str, argv: list[str] | None = None, **defaults)
     if sharded:  # rank 0 alone cannot run the model: the other ranks hold parts of its weights
         print(f"evaluation skipped under FSDP/ZeRO-3; evaluate the saved adapter on one GPU: "
               f"python -m qwen_helpers.inference --adapter_path {result.output_dir} --data_path YOUR_TEST.json", flush=True)
-    else:
+    elif not data_args.is_raw_text():  # raw text has no answers to evaluate; its eval loss is in the history
         from .classification import evaluate_run
 
         evaluation = evaluate_run(result, data_args, prompt_args)  # classification data only

@@ -56,7 +56,7 @@ class DataArguments:
 
     data_path: str = field(default="data/train.json", metadata={"help": "Training data: JSON array or JSONL of records."})
     eval_data_path: str | None = field(default=None, metadata={"help": "Optional evaluation data in the same format."})
-    max_length: int = field(default=512, metadata={"help": "Longest example in tokens (prompt + answer)."})
+    max_length: int = field(default=512, metadata={"help": "Longest example in tokens (prompt + answer); raw text: the block length."})
     overflow: Literal["drop", "truncate_prompt"] = field(
         default="drop",
         metadata={"help": "What to do with longer examples: drop them, or drop their oldest whole turns until they "
@@ -66,8 +66,10 @@ class DataArguments:
     input_field: str = field(default="input", metadata={"help": "Record key holding the optional input."})
     output_field: str = field(default="output", metadata={"help": "Record key holding the answer."})
     system_field: str = field(default="system", metadata={"help": "Record key holding an optional system prompt."})
-    data_format: Literal["auto", "alpaca", "messages", "sharegpt"] = field(
-        default="auto", metadata={"help": "Record format; auto detects it per file (messages / conversations keys, else alpaca)."}
+    data_format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = field(
+        default="auto",
+        metadata={"help": "Record format; auto detects it per file (messages / conversations / text keys, a .txt file, else alpaca). "
+                          "text: raw text for continued pre-training, every token trained, packed into --max_length blocks."},
     )
     enable_thinking: bool = field(
         default=False,
@@ -83,6 +85,12 @@ class DataArguments:
 
     def field_map(self) -> FieldMap:
         return FieldMap(self.instruction_field, self.input_field, self.output_field, self.system_field)
+
+    def is_raw_text(self) -> bool:
+        """True when the run trains on raw text (``--data_format text``, or auto-detected: see :mod:`qwen_helpers.raw_text`)."""
+        from .raw_text import is_raw_text
+
+        return is_raw_text(self.data_path, self.data_format, self.field_map())
 
 
 @dataclass

@@ -7,37 +7,39 @@ Both passes write memory-mapped Arrow files in the datasets cache (``$HF_DATASET
 the data), so memory stays flat in the file's size, and a second run with the same file, tokenizer and
 settings reads them back instead of tokenising again. A JSON array file is parsed whole (JSON Lines is
 the format for large data). Errors are :mod:`qwen_helpers.records`' one-line errors, raised by the
-validation pass before any tokenising.
+validation pass before any tokenising. Raw text (``--data_format text``) takes :mod:`qwen_helpers.raw_text`'s
+path instead: the same passes, then a packing pass into fixed-length blocks.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 
-from .data import (BATCH_SIZE, OverflowPolicy, TokenizedData, build_messages, renders_reasoning, tokenize_batch,
-                   tokenized_data, tokenized_features)
+from .data import (BATCH_SIZE, OverflowPolicy, TokenizedData, build_messages, file_digest, fingerprint_of, renders_reasoning,
+                   tokenize_batch, tokenized_data, tokenized_features, tokenizer_fingerprint)
+from .raw_text import PackedText, is_raw_text, load_raw_text_for_training
 from .records import DataFormat, DataValidationError, FieldMap, iter_records
-
-# What the tokenised result depends on besides the settings: the code of these modules (a kit upgrade re-tokenises).
-_CODE = ("records.py", "chat_spans.py", "data.py", "data_files.py")
 
 
 def load_dataset_for_training(tokenizer, path, max_length: int, overflow: OverflowPolicy = "drop", fields: FieldMap = FieldMap(),
                               data_format: DataFormat = "auto", enable_thinking: bool = False, cache_dir: str | None = None,
-                              echo=print) -> TokenizedData:
+                              echo=print) -> TokenizedData | PackedText:
     """Load, validate and tokenise a data file (what the training commands use), with a progress bar and a closing line.
 
-    ``cache_dir`` replaces the datasets cache folder (tests and the benchmark use a fresh one).
+    ``cache_dir`` replaces the datasets cache folder (tests and the benchmark use a fresh one). Raw text
+    (``data_format`` "text", or under "auto" a .txt file or {"text": ...} records) is packed into blocks of
+    ``max_length`` tokens instead (:mod:`qwen_helpers.raw_text`).
     """
+    if is_raw_text(path, data_format, fields):
+        return load_raw_text_for_training(tokenizer, path, max_length, cache_dir, echo)
     started = time.perf_counter()
     if enable_thinking and not renders_reasoning(tokenizer):
         echo("note: --enable_thinking True, and this chat template has no place for reasoning (Qwen2.5 and earlier): "
              "each answer's reasoning is trained inline as <think>…</think> before it, as in R1-distilled Qwen models.")
     conversations = conversations_dataset(path, fields, data_format, enable_thinking, cache_dir)
-    fingerprint = _hash("tokenised", conversations._fingerprint, tokenizer_fingerprint(tokenizer), max_length, overflow, enable_thinking)
+    fingerprint = fingerprint_of("tokenised", conversations._fingerprint, tokenizer_fingerprint(tokenizer), max_length, overflow, enable_thinking)
     try:
         tokenized = conversations.map(
             _tokenize_columns, batched=True, batch_size=BATCH_SIZE, writer_batch_size=BATCH_SIZE, remove_columns=conversations.column_names,
@@ -70,7 +72,7 @@ def conversations_dataset(path, fields: FieldMap = FieldMap(), data_format: Data
     file = Path(path)
     if not file.is_file():
         next(iter_records(file))  # the loader's own "no such data file" error
-    fingerprint = _hash("conversations", str(file.resolve()), file_digest(file), fields, data_format, enable_thinking)
+    fingerprint = fingerprint_of("conversations", str(file.resolve()), file_digest(file), fields, data_format, enable_thinking)
     features = Features({"record_index": Value("int64"), "messages": Value("string")})  # JSON text: 5x cheaper to write than nested structs
     try:
         return Dataset.from_generator(_conversation_rows, features=features, cache_dir=cache_dir, fingerprint=fingerprint,
@@ -84,26 +86,3 @@ def conversations_dataset(path, fields: FieldMap = FieldMap(), data_format: Data
 def _conversation_rows(path: str, fields: FieldMap, data_format: DataFormat, enable_thinking: bool):
     for index, record in enumerate(iter_records(path, fields, data_format)):
         yield {"record_index": index, "messages": json.dumps(build_messages(record, enable_thinking=enable_thinking), ensure_ascii=False)}
-
-
-def file_digest(path: Path) -> str:
-    """A BLAKE2b digest of the file's bytes, streamed in chunks (about 1 GB/s: a few percent of tokenising it)."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "blake2b").hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of everything that decides the token ids: the tokenizer's vocabulary and rules, its special tokens, its chat template."""
-    backend = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(sorted(tokenizer.get_vocab().items()))
-    return _hash(backend, str(tokenizer.chat_template), repr(tokenizer.special_tokens_map), len(tokenizer))
-
-
-def _hash(*parts) -> str:
-    """A datasets fingerprint (64 hex digits) of ``parts`` and the kit's data code."""
-    digest = hashlib.sha256()
-    package = Path(__file__).parent
-    for name in _CODE:
-        digest.update((package / name).read_bytes())
-    for part in parts:
-        digest.update(repr(part).encode("utf-8", "surrogatepass") + b"\0")
-    return digest.hexdigest()

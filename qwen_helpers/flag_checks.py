@@ -61,6 +61,63 @@ def check_data_files(args) -> None:
         check_data_file(Path(args.eval_data_path), "--eval_data_path")
 
 
+_NO_ANSWERS = "raw text has no answers to generate and score (its held-out measure is --eval_data_path's loss)"
+_NO_FIELDS = "raw text is read from the 'text' key of {\"text\": ...} records (or a .txt file), so no field is mapped"
+# Flags only instruction and chat data use: the values that change nothing under raw text (the dataclasses' default
+# first; tests/test_raw_text.py checks it), and why. Any other value would be silently ignored, so it is refused.
+RAW_TEXT_IGNORES = {
+    "overflow": (("drop",), "raw text has no chat turns to truncate (its documents are packed into --max_length blocks)"),
+    "enable_thinking": ((False,), "raw text has no chat template, so no thinking block"),
+    **{f"{role}_field": ((role,), _NO_FIELDS) for role in ("instruction", "input", "output", "system")},
+    "train_chat_tokens": ((None, False), "raw text has no chat turns, so the <|im_start|>/<|im_end|> rows would get no "
+                          "gradient (the SFT run that follows trains them)"),
+    "max_eval_records": ((200, 0), "raw text has no answers to evaluate after training (its held-out measure is "
+                         "--eval_data_path's loss)"),
+    "eval_generate_records": ((16, 0), _NO_ANSWERS),
+    "eval_max_new_tokens": ((64,), _NO_ANSWERS),
+}
+
+
+def check_raw_text_flags(args, metric_for_best_model: str | None = None, task: str = "auto", labels: str | None = None,
+                         *more_args) -> bool:
+    """Whether the run trains on raw text (:mod:`qwen_helpers.raw_text`), refusing what raw text cannot do; True when it does.
+
+    The evaluation file must be in the same kind (raw text, or records), and the only held-out measure of raw
+    text is its loss: it has no answers to generate, score or classify. A chat-only flag (:data:`RAW_TEXT_IGNORES`,
+    looked up in ``args`` then ``more_args``) set to a value that would change anything is refused.
+    """
+    from .raw_text import is_raw_text
+    from .records import FieldMap
+
+    fields = FieldMap(args.instruction_field, args.input_field, args.output_field, args.system_field)
+    text = is_raw_text(args.data_path, args.data_format, fields)
+    if args.eval_data_path and is_raw_text(args.eval_data_path, args.data_format, fields) != text:
+        kinds = ("raw text", "instruction or chat records") if text else ("instruction or chat records", "raw text")
+        raise FlagError(f"--eval_data_path {args.eval_data_path} holds {kinds[1]}, while --data_path {args.data_path} holds "
+                        f"{kinds[0]}: give held-out data of the same kind.")
+    if not text:
+        return False
+    _require(best_metric_name(metric_for_best_model) in (None, "eval_loss"), f"--metric_for_best_model {metric_for_best_model}: raw text has no answers "
+             "to score; use eval_loss (the held-out text's loss).")
+    _require(task == "auto" and labels is None, f"--task {task} / --labels {labels}: raw text has no answers to "
+             "classify or generate; drop them (or train on instruction records without --data_format text).")
+    for name, (harmless, why) in RAW_TEXT_IGNORES.items():
+        holder = next((source for source in (args, *more_args) if source is not None and hasattr(source, name)), None)
+        value = getattr(holder, name, harmless[0])
+        _require(any(value is choice or (type(value) is type(choice) and value == choice) for choice in harmless),
+                 f"--{name} {value}: {why}; drop the flag (it applies to instruction or chat records, not --data_format text).")
+    return True
+
+
+def refuse_data_format_flag(argv: list[str] | None, command: str, reads: str) -> None:
+    """train_dpo and train_grpo read their own records: ``--data_format`` (raw text included) is an SFT command's flag."""
+    import sys
+
+    if any(arg == "--data_format" or arg.startswith("--data_format=") for arg in (sys.argv[1:] if argv is None else argv)):
+        raise FlagError(f"--data_format: {command} reads {reads}, detected by their keys; raw text for continued "
+                        "pre-training trains with train_lora (or train_qlora) --data_format text. Drop the flag.")
+
+
 def check_lora_flags(args) -> None:
     """LoRA's rank, scale, dropout and targets (``LoraArguments`` runs them on construction)."""
     _require(args.lora_r >= 1, f"--lora_r must be at least 1, got {args.lora_r}.")

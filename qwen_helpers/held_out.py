@@ -202,6 +202,8 @@ def held_out_scorer(tokenizer, data_args, training_args, prompt_args=None) -> He
     evaluating = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"
     if not (evaluating and data_args.eval_data_path and training_args.eval_generate_records > 0):
         return None
+    if data_args.data_format == "text":  # raw text: no answers to generate; its held-out measure is the eval loss
+        return None
     task, labels = held_out_task(
         data_args, prompt_args.task if prompt_args else "auto", prompt_args.labels if prompt_args else None
     )

@@ -1,6 +1,7 @@
 """Show exactly which tokens of one record are trained: the rendered text with trained spans marked, and token counts.
 
     python -m qwen_helpers.inspect_data --model_path tiny-qwen3 --data_path data/multiturn.json --index 0 [--json]
+    python -m qwen_helpers.inspect_data --data_path data/pretrain.txt --index 1 --max_length 128   # raw text: its packed blocks
 
 Trained text is shown between ⟦ and ⟧; the prompt used at inference for the same record follows.
 ``--json`` prints one object with ``text``, ``trained_text``, ``prompt``, ``input_ids`` and ``labels``.
@@ -16,9 +17,11 @@ from typing import Literal
 
 from .data import IGNORE_INDEX, build_messages, format_prompt, tokenize_example
 from .checks import check_model_path
-from .errors import command_boundary
+from .errors import FlagError, command_boundary
+from .flag_checks import RAW_TEXT_IGNORES
 from .prompt_settings import field_flag, field_map_of
 from .quickflags import dataclass_parser, parse_command_flags
+from .raw_text import document_blocks, is_raw_text
 from .records import DataValidationError, load_records
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
@@ -31,7 +34,9 @@ class InspectArguments:
     model_path: str = field(default="tiny", metadata={"help": "Checkpoint whose tokenizer and chat template render the record ('tiny-qwen3', a folder...)."})
     data_path: str = field(default="data/train.json", metadata={"help": "JSON or JSONL data file (alpaca, messages or sharegpt records)."})
     index: int = field(default=0, metadata={"help": "Record to show (0 is the first)."})
-    data_format: Literal["auto", "alpaca", "messages", "sharegpt"] = field(default="auto", metadata={"help": "Force a record format."})
+    data_format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = field(
+        default="auto", metadata={"help": "Force a record format (text: raw text, shown as the packed blocks that hold the document)."})
+    max_length: int = field(default=512, metadata={"help": "Raw text: the block length training packs into (its --max_length)."})
     instruction_field: str | None = field_flag("instruction", recorded=False)
     input_field: str | None = field_flag("input", recorded=False)
     output_field: str | None = field_flag("output", recorded=False)
@@ -74,9 +79,54 @@ def marked_text(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     return "".join(pieces)
 
 
+def inspect_text(tokenizer, path, index: int, block_length: int) -> dict:
+    """The training view of one raw-text document: the packed block(s) holding it, every token trained."""
+    found = document_blocks(tokenizer, path, index, block_length)
+    ids = [token for block in found["blocks"] for token in block["input_ids"]]
+    labels = [label for block in found["blocks"] for label in block["labels"]]
+    trained = [label for label in labels if label != IGNORE_INDEX]
+    return {**found, "text": tokenizer.decode(ids), "trained_text": tokenizer.decode(trained), "tokens": len(ids),
+            "trained_tokens": len(trained), "input_ids": ids, "labels": labels}
+
+
+def _print_text_view(args, tokenizer, view: dict) -> None:
+    start, end = view["document_span"]
+    print(f"document {args.index} of {args.data_path} (raw text: no chat template), packed into blocks of {args.max_length} "
+          f"tokens for {args.model_path}; counting from the first block shown, tokens {start}-{end - 1} are this document and its end token. "
+          f"Trained text between {TRAINED_OPEN} and {TRAINED_CLOSE}:")
+    for number, block in enumerate(view["blocks"], start=view["first_block"]):
+        print(f"\nblock {number}:\n{marked_text(tokenizer, block['input_ids'], block['labels'])}")
+    print(f"\n{len(view['blocks'])} block(s), {view['tokens']} tokens, {view['trained_tokens']} trained "
+          f"({100 * view['trained_tokens'] / max(view['tokens'], 1):.0f}%)")
+    if view["dropped_tokens"]:
+        print(f"{view['dropped_tokens']} tokens of this document fall in the stream's last partial block, which is dropped")
+
+
+def _main_raw_text(args) -> int:
+    if args.max_length < 1:
+        raise FlagError(f"--max_length must be at least 1 token (the block length training packs into), got {args.max_length}.")
+    for name in ("enable_thinking", "instruction_field", "input_field", "output_field", "system_field"):  # chat records' flags
+        harmless, why = RAW_TEXT_IGNORES[name]
+        if getattr(args, name) not in (None, *harmless):
+            raise FlagError(f"--{name} {getattr(args, name)}: {why}; drop the flag (it applies to instruction or chat records).")
+    check_model_path(args.model_path)
+    from .modeling import load_tokenizer
+
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        tokenizer = load_tokenizer(args.model_path)
+        view = inspect_text(tokenizer, args.data_path, args.index, args.max_length)
+    if args.json:
+        print(json.dumps(view, ensure_ascii=False))
+    else:
+        _print_text_view(args, tokenizer, view)
+    return 0
+
+
 @command_boundary
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse_command_flags("inspect_data", lambda: dataclass_parser(InspectArguments), argv)
+    if is_raw_text(args.data_path, args.data_format, field_map_of(args)):
+        return _main_raw_text(args)
     # with --json, stdout holds the one JSON object: every note (a model download, a replica built) goes to stderr
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         tokenizer, record = _load(args)

@@ -136,6 +136,7 @@ def settings_from_run_config(run: dict) -> PromptSettings:
     """
     fields = FieldMap(*(run.get(f"{name}_field") or name for name in ("instruction", "input", "output", "system")))
     data_format = run.get("data_format") or "auto"
+    data_format = "auto" if data_format == "text" else data_format  # raw-text training: the files asked later are chat records
     if SYSTEM_PROMPT_KEY in run:
         system_prompt = run[SYSTEM_PROMPT_KEY]
     else:

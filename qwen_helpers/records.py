@@ -23,7 +23,7 @@ class DataValidationError(KitError, ValueError):
     """A data file or record that cannot be used, with the file, record and field named."""
 
 
-DataFormat = Literal["auto", "alpaca", "messages", "sharegpt"]
+DataFormat = Literal["auto", "alpaca", "messages", "sharegpt", "text"]
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 REASONING_FIELDS = ("reasoning_content", "reasoning")  # where records carry an answer's reasoning (Qwen3 thinking mode)
@@ -130,20 +130,16 @@ def read_raw_records(path: Path) -> Iterator[Any]:
         yield from _read_json_lines(path)
 
 
-def detect_format(record: Any) -> str:
-    """The record format of a file, from its first record: ``messages``, ``sharegpt`` (``conversations``) or ``alpaca``."""
+def detect_format(record: Any, fields: FieldMap = FieldMap()) -> str:
+    """A file's record format, from its first record: ``messages``, ``sharegpt`` (``conversations``), ``text`` (raw text) or ``alpaca``."""
     if isinstance(record, dict) and "messages" in record:
         return "messages"
     if isinstance(record, dict) and "conversations" in record:
         return "sharegpt"
-    return "alpaca"
+    return "text" if isinstance(record, dict) and "text" in record and not {fields.instruction, fields.output} & set(record) else "alpaca"
 
 
-def load_records(
-    source: str | os.PathLike | Iterable[dict],
-    fields: FieldMap = FieldMap(),
-    data_format: DataFormat = "auto",
-) -> list[dict]:
+def load_records(source: str | os.PathLike | Iterable[dict], fields: FieldMap = FieldMap(), data_format: DataFormat = "auto") -> list[dict]:
     """Load a JSON array, a JSONL file or a list of dicts, and validate every record.
 
     Three formats, detected from the first record unless ``data_format`` forces one: alpaca
@@ -157,11 +153,7 @@ def load_records(
     return list(iter_records(source, fields, data_format))
 
 
-def iter_records(
-    source: str | os.PathLike | Iterable[dict],
-    fields: FieldMap = FieldMap(),
-    data_format: DataFormat = "auto",
-) -> Iterator[dict]:
+def iter_records(source: str | os.PathLike | Iterable[dict], fields: FieldMap = FieldMap(), data_format: DataFormat = "auto") -> Iterator[dict]:
     """:func:`load_records` one record at a time: a JSON Lines file is read line by line, so memory stays flat.
 
     The checks and their messages are load_records' (it is this, collected); a field map naming a field
@@ -170,13 +162,17 @@ def iter_records(
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         check_data_file(path)
+        if path.suffix.lower() == ".txt":
+            raise _raw_text_here(path)
         raw, where = read_raw_records(path), str(path)
     else:
         raw, where = iter(source), "records"
     first = next(raw, _NOTHING)
     if first is _NOTHING:
         raise DataValidationError(f"{where}: no records found.")
-    file_format = detect_format(first) if data_format == "auto" else data_format
+    file_format = detect_format(first, fields) if data_format == "auto" else data_format
+    if file_format == "text":
+        raise _raw_text_here(where)
     keys_seen = set()
     for index, record in enumerate(itertools.chain([first], raw)):
         if data_format == "auto" and (other := _other_format(record, file_format, fields)):
@@ -189,6 +185,10 @@ def iter_records(
     if file_format == "alpaca":
         _check_mapped_fields_exist(keys_seen, where, fields)
 
+
+def _raw_text_here(where) -> DataValidationError:  # raw_text.py reads raw text, for the training commands only
+    return DataValidationError(f"{where}: raw text (a .txt file or {{\"text\": ...}} records) trains with --data_format text on "
+                               "train_lora, train_qlora or train_prompt_tuning; this needs instruction or chat records.")
 
 
 def check_data_file(path: Path, flag: str = "--data_path") -> None:
@@ -203,7 +203,7 @@ def _other_format(record: Any, file_format: str, fields: FieldMap) -> str | None
     """The format of a record plainly in another format than the file's first one (its own key says so), else None."""
     if not isinstance(record, dict):
         return None
-    found = detect_format(record)
+    found = detect_format(record, fields)
     if found == "alpaca" and fields.instruction not in record:
         return None  # a broken chat record, not an alpaca one: its own validation says what is wrong
     return found if found != file_format else None

@@ -7,6 +7,7 @@ which peft config wraps it; full fine-tuning (the benchmark's baseline) is the s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ from .batching import check_token_budget, kit_trainer_class, make_training_colla
 from .callbacks import LossHistoryCallback, NanGuardCallback, train_losses
 from .checks import base_summary, check_model_path
 from .flag_checks import (check_classification_flags, check_data_files, check_evaluation_data, check_lora_variant_on_4bit,
-                          check_prompt_fits_model, check_resume_flags, check_training_flags)
+                          check_prompt_fits_model, check_raw_text_flags, check_resume_flags, check_training_flags)
 from .held_out import HeldOutScorer, best_and_stop, best_of_run, held_out_scorer, held_out_task, judged_by, stop_reason
 from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments, write_run_config
 from .data import chat_tokens_to_train
@@ -200,9 +201,14 @@ def train(
         check_prompt_fits_model(prompt_args.num_virtual_tokens, data_args.max_length, model_args.model_path,
                                 base_config)
     task, labels = (prompt_args.task, prompt_args.labels) if adapter == "prompt_tuning" and prompt_args else ("auto", None)
-    check_classification_flags(data_args, task, labels)  # a bad --labels now, not after training
+    raw_text = check_raw_text_flags(data_args, training_args.metric_for_best_model, task, labels, lora_args, training_args)
+    if raw_text:  # decided once: every reader below, and run_config.json, see "text"; no chat-token rows (no chat turns)
+        data_args = dataclasses.replace(data_args, data_format="text")
+        lora_args = dataclasses.replace(lora_args, train_chat_tokens=False) if lora_args is not None else None
+    else:
+        check_classification_flags(data_args, task, labels)  # a bad --labels now, not after training
     check_evaluation_data(data_args, training_args)  # evaluation during training needs held-out data
-    if str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no":
+    if not raw_text and str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no":
         # a metric this task produces
         check_evaluation_data(data_args, training_args, held_out_task(data_args, task, labels)[0])
     check_distributed_launch(training_args)
@@ -244,7 +250,8 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
         )
     notes.append(f"data: {data_args.data_path}: {train_data.summary()}")
     # read now, as the data was: export and inference take the system prompt from run_config.json, not from this file
-    system_prompt = training_system_prompt(data_args.data_path, data_args.field_map(), data_args.data_format)
+    raw_text = data_args.data_format == "text"  # no chat template, so no system prompt
+    system_prompt = None if raw_text else training_system_prompt(data_args.data_path, data_args.field_map(), data_args.data_format)
     if adapter == "prompt_tuning":
         notes.append(describe_text_init(tokenizer, prompt_args))
 

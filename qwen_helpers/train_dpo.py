@@ -10,6 +10,7 @@ Every TrainingArguments and DPOConfig flag works too (``--beta``, ``--loss_type`
 import sys
 
 from .errors import command_boundary
+from .flag_checks import refuse_data_format_flag
 from .quickflags import dataclass_parser, parse_command_flags
 
 
@@ -28,6 +29,7 @@ def parse_dpo_args(argv=None):
         if looks_like_local_path(flags.model_path):
             check_model_path(flags.model_path)
 
+    refuse_data_format_flag(argv, "train_dpo", "preference pairs (prompt or messages, chosen, rejected)")
     return parse_command_flags("train_dpo", build_parser, argv, check=check)
 
 

@@ -10,6 +10,7 @@ Every TrainingArguments and GRPOConfig flag works too (``--num_generations``, ``
 import sys
 
 from .errors import command_boundary
+from .flag_checks import refuse_data_format_flag
 from .quickflags import dataclass_parser, parse_command_flags
 
 
@@ -30,6 +31,7 @@ def parse_grpo_args(argv=None):
         if looks_like_local_path(flags.model_path):
             check_model_path(flags.model_path)
 
+    refuse_data_format_flag(argv, "train_grpo", "prompt records")
     return parse_command_flags("train_grpo", build_parser, argv, check=check)
 
 
