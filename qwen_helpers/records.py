@@ -263,8 +263,8 @@ def _validate_alpaca(record: Any, index: int, where: str, fields: FieldMap) -> d
 
 def label_set(records: list[dict], max_labels: int = 20) -> list[str] | None:
     """The sorted label set when the records look like classification (few distinct, repeated outputs), else None."""
-    if any(record.get("tool_calls") for record in records):
-        return None  # answers that call tools are generation, however few their texts
+    if any(record.get("tool_calls") or not record["output"].strip() for record in records):
+        return None  # answers that call tools (their text may be empty) are generation, however few their texts
     counts = Counter(record["output"].strip() for record in records)
     if len(counts) <= min(max_labels, max(2, len(records) // 4)) and min(counts.values()) >= 2:
         return sorted(counts)

@@ -78,6 +78,14 @@ def test_inspect_data_refuses_a_malformed_call_in_one_line_before_loading_a_mode
     assert error.count("\n") == 0 and "bad.jsonl, record 0, turn 2, tool call 0" in error
 
 
+def test_answers_that_call_tools_are_never_taken_for_classification_labels():
+    from qwen_helpers.records import detect_task
+
+    records = load_records([{"messages": CONVERSATION[:3], "tools": [WEATHER]}] * 4)
+    assert detect_task(records) == "generation"
+    assert detect_task([{"output": record["output"]} for record in records]) == "generation"  # as the commands stream them
+
+
 def test_records_keep_the_answers_calls_and_the_tools():
     (answer_is_call,) = load_records([{"messages": CONVERSATION[:3], "tools": [WEATHER]}])
     assert answer_is_call["output"] == "" and answer_is_call["tool_calls"] == [CALL] and answer_is_call["tools"] == [WEATHER]
