@@ -152,6 +152,20 @@ def test_an_answer_with_text_and_two_calls_trains_all_of_it(replica):
     assert trained_text(tokenizer, tokenize_example(tokenizer, record)) == expected
 
 
+def test_truncate_prompt_drops_a_whole_exchange_with_its_call_and_result(replica):
+    _, tokenizer = replica
+    long_result = json.dumps({"city": "北京", "forecast": ["晴"] * 200}, ensure_ascii=False)
+    turns = [*CONVERSATION[:3], {"role": "tool", "content": long_result}, CONVERSATION[4],
+             {"role": "user", "content": "谢谢！"}, {"role": "assistant", "content": "不客气。"}]
+    (record,) = load_records([{"messages": turns, "tools": [WEATHER]}])
+    full = tokenize_example(tokenizer, record)
+    (last_exchange,) = load_records([{"messages": [turns[0], *turns[5:]], "tools": [WEATHER]}])
+    shorter = tokenize_example(tokenizer, last_exchange)
+    fitted = tokenize_example(tokenizer, record, max_length=len(shorter["input_ids"]) + 8, overflow="truncate_prompt")
+    assert len(full["input_ids"]) > len(fitted["input_ids"]) and fitted == shorter  # system turn kept, the call's exchange gone
+    assert tokenize_example(tokenizer, record, max_length=len(shorter["input_ids"]) + 8) is None  # "drop" drops it
+
+
 @pytest.mark.parametrize("model_path", ["tiny", *INSTRUCT_REPLICAS])
 def test_batched_tokenising_gives_the_per_record_labels(model_path, tmp_path):
     from qwen_helpers.data_files import load_dataset_for_training
