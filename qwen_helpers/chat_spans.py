@@ -124,7 +124,10 @@ def _tool_call_spans(tokenizer, messages: list[dict], text: str, add_generation_
         before = len(render(tokenizer, messages[:position], False, enable_thinking, tools))
         start = before + _common_length(text[before:], other[before:])
         end = len(text) - _common_length(text[start:][::-1], other[start:][::-1])
-        if other[:before] != text[:before] or end <= start:
+        if end <= start:
+            raise ValueError(f"The chat template does not render the tool calls of turn {position}, so they cannot be trained: use a "
+                             "checkpoint whose template renders tools (Qwen2.5, Qwen3), or drop the calls.")
+        if other[:before] != text[:before]:
             raise ValueError(f"The chat template renders the tool calls of turn {position} in an unexpected shape; cannot mark them.")
         spans[position] = (start, end)
     return spans

@@ -103,6 +103,15 @@ def replica(request):
     return request.param, load_tokenizer(request.param)
 
 
+def test_a_template_without_tool_calls_is_refused_naming_the_record(tmp_path):
+    from qwen_helpers.data_files import load_dataset_for_training
+
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps(RECORD, ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(DataValidationError, match=r"tools\.jsonl, record 0: The chat template does not render the tool calls of turn 2"):
+        load_dataset_for_training(load_tokenizer("tiny-qwen1.5-chat"), path, max_length=1024, cache_dir=str(tmp_path), echo=lambda _: None)
+
+
 def test_string_and_object_arguments_give_the_same_tokens(replica):
     _, tokenizer = replica
     as_string = {"type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": "北京"}, ensure_ascii=False)}}
