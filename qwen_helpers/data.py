@@ -29,6 +29,9 @@ OverflowPolicy = Literal["drop", "truncate_prompt"]  # truncate_prompt drops who
 def build_messages(record: dict, with_response: bool = True, enable_thinking: bool = False) -> list[dict]:
     """The chat messages of a record: its earlier turns (or system + user from an alpaca record), then the answer.
 
+    Tool calls stay on their assistant turns (the answer's from ``tool_calls``); the record's ``tools`` are
+    passed to the template beside the messages (``record.get("tools")``), never inside them.
+
     ``enable_thinking=False`` drops every reasoning (Qwen3's non-thinking mode); with True, assistant
     turns carry it as ``reasoning_content`` for the template to render (or drop, for earlier turns).
     """
