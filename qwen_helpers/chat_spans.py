@@ -13,10 +13,10 @@ import re
 from dataclasses import dataclass
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool, enable_thinking: bool) -> str:
-    """The checkpoint's own chat template applied to ``messages`` (``enable_thinking`` is read by Qwen3's, ignored by others)."""
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool, enable_thinking: bool, tools: list[dict] | None = None) -> str:
+    """The checkpoint's own chat template applied to ``messages`` and ``tools`` (``enable_thinking`` is read by Qwen3's, ignored by others)."""
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking
+        messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking
     )
 
 
@@ -39,7 +39,8 @@ def _marked(messages: list[dict]) -> list[dict]:
     marked = []
     for position, message in enumerate(messages):
         message = dict(message)
-        message["content"] = f"{_OPEN}c{position}{_END}{message['content']}{_CLOSE}c{position}{_END}"
+        if message["content"] or not message.get("tool_calls"):  # a call's empty text stays empty: templates test it
+            message["content"] = f"{_OPEN}c{position}{_END}{message['content']}{_CLOSE}c{position}{_END}"
         if message.get("reasoning_content"):
             message["reasoning_content"] = f"{_OPEN}r{position}{_END}{message['reasoning_content']}{_CLOSE}r{position}{_END}"
         marked.append(message)
@@ -70,20 +71,22 @@ def _unmark(text: str) -> tuple[str, dict[str, tuple[int, int]]]:
     return "".join(plain), spans
 
 
-def render_conversation(tokenizer, messages: list[dict], enable_thinking: bool = False) -> RenderedConversation:
+def render_conversation(tokenizer, messages: list[dict], enable_thinking: bool = False, tools: list[dict] | None = None) -> RenderedConversation:
     """Render a whole conversation and find, from the template's own renderings, the trained span of every assistant turn.
 
     For assistant turn i: the conversation before it rendered alone must be a prefix of the whole; the
     turn starts there with the template's generation prompt (or, where the template renders earlier turns
     without part of it, as Qwen3 drops their empty think block, with that prompt's first lines); it ends
-    after its content and the closing text the template writes after the last answer, trailing newline
-    excluded. Nothing is found by searching for a token.
+    after its content (or its tool calls, see :func:`_tool_call_spans`) and the closing text the template
+    writes after the last answer, trailing newline excluded. Nothing is found by searching for a token.
     """
-    text = render(tokenizer, messages, False, enable_thinking)
-    marked_text, fields = _unmark(render(tokenizer, _marked(messages), False, enable_thinking))
+    text = render(tokenizer, messages, False, enable_thinking, tools)
+    marked_text, fields = _unmark(render(tokenizer, _marked(messages), False, enable_thinking, tools))
     if marked_text != text:
         raise ValueError(_REWRITES)
-    last_answer = fields.get(f"c{len(messages) - 1}")
+    calls = _tool_call_spans(tokenizer, messages, text, False, enable_thinking, tools)
+    last = len(messages) - 1
+    last_answer = calls[last] if last in calls else fields.get(f"c{last}")
     closing = text[last_answer[1]:].rstrip() if last_answer else ""
     if not closing:
         raise ValueError("The chat template writes nothing after an assistant turn, so the model could never learn to stop.")
@@ -91,9 +94,9 @@ def render_conversation(tokenizer, messages: list[dict], enable_thinking: bool =
     for position, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(tokenizer, messages[:position], False, enable_thinking)
-        prompt = render(tokenizer, messages[:position], True, enable_thinking)
-        content = fields.get(f"c{position}")
+        before = render(tokenizer, messages[:position], False, enable_thinking, tools)
+        prompt = render(tokenizer, messages[:position], True, enable_thinking, tools)
+        content = calls.get(position) or fields.get(f"c{position}")
         if not text.startswith(before) or not prompt.startswith(before) or content is None:
             raise ValueError(f"The chat template renders turn {position} differently inside the conversation; cannot mark its trained tokens.")
         header = _turn_header(text[len(before):], prompt[len(before):])
@@ -101,17 +104,49 @@ def render_conversation(tokenizer, messages: list[dict], enable_thinking: bool =
         if header is None or text[content[1]:end] != closing:
             raise ValueError(f"The chat template renders assistant turn {position} in an unexpected shape; cannot mark its trained tokens.")
         trained.append((len(before) + len(header), end))
-    return RenderedConversation(text, sorted(fields.values()), trained)
+    return RenderedConversation(text, sorted([*fields.values(), *calls.values()]), trained)
 
 
-def render_prompt(tokenizer, messages: list[dict], enable_thinking: bool = False) -> tuple[str, list[tuple[int, int]]]:
+def _tool_call_spans(tokenizer, messages: list[dict], text: str, add_generation_prompt: bool, enable_thinking: bool,
+                     tools: list[dict] | None) -> dict[int, tuple[int, int]]:
+    """Where each assistant turn with tool calls writes its text and calls: position -> (start, end) in ``text``.
+
+    Arguments are rendered with ``tojson``, so no marker can go inside them; instead the conversation is
+    rendered again with that one turn's calls and text replaced by a placeholder, and the turn's part of
+    the text is what differs between the two renderings (everything before and after it is the same).
+    """
+    spans = {}
+    for position, message in enumerate(messages):
+        if not message.get("tool_calls"):
+            continue
+        placeholder = {key: value for key, value in message.items() if key != "tool_calls"} | {"content": _SLOT}
+        other = render(tokenizer, [*messages[:position], placeholder, *messages[position + 1:]], add_generation_prompt, enable_thinking, tools)
+        before = len(render(tokenizer, messages[:position], False, enable_thinking, tools))
+        start = before + _common_length(text[before:], other[before:])
+        end = len(text) - _common_length(text[start:][::-1], other[start:][::-1])
+        if end <= start:
+            raise ValueError(f"The chat template does not render the tool calls of turn {position}, so they cannot be trained: use a "
+                             "checkpoint whose template renders tools (Qwen2.5, Qwen3), or drop the calls.")
+        if other[:before] != text[:before]:
+            raise ValueError(f"The chat template renders the tool calls of turn {position} in an unexpected shape; cannot mark them.")
+        spans[position] = (start, end)
+    return spans
+
+
+def _common_length(first: str, second: str) -> int:
+    """The length of the longest common prefix of two strings."""
+    return next((index for index, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
+
+
+def render_prompt(tokenizer, messages: list[dict], enable_thinking: bool = False, tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The prompt text (with the generation prompt) and where the messages' texts lie in it (none if the template rewrites them)."""
-    text = render(tokenizer, messages, True, enable_thinking)
+    text = render(tokenizer, messages, True, enable_thinking, tools)
     try:
-        marked_text, fields = _unmark(render(tokenizer, _marked(messages), True, enable_thinking))
+        marked_text, fields = _unmark(render(tokenizer, _marked(messages), True, enable_thinking, tools))
+        calls = _tool_call_spans(tokenizer, messages, text, True, enable_thinking, tools)
     except ValueError:
         return text, []
-    return text, sorted(fields.values()) if marked_text == text else []
+    return text, sorted([*fields.values(), *calls.values()]) if marked_text == text else []
 
 
 def _turn_header(turn: str, generation_prompt: str) -> str | None:

@@ -31,6 +31,9 @@ OverflowPolicy = Literal["drop", "truncate_prompt"]  # truncate_prompt drops who
 def build_messages(record: dict, with_response: bool = True, enable_thinking: bool = False) -> list[dict]:
     """The chat messages of a record: its earlier turns (or system + user from an alpaca record), then the answer.
 
+    Tool calls stay on their assistant turns (the answer's from ``tool_calls``); the record's ``tools`` are
+    passed to the template beside the messages (``record.get("tools")``), never inside them.
+
     ``enable_thinking=False`` drops every reasoning (Qwen3's non-thinking mode); with True, assistant
     turns carry it as ``reasoning_content`` for the template to render (or drop, for earlier turns).
     """
@@ -45,6 +48,8 @@ def build_messages(record: dict, with_response: bool = True, enable_thinking: bo
         answer = {"role": "assistant", "content": record["output"]}
         if record.get("reasoning"):
             answer["reasoning_content"] = record["reasoning"]
+        if record.get("tool_calls"):
+            answer["tool_calls"] = record["tool_calls"]
         messages.append(answer)
     for message in messages:
         if message["role"] == "assistant":
@@ -60,7 +65,7 @@ def format_prompt(tokenizer, record: dict, enable_thinking: bool = False) -> str
     The one prompt format: training renders the same turns the same way, so the model is asked exactly
     as it was taught (Qwen3: ``enable_thinking=False`` ends the prompt with an empty think block).
     """
-    return render(tokenizer, build_messages(record, with_response=False), True, enable_thinking)
+    return render(tokenizer, build_messages(record, with_response=False), True, enable_thinking, record.get("tools"))
 
 
 def _tokenize_pieces(tokenizer, text: str, data_spans, trained_spans) -> tuple[list[int], list[int]]:
@@ -80,7 +85,7 @@ def _tokenize_pieces(tokenizer, text: str, data_spans, trained_spans) -> tuple[l
 
 def tokenize_prompt(tokenizer, record: dict, enable_thinking: bool = False) -> list[int]:
     """The prompt's token ids, tokenised exactly as training tokenises the same text (special-token text in data stays text)."""
-    text, data_spans = render_prompt(tokenizer, build_messages(record, with_response=False), enable_thinking)
+    text, data_spans = render_prompt(tokenizer, build_messages(record, with_response=False), enable_thinking, record.get("tools"))
     return _tokenize_pieces(tokenizer, text, data_spans, [])[0]
 
 
@@ -94,14 +99,14 @@ def tokenize_example(tokenizer, record: dict, max_length: int | None = None, ove
     fitted by ``overflow`` (see :func:`fit_to_length`).
     """
     messages = build_messages(record, enable_thinking=enable_thinking)
-    example = _encode_messages(tokenizer, messages, enable_thinking)
+    example = _encode_messages(tokenizer, messages, enable_thinking, record.get("tools"))
     if max_length is None:
         return example
-    return fit_to_length(tokenizer, messages, example, max_length, overflow, enable_thinking)
+    return fit_to_length(tokenizer, messages, example, max_length, overflow, enable_thinking, record.get("tools"))
 
 
 def _encode_with_labels(tokenizer, record: dict, enable_thinking: bool = False) -> dict:
-    return _encode_messages(tokenizer, build_messages(record, enable_thinking=enable_thinking), enable_thinking)
+    return _encode_messages(tokenizer, build_messages(record, enable_thinking=enable_thinking), enable_thinking, record.get("tools"))
 
 
 def renders_reasoning(tokenizer) -> bool:
@@ -125,16 +130,16 @@ def inline_reasoning(tokenizer, messages: list[dict], enable_thinking: bool) -> 
     reasoning = any("reasoning_content" in message for message in messages)
     if not enable_thinking or not reasoning or renders_reasoning(tokenizer):
         return messages
-    *history, last = [{"role": message["role"], "content": message["content"]} for message in messages]
+    *history, last = [{key: value for key, value in message.items() if key != "reasoning_content"} for message in messages]
     if "reasoning_content" in messages[-1]:
         last["content"] = f"<think>\n{messages[-1]['reasoning_content']}\n</think>\n\n{last['content']}"
     return [*history, last]
 
 
-def _encode_messages(tokenizer, messages: list[dict], enable_thinking: bool) -> dict:
+def _encode_messages(tokenizer, messages: list[dict], enable_thinking: bool, tools: list[dict] | None = None) -> dict:
     """One conversation the reference way: rendered and marked by :func:`render_conversation`, its pieces tokenised."""
     messages = inline_reasoning(tokenizer, messages, enable_thinking)
-    rendered = render_conversation(tokenizer, messages, enable_thinking)
+    rendered = render_conversation(tokenizer, messages, enable_thinking, tools)
     end = rendered.trained_spans[-1][1]  # the template's newline after the last <|im_end|> is not trained, nor kept
     data_spans = [(start, min(stop, end)) for start, stop in rendered.data_spans if start < end]
     input_ids, labels = _tokenize_pieces(tokenizer, rendered.text[:end], data_spans, rendered.trained_spans)
@@ -142,11 +147,11 @@ def _encode_messages(tokenizer, messages: list[dict], enable_thinking: bool) -> 
 
 
 def fit_to_length(tokenizer, messages: list[dict], example: dict, max_length: int, overflow: OverflowPolicy,
-                  enable_thinking: bool = False) -> dict | None:
+                  enable_thinking: bool = False, tools: list[dict] | None = None) -> dict | None:
     """Apply the overflow policy: the example as is, the conversation without its oldest exchanges, or None (dropped).
 
-    ``truncate_prompt`` keeps whole turns: it drops the oldest user/assistant exchanges (the system turn
-    stays) until the rest fits, so every trained answer still follows its header, the system turn and its
+    ``truncate_prompt`` keeps whole turns: it drops the oldest exchanges (each from a user turn to the
+    next, tool calls and results included; the system turn stays) until the rest fits, so every trained answer still follows its header, the system turn and its
     question. A record whose last exchange alone is too long is dropped, and named in the report.
     """
     if len(example["input_ids"]) <= max_length:
@@ -154,9 +159,9 @@ def fit_to_length(tokenizer, messages: list[dict], example: dict, max_length: in
     if overflow == "drop":
         return None
     system = messages[:1] if messages[0]["role"] == "system" else []
-    exchanges = messages[len(system):]  # user, assistant, user, assistant, ...
-    for start in range(2, len(exchanges) - 1, 2):
-        shorter = _encode_messages(tokenizer, system + exchanges[start:], enable_thinking)
+    exchanges = messages[len(system):]  # user, assistant (, tool, assistant ...), user, assistant, ...
+    for start in (position for position in range(1, len(exchanges)) if exchanges[position]["role"] == "user"):
+        shorter = _encode_messages(tokenizer, system + exchanges[start:], enable_thinking, tools)
         if len(shorter["input_ids"]) <= max_length:
             return shorter
     return None
@@ -169,7 +174,8 @@ TOKENIZED_COLUMNS = ("input_ids", "attention_mask", "labels", "record_index", "t
 BATCH_SIZE = 1000  # records per tokenisation batch: few calls into the tokenizer, little memory
 
 
-def encode_conversations(tokenizer, conversations: list[list[dict]], enable_thinking: bool = False, indices=None) -> list[dict]:
+def encode_conversations(tokenizer, conversations: list[list[dict]], enable_thinking: bool = False, indices=None,
+                         tools: list | None = None) -> list[dict]:
     """``input_ids``/``attention_mask``/``labels`` of many conversations, equal to encoding each alone, in a few calls.
 
     Each conversation is rendered once (one batched chat-template call). Where the rendering is its
@@ -177,15 +183,21 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], enable_thin
     data text of the batch is tokenised in one call (template pieces once per tokenizer). Anything else (a
     template that rewrites a text, an empty text, marker characters in the data) takes the per-record way,
     whose ValueError becomes a DataValidationError naming the record (``indices``: the records' numbers).
+    Tool-calling conversations (``tools``: each conversation's function specs, or None) take the per-record way.
     """
     indices = list(range(len(conversations))) if indices is None else list(indices)
     if not conversations:
         return []
     conversations = [inline_reasoning(tokenizer, messages, enable_thinking) for messages in conversations]
+    tools = tools or [None] * len(conversations)
+    calls_tools = [bool(specs) or any(message["role"] == "tool" or message.get("tool_calls") for message in messages)
+                   for messages, specs in zip(conversations, tools)]
+    plain = [messages for messages, tooled in zip(conversations, calls_tools) if not tooled]
     cache = _caches.setdefault(tokenizer, {})
     template_key = (str(tokenizer.chat_template), len(tokenizer), enable_thinking)
     try:
-        texts = tokenizer.apply_chat_template(conversations, tokenize=False, enable_thinking=enable_thinking)
+        rendered = iter(tokenizer.apply_chat_template(plain, tokenize=False, enable_thinking=enable_thinking) if plain else [])
+        texts = [None if tooled else next(rendered) for tooled in calls_tools]
     except Exception:  # a record the template refuses: the per-record way says which
         texts = [None] * len(conversations)
     skeletons, data_texts = [], []
@@ -198,10 +210,10 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], enable_thin
         data_texts += [messages[piece[0]][piece[1]] for piece, _ in skeleton.pieces if isinstance(piece, tuple)] if skeleton else []
     data_ids = iter(token_ids(tokenizer, data_texts, split_special_tokens=True))
     examples = []
-    for index, messages, skeleton in zip(indices, conversations, skeletons):
+    for index, messages, skeleton, specs in zip(indices, conversations, skeletons, tools):
         if skeleton is None:
             try:
-                examples.append(_encode_messages(tokenizer, messages, enable_thinking))
+                examples.append(_encode_messages(tokenizer, messages, enable_thinking, specs))
             except ValueError as error:
                 raise DataValidationError(f"record {index}: {error}") from None
             continue
@@ -236,12 +248,13 @@ def token_ids(tokenizer, texts: list[str], split_special_tokens: bool) -> list[l
 
 
 def tokenize_batch(tokenizer, conversations: list[list[dict]], indices, max_length: int, overflow: OverflowPolicy = "drop",
-                   enable_thinking: bool = False) -> dict[str, list]:
+                   enable_thinking: bool = False, tools: list | None = None) -> dict[str, list]:
     """The one tokenisation step, as columns: the examples that fit (or were cut to fit), their ``record_index`` and ``truncated``."""
     columns = {name: [] for name in TOKENIZED_COLUMNS}
-    examples = encode_conversations(tokenizer, conversations, enable_thinking, indices)
-    for index, messages, full in zip(indices, conversations, examples):
-        example = fit_to_length(tokenizer, messages, full, max_length, overflow, enable_thinking)
+    tools = tools or [None] * len(conversations)
+    examples = encode_conversations(tokenizer, conversations, enable_thinking, indices, tools)
+    for index, messages, full, specs in zip(indices, conversations, examples, tools):
+        example = fit_to_length(tokenizer, messages, full, max_length, overflow, enable_thinking, specs)
         if example is not None:
             for name in ("input_ids", "attention_mask", "labels"):
                 columns[name].append(example[name])
@@ -301,7 +314,8 @@ def tokenize_records(tokenizer, records: list[dict], max_length: int, overflow: 
     for start in range(0, len(records), BATCH_SIZE):
         chunk = records[start:start + BATCH_SIZE]
         batch = tokenize_batch(tokenizer, [build_messages(record, enable_thinking=enable_thinking) for record in chunk],
-                               range(start, start + len(chunk)), max_length, overflow, enable_thinking)
+                               range(start, start + len(chunk)), max_length, overflow, enable_thinking,
+                               [record.get("tools") for record in chunk])
         for name, values in batch.items():
             columns[name] += values
     return tokenized_data(Dataset.from_dict(columns, features=tokenized_features()), len(records), max_length)
@@ -364,7 +378,7 @@ def length_stats(dataset) -> dict:
 # ------------------------------------------------------------------------------------------ cache fingerprints
 
 # What tokenised data depends on besides the settings: the code of these modules (a kit upgrade re-tokenises).
-DATA_CODE = ("records.py", "chat_spans.py", "data.py", "data_files.py", "raw_text.py")
+DATA_CODE = ("records.py", "chat_records.py", "tool_calls.py", "chat_spans.py", "data.py", "data_files.py", "raw_text.py")
 
 
 def file_digest(path: Path) -> str:

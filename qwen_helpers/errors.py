@@ -29,6 +29,10 @@ class FlagError(KitError, ValueError):
     """A command-line flag with a bad value, a bad combination of flags, or a flag that does not exist."""
 
 
+class DataValidationError(KitError, ValueError):
+    """A data file or record that cannot be used, with the file, record and field named."""
+
+
 class MissingExtraError(KitError, ImportError):
     """A flag that needs an optional package which is not installed; the message gives the install command."""
 

@@ -18,11 +18,15 @@ class Comparison:
     scores: list[dict] = field(default_factory=list)
     predictions: dict[str, list[str]] = field(default_factory=dict)
 
-    def add(self, name: str, predictions: list[str], score: bool = True) -> None:
-        """Record one model's predictions and (unless ``score`` is False, for records without answers) score them per task."""
+    def add(self, name: str, predictions: list[str], score: bool = True, tool_calls: list[list[dict]] | None = None) -> None:
+        """Record one model's predictions and (unless ``score`` is False, for records without answers) score them per task.
+
+        ``tool_calls`` (each prediction's parsed calls, from :func:`generate_timed`) adds the tool-call exact match
+        when the records' answers call tools.
+        """
         self.predictions[name] = predictions
         if score:
-            self.scores += [{"model": name, **row} for row in scores_by_task(self.records, predictions)]
+            self.scores += [{"model": name, **row} for row in scores_by_task(self.records, predictions, tool_calls)]
 
     def overall(self) -> list[dict]:
         """One row per model: its scores over all records."""

@@ -17,6 +17,7 @@ import torch
 from .data import tokenize_prompt
 from .records import split_reasoning
 from .modeling import synchronize
+from .tool_calls import parse_tool_calls
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # end of an assistant turn; end of a document (base models)
 
@@ -87,7 +88,11 @@ def generate_ids(model, tokenizer, records: list[dict], max_new_tokens: int = 64
 
 def generate_timed(model, tokenizer, records: list[dict], max_new_tokens: int = 64, batch_size: int = 8, progress: bool = False,
                    enable_thinking: bool = False, **generate_kwargs) -> list[dict]:
-    """Answer every record in batches; per record: prediction, new tokens (EOS included) and its batch's time."""
+    """Answer every record in batches; per record: prediction, tool calls, new tokens (EOS included) and its batch's time.
+
+    ``prediction`` is the answer's text; well-formed ``<tool_call>`` blocks are parsed out of it into
+    ``tool_calls`` (``[{"name", "arguments"}]``, empty without any); a malformed block stays in the text.
+    """
     from tqdm.auto import tqdm
 
     results = []
@@ -101,7 +106,8 @@ def generate_timed(model, tokenizer, records: list[dict], max_new_tokens: int = 
             seconds = time.perf_counter() - began
             for ids in rows:
                 reasoning, text = split_reasoning(tokenizer.decode(ids, skip_special_tokens=True).strip())  # Qwen3 think block -> its own field
-                results.append({"prediction": text.strip(), "new_tokens": len(ids), "batch_seconds": round(seconds, 4), "batch_size": len(chunk),
+                text, calls = parse_tool_calls(text)
+                results.append({"prediction": text, "tool_calls": calls, "new_tokens": len(ids), "batch_seconds": round(seconds, 4), "batch_size": len(chunk),
                                 **({"reasoning": reasoning} if reasoning is not None else {})})
             bar.update(len(chunk))
     return results
@@ -119,6 +125,12 @@ def total_seconds(rows: list[dict]) -> float:
 def generate(model, tokenizer, records: list[dict], max_new_tokens: int = 64, batch_size: int = 8, **generate_kwargs) -> list[str]:
     """Answer each record (instruction/input) with the model: left-padded batches, stop at ``<|im_end|>``, greedy by default."""
     return [row["prediction"] for row in generate_timed(model, tokenizer, records, max_new_tokens, batch_size, **generate_kwargs)]
+
+
+def generate_answers(model, tokenizer, records: list[dict], max_new_tokens: int = 64, batch_size: int = 8, **generate_kwargs) -> list[dict]:
+    """Answer each record: ``{"text", "tool_calls"}``, the calls parsed from Qwen's ``<tool_call>`` blocks (the record's ``tools`` are in the prompt)."""
+    rows = generate_timed(model, tokenizer, records, max_new_tokens, batch_size, **generate_kwargs)
+    return [{"text": row["prediction"], "tool_calls": row["tool_calls"]} for row in rows]
 
 
 def stream(model, tokenizer, record: dict, max_new_tokens: int = 64, enable_thinking: bool = False, **generate_kwargs) -> Iterator[str]:

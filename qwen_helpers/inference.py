@@ -24,6 +24,7 @@ from .metrics import format_table, scores_by_task
 from .prompt_settings import (PromptSettings, data_format_flag, field_flag, read_records_as_trained,
                               recorded_prompt_settings)
 from .quickflags import dataclass_parser, parse_command_flags
+from .tool_calls import reference_tool_calls
 
 
 @dataclass
@@ -130,11 +131,18 @@ def run_evaluation(args: InferenceArguments, model, tokenizer, records: list[dic
     records = (records if records is not None else args.read_records())[: args.max_records]
     rows = generate_timed(model, tokenizer, records, args.max_new_tokens, args.batch_size, progress=True, **args.generation_kwargs())
     output = Path(args.output_file)
-    atomic_write_text(output, "".join(json.dumps({**record, **row}, ensure_ascii=False) + "\n" for record, row in zip(records, rows)))
+    atomic_write_text(output, "".join(json.dumps(prediction_line(record, row), ensure_ascii=False) + "\n" for record, row in zip(records, rows)))
     seconds = total_seconds(rows)
     new_tokens = sum(row["new_tokens"] for row in rows)
-    print(format_table(scores_by_task(records, [row["prediction"] for row in rows])))
+    print(format_table(scores_by_task(records, [row["prediction"] for row in rows], [row["tool_calls"] for row in rows])))
     print(f"{len(records)} predictions written to {output}; {new_tokens} new tokens in {seconds:.1f} s ({new_tokens / seconds:.1f} tokens/s at batch {args.batch_size})")
+
+
+def prediction_line(record: dict, row: dict) -> dict:
+    """One line of --output_file: the record, then the prediction (``tool_calls``: the calls it made; the answer's own are
+    ``reference_tool_calls``, in the same ``{"name", "arguments"}`` form)."""
+    reference = {"reference_tool_calls": reference_tool_calls(record)} if record.get("tool_calls") else {}
+    return {**{key: value for key, value in record.items() if key != "tool_calls"}, **reference, **row}
 
 
 def run_merge(args: InferenceArguments) -> None:
@@ -155,12 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     records = args.read_records() if args.data_path else None  # a bad data file is reported before loading too
     model, tokenizer = load_for_command(args)
     if args.instruction:
-        from .generation import generate
+        from .generation import generate_answers
 
         system = args.system_prompt()
         record = {"instruction": args.instruction, "input": args.input, **({"system": system} if system else {})}
-        answer = generate(model, tokenizer, [record], args.max_new_tokens, 1, **args.generation_kwargs())[0]
-        print(answer if answer else "(empty answer: the model ended its turn with <|im_end|> at once)")
+        answer = generate_answers(model, tokenizer, [record], args.max_new_tokens, 1, **args.generation_kwargs())[0]
+        print(answer["text"] if answer["text"] or answer["tool_calls"] else "(empty answer: the model ended its turn with <|im_end|> at once)")
+        if answer["tool_calls"]:
+            print("tool calls: " + json.dumps(answer["tool_calls"], ensure_ascii=False))
         return 0
     run_evaluation(args, model, tokenizer, records)
     return 0

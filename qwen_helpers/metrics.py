@@ -12,6 +12,8 @@ import re
 from collections import defaultdict
 from functools import lru_cache
 
+from .tool_calls import reference_tool_calls, tool_calls_match
+
 CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef]")
 ALL_TASKS = "all"
 
@@ -70,8 +72,20 @@ def generation_scores(predictions: list[str], references: list[str]) -> dict:
     }
 
 
-def scores_by_task(records: list[dict], predictions: list[str]) -> list[dict]:
-    """One row of scores per task (the records' "task" field) and one for all records, task "all" last."""
+def tool_call_exact_match(records: list[dict], predicted_calls: list[list[dict]]) -> float:
+    """Share (0-100) of records whose predicted tool calls equal the answer's: same names, arguments equal as parsed JSON.
+
+    A record answered in text counts as a match when the prediction calls no tool either.
+    """
+    matches = sum(tool_calls_match(calls, reference_tool_calls(record)) for record, calls in zip(records, predicted_calls))
+    return 100.0 * matches / len(records)
+
+
+def scores_by_task(records: list[dict], predictions: list[str], tool_calls: list[list[dict]] | None = None) -> list[dict]:
+    """One row of scores per task (the records' "task" field) and one for all records, task "all" last.
+
+    With the predictions' parsed ``tool_calls``, and test records that call tools, each row also has ``tool_call_match``.
+    """
     groups: dict[str, list[int]] = defaultdict(list)
     for index, record in enumerate(records):
         groups[record.get("task") or "-"].append(index)
@@ -80,6 +94,9 @@ def scores_by_task(records: list[dict], predictions: list[str]) -> list[dict]:
         indices = groups[task]
         rows.append({"task": task, **generation_scores([predictions[i] for i in indices], [records[i]["output"] for i in indices])})
     rows.append({"task": ALL_TASKS, **generation_scores(predictions, [record["output"] for record in records])})
+    if tool_calls is not None and any(record.get("tool_calls") for record in records):
+        for row, indices in zip(rows, [*(groups[task] for task in sorted(groups)), range(len(records))]):
+            row["tool_call_match"] = tool_call_exact_match([records[i] for i in indices], [tool_calls[i] for i in indices])
     return rows
 
 

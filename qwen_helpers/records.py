@@ -2,7 +2,8 @@
 
     JSON array or JSON Lines ──load_records──▶ validated records (the last answer in ``output``, earlier turns in ``messages``)
 
-Every problem names the file, the record index and the field, and says what to do. Rendering and
+Every problem names the file, the record index and the field, and says what to do. Chat records (turns,
+reasoning, tool calls) are checked by :mod:`qwen_helpers.chat_records`. Rendering and
 tokenising the records is :mod:`qwen_helpers.data`'s job.
 """
 
@@ -17,16 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
-from .errors import FlagError, KitError
-
-class DataValidationError(KitError, ValueError):
-    """A data file or record that cannot be used, with the file, record and field named."""
-
+from .chat_records import REASONING_FIELDS, check_answer, split_reasoning, validate_conversation
+from .errors import DataValidationError, FlagError
 
 DataFormat = Literal["auto", "alpaca", "messages", "sharegpt", "text"]
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-REASONING_FIELDS = ("reasoning_content", "reasoning")  # where records carry an answer's reasoning (Qwen3 thinking mode)
 _NOTHING = object()  # what next() returns for a source without records
 
 
@@ -147,7 +142,8 @@ def load_records(source: str | os.PathLike | Iterable[dict], fields: FieldMap = 
     ShareGPT ``{"conversations": [{"from", "value"}]}``. Every record comes back with the kit's keys:
     ``output`` (the last assistant turn: the reference answer), ``instruction`` and ``input`` (the last
     user turn, for display), ``reasoning`` when the answer carries one, and, for multi-turn formats,
-    ``messages``: every turn before the answer. Unknown extra fields are kept. Anything that cannot be
+    ``messages``: every turn before the answer; chat records with tool calls also get ``tool_calls`` (the
+    answer's calls) and ``tools`` (see :mod:`qwen_helpers.chat_records`). Unknown extra fields are kept. Anything that cannot be
     trained on raises :class:`DataValidationError` naming the file, the record index and what is wrong.
     """
     return list(iter_records(source, fields, data_format))
@@ -217,7 +213,7 @@ def validate_record(record: Any, index: int, where: str, file_format: str, field
         )
     if file_format == "alpaca":
         return _validate_alpaca(record, index, where, fields)
-    return _validate_conversation(record, index, where, file_format)
+    return validate_conversation(record, index, where, file_format)
 
 
 def _check_mapped_fields_exist(keys_seen: set[str], where: str, fields: FieldMap) -> None:
@@ -259,98 +255,16 @@ def _validate_alpaca(record: Any, index: int, where: str, fields: FieldMap) -> d
     reasoning = next((record[name] for name in REASONING_FIELDS if record.get(name)), None)
     if reasoning is None:
         reasoning, result["output"] = split_reasoning(result["output"])
-    _check_answer(result["output"], f"{where}, record {index}, field '{fields.output}'")
+    check_answer(result["output"], f"{where}, record {index}, field '{fields.output}'")
     if reasoning:
         result["reasoning"] = reasoning
     return result
 
 
-def _check_answer(answer: str, at: str) -> None:
-    """Refuse an answer empty after its think block, or holding a think tag (Qwen3's template splits at </think>)."""
-    if not answer.strip():
-        raise DataValidationError(f"{at}: the answer is empty once its <think>…</think> block is split off, so "
-                                  "there is nothing to learn. Add the answer after </think>, or remove the record.")
-    tag = next((tag for tag in ("<think>", "</think>") if tag in answer), None)
-    if tag:
-        raise DataValidationError(f"{at}: the answer holds {tag} after its start; Qwen3's chat template would turn "
-                                  "the text before </think> into a reasoning block. Put the reasoning in one leading "
-                                  "<think>…</think> block or a 'reasoning_content' field, or remove the tag.")
-
-
-def _validate_conversation(record: Any, index: int, where: str, file_format: str) -> dict:
-    """Check one messages/ShareGPT record and split it into the turns before the answer and the answer."""
-    key, role_key, text_key = ("messages", "role", "content") if file_format == "messages" else ("conversations", "from", "value")
-    at = f"{where}, record {index}"
-    if not isinstance(record, dict):
-        raise DataValidationError(f"{at}: expected an object, found {type(record).__name__}: {record!r:.80}.")
-    turns = record.get(key)
-    if not isinstance(turns, list) or not turns:
-        raise DataValidationError(
-            f"{at}: expected a non-empty list under '{key}' ({file_format} format). Found fields {sorted(record)}; "
-            f"pass --data_format alpaca|messages|sharegpt if the file is in another format."
-        )
-    if file_format == "messages" and isinstance(record.get("output"), str) and turns[-1].get("role") != "assistant":
-        # the kit's own form (load_records' output written back to a file): the turns before the answer, then "output"
-        answer = {"role": "assistant", "content": record["output"], "reasoning_content": record.get("reasoning")}
-        turns = [*turns, {key: value for key, value in answer.items() if value is not None}]
-    messages = []
-    for position, turn in enumerate(turns):
-        if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
-            raise DataValidationError(f"{at}, turn {position}: expected an object with '{role_key}' and '{text_key}', found {turn!r:.80}.")
-        role = turn[role_key] if file_format == "messages" else SHAREGPT_ROLES.get(turn[role_key], turn[role_key])
-        if role not in ROLES:
-            allowed = ROLES if file_format == "messages" else sorted(SHAREGPT_ROLES)
-            raise DataValidationError(f"{at}, turn {position}: unknown role {turn[role_key]!r}; the roles this kit trains on are {', '.join(allowed)}.")
-        if not isinstance(turn[text_key], str):
-            raise DataValidationError(f"{at}, turn {position}: '{text_key}' must be a string, found {type(turn[text_key]).__name__}.")
-        message = {"role": role, "content": turn[text_key]}
-        if role == "assistant":
-            reasoning = next((turn[name] for name in REASONING_FIELDS if isinstance(turn.get(name), str) and turn[name]), None)
-            if reasoning is None:
-                reasoning, message["content"] = split_reasoning(message["content"])
-            if reasoning:
-                message["reasoning_content"] = reasoning
-            if not message["content"].strip():
-                raise DataValidationError(f"{at}, turn {position}: the assistant turn is empty, so there is nothing to learn. Fill it in or remove it.")
-            _check_answer(message["content"], f"{at}, turn {position}")
-        messages.append(message)
-    _check_turn_order(messages, at)
-    *history, answer = messages
-    last_user = history[-1]["content"]
-    extra = {name: value for name, value in record.items() if name not in (key, "instruction", "input", "output", "reasoning")}
-    result = {**extra, "messages": history, "instruction": last_user, "input": "", "output": answer["content"]}
-    if answer.get("reasoning_content"):
-        result["reasoning"] = answer["reasoning_content"]
-    return result
-
-
-def _check_turn_order(messages: list[dict], at: str) -> None:
-    """An optional system turn first, then user and assistant turns alternating, ending with the assistant's answer."""
-    roles = [message["role"] for message in messages]
-    body = roles[1:] if roles[0] == "system" else roles
-    expected = ["user", "assistant"] * (len(body) // 2 + 1)
-    if not body or body != expected[: len(body)] or body[-1] != "assistant":
-        raise DataValidationError(
-            f"{at}: turn order {' -> '.join(roles)} cannot be rendered by a Qwen chat template for training: it must be "
-            "an optional system turn, then user and assistant turns alternating, ending with an assistant turn."
-        )
-
-
-def split_reasoning(text: str) -> tuple[str | None, str]:
-    """Split ``<think>reasoning</think>answer`` into (reasoning, answer); (None, text) when there is no think block.
-
-    Used on records (an answer that carries its reasoning inline) and on Qwen3 predictions, whose
-    reasoning goes to a separate field so metrics compare answers only.
-    """
-    stripped = text.lstrip()
-    if not stripped.startswith("<think>") or "</think>" not in stripped:
-        return None, text
-    reasoning, _, answer = stripped[len("<think>"):].partition("</think>")
-    return reasoning.strip("\n"), answer.lstrip("\n")
-
-
 def label_set(records: list[dict], max_labels: int = 20) -> list[str] | None:
     """The sorted label set when the records look like classification (few distinct, repeated outputs), else None."""
+    if any(record.get("tool_calls") or not record["output"].strip() for record in records):
+        return None  # answers that call tools (their text may be empty) are generation, however few their texts
     counts = Counter(record["output"].strip() for record in records)
     if len(counts) <= min(max_labels, max(2, len(records) // 4)) and min(counts.values()) >= 2:
         return sorted(counts)
