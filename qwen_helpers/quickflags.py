@@ -25,7 +25,6 @@ from pathlib import Path
 from .errors import FlagError, option_names, parse_flags, unknown_flags_message
 
 RECORD_VERSION = 2
-PROG = "\x00prog\x00"  # the usage line's command, filled in as the user typed it
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,11 +64,8 @@ def remember(command: str, parser) -> None:
     path = record_path(command)
     if path.is_file():
         return
-    prog, parser.prog = parser.prog, PROG
-    try:
-        record = {"help": parser.format_help(), "options": option_names(parser), "libraries": _libraries(parser)}
-    finally:
-        parser.prog = prog
+    record = {"help": parser.format_help(), "prog": parser.prog, "options": option_names(parser),
+              "libraries": _libraries(parser)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -106,8 +102,8 @@ def answer_quickly(command: str, argv: list[str]) -> None:
     if record is None:
         return
     if "-h" in argv or "--help" in argv:
-        prog = command_prog() or Path(sys.argv[0]).name
-        print(record["help"].replace(PROG, prog), end="")
+        prog = command_prog() or Path(sys.argv[0]).name  # the command as typed now (the usage line's first word)
+        print(record["help"].replace(record["prog"], prog, 1), end="")
         raise SystemExit(0)
     known = set(record["options"])
     unknown = [item for item in argv if item.startswith("--") and item.split("=", 1)[0] not in known]

@@ -92,7 +92,7 @@ def test_train_makes_no_decision_again(tmp_path, small_train_file, tokenizer, mo
     assert plan.batching_note in result.notes
 
 
-def bad_rate_message(capsys, argv) -> str:
+def bad_value_message(capsys, argv) -> str:
     from qwen_helpers.train_lora import main
 
     assert main(argv) == 2
@@ -104,15 +104,15 @@ def test_a_bad_widget_value_is_refused_by_the_commands_check(tmp_path, capsys):
     pytest.importorskip("ipywidgets")
     from qwen_helpers.widgets import config_panel
 
-    command = bad_rate_message(capsys, ["--learning_rate", "0", "--output_dir", str(tmp_path / "run")])
+    command = bad_value_message(capsys, ["--weight_decay", "-0.5", "--output_dir", str(tmp_path / "run")])
     with pytest.raises(FlagError) as in_python:
-        training_args(tmp_path, learning_rate=0.0)
-    panel = config_panel(KitTrainingArguments, ["learning_rate"], "Training", output_dir=str(tmp_path / "run"))
-    panel.widgets["learning_rate"].value = 0.0
+        training_args(tmp_path, weight_decay=-0.5)
+    panel = config_panel(KitTrainingArguments, ["weight_decay"], "Training", output_dir=str(tmp_path / "run"))
+    panel.widgets["weight_decay"].value = "-0.5"  # typed into the text box
     with pytest.raises(FlagError) as in_notebook:
         panel.value()
     assert command == str(in_python.value) == str(in_notebook.value)
-    assert command.startswith("--learning_rate must be above 0, got 0")
+    assert command == "--weight_decay must be 0 or more, got -0.5."
 
 
 def test_the_command_writes_what_the_plan_decided(tmp_path, small_train_file):

@@ -70,7 +70,10 @@ def test_one_parse_gives_what_hf_argument_parser_gives(parsers, argv):
     real = parsers["lora"]
     ours = parse_flags(real, argv)
     theirs = real.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    assert [vars(item) for item in ours] == [vars(item) for item in theirs]
+    def values(item):  # accelerate's distributed state is a live object, equal only to itself
+        return {key: value for key, value in vars(item).items() if key != "distributed_state"}
+
+    assert [values(item) for item in ours] == [values(item) for item in theirs]
 
 
 def test_a_good_command_line_is_parsed_once(parsers, monkeypatch):
