@@ -40,7 +40,7 @@ def check_training_flags(training_args) -> None:
 
 
 def check_data_flags(args) -> None:
-    """The data flags' ranges (``DataArguments`` runs them on construction, the commands before anything imports)."""
+    """The data flags' ranges (``DataArguments`` runs them on construction)."""
     _require(args.max_length >= 16, f"--max_length {args.max_length} is too small for a chat-formatted example; use 128 or more.")
     _require(args.max_eval_records >= 0,
              f"--max_eval_records must be 0 (skip the in-sample evaluation) or more, got {args.max_eval_records}.")

@@ -414,7 +414,7 @@ BAD_INPUTS = [  # (command, flags, text the one line must contain); {root} is th
     ("inspect_data", ["--model_path", "{root}/gpt2"], "is a gpt2 model (GPT2LMHeadModel)"),
     ("inspect_data", ["--model_path", "tiny-qwen3", "--data_path", "{root}/think_mid.json"], "the answer holds"),
 ]
-# The end-to-end path (python -m, the quick parse before torch, the process's exit code) on a few representative rows,
+# The end-to-end path (python -m, the quick answer to a typo before torch, the process's exit code) on a few representative rows,
 # run from an empty folder, where a refused run must not leave an ./outputs folder behind.
 SUBPROCESS_BAD_INPUTS = [
     ("train_lora", ["--lerning_rate", "1e-4"], "did you mean --learning_rate"),
@@ -480,7 +480,7 @@ def test_bad_inputs_get_one_line_and_exit_code_2(bad_inputs, monkeypatch, capsys
 
 
 def test_bad_inputs_end_to_end_in_a_fresh_interpreter(bad_inputs, tmp_path):
-    """A few rows through ``python -m``: the quick parse, the exit code, nothing made in the working folder."""
+    """A few rows through ``python -m``: the quick answer or the one parse, the exit code, nothing made in the working folder."""
     env = {key: value for key, value in os.environ.items() if key != "HF_HUB_CACHE"} | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(bad_inputs / "hf_home")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
 
