@@ -1,44 +1,16 @@
-"""Shared plumbing of the training commands: parse flags with HfArgumentParser, train, report, write the loss plot.
+"""Shared plumbing of the training commands: parse flags with HfArgumentParser, plan the run, train, report, plot.
 
-Flags are checked before torch or transformers is imported (:mod:`qwen_helpers.quickflags`): ``--help``,
-a misspelled flag, a value of the wrong type or out of range each answer in about a second.
+The flags are parsed once; each argument dataclass checks its own values, and :func:`qwen_helpers.plan.plan_run`
+checks them against each other, the data and the base, before any model loads.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from .flag_checks import (best_metric_name, check_data_files, check_data_flags, check_evaluation_data,
-                          check_evaluation_flags, check_raw_text_flags, check_training_flags, evaluation_task)
 from .quickflags import dataclass_parser, parse_command_flags
-
-
-def check_flag_values(method: str, flags: argparse.Namespace) -> None:
-    """Every check of the flags' values that needs no library, on the quick parse's namespace."""
-    from .batching import check_token_budget, resolve_padding_free
-    from .checks import check_model_path, looks_like_local_path
-    from .files import check_not_an_input
-    from .run_folder import training_inputs
-
-    check_data_flags(flags)
-    check_data_files(flags)  # before torch loads, and before any output folder is made
-    # train() checks it again (for notebooks); here it is answered before the libraries load
-    inputs = training_inputs(flags.model_path, flags.data_path, flags.eval_data_path, flags.deepspeed)
-    check_not_an_input(flags.output_dir, "--output_dir", inputs, example="outputs/lora")
-    check_training_flags(flags, flags)  # the method's own checks apply where its flags are present
-    check_evaluation_flags(flags)
-    check_evaluation_data(flags, flags)  # e.g. --eval_strategy steps without --eval_data_path
-    raw_text = check_raw_text_flags(flags, flags.metric_for_best_model, getattr(flags, "task", "auto"), getattr(flags, "labels", None))
-    metric = best_metric_name(flags.metric_for_best_model)
-    if flags.eval_data_path and metric not in (None, "eval_loss") and not raw_text:  # a metric the data's task produces
-        check_evaluation_data(flags, flags, evaluation_task(flags, getattr(flags, "task", "auto")))
-    check_token_budget(flags.token_budget, flags.max_length)
-    resolve_padding_free(flags.padding_free, method, flags.attn_implementation)
-    if looks_like_local_path(flags.model_path):  # a hub id is checked by train(), once (it may print a download note)
-        check_model_path(flags.model_path)
 
 
 def parse_training_args(method: str, argv: list[str] | None = None, **defaults):
@@ -57,8 +29,7 @@ def parse_training_args(method: str, argv: list[str] | None = None, **defaults):
         parser.set_defaults(**{**kind.command_defaults, **defaults})
         return parser
 
-    # --help and flag mistakes are answered before anything heavy is imported; every problem is one line naming the flag
-    parsed = parse_command_flags(command, build_parser, argv, check=lambda flags: check_flag_values(method, flags))
+    parsed = parse_command_flags(command, build_parser, argv)  # --help and a misspelled flag answer before the imports
     return parsed if len(parsed) == 4 else (parsed[0], parsed[1], None, parsed[2])
 
 
@@ -75,23 +46,13 @@ def run_training_command(method: str, argv: list[str] | None = None, **defaults)
     model_args, data_args, method_args, training_args = parse_training_args(method, argv, **defaults)
 
     from .callbacks import LossLineProgress, NanGuardCallback
-    from .methods import get_method
+    from .plan import plan_run
     from .plots import plot_loss
     from .train import publish_run, report, train
 
-    prompt_args = method_args if get_method(method).adapter == "prompt_tuning" else None
-    lora_args = method_args if get_method(method).adapter == "lora" else None
+    plan = plan_run(model_args, data_args, training_args, method, method_args)  # every cross-flag check, once
     # publish=False: the loss plot joins the run's folder before it replaces --output_dir
-    result = train(
-        model_args,
-        data_args,
-        training_args,
-        method=method,
-        lora_args=lora_args,
-        prompt_args=prompt_args,
-        publish=False,
-        callbacks=[LossLineProgress()],
-    )  # one readable line per log (step, loss, learning rate; eval metrics)
+    result = train(plan, callbacks=[LossLineProgress()], publish=False)  # one line per log (step, loss, lr; eval metrics)
     sharded = weights_are_sharded(result.trainer)
     if not result.trainer.is_world_process_zero():
         return 0
@@ -106,7 +67,7 @@ def run_training_command(method: str, argv: list[str] | None = None, **defaults)
     elif not data_args.is_raw_text():  # raw text has no answers to evaluate; its eval loss is in the history
         from .classification import evaluate_run
 
-        evaluation = evaluate_run(result, data_args, prompt_args)  # classification data only
+        evaluation = evaluate_run(result, data_args, plan.prompt_args)  # classification data only
         if evaluation:
             print(evaluation, flush=True)
     if result.stopped_by_nan_guard:

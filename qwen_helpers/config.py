@@ -18,7 +18,8 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
-from .flag_checks import check_data_flags, check_evaluation_flags, check_lora_flags, check_prompt_tuning_flags
+from .flag_checks import (check_data_flags, check_evaluation_flags, check_lora_flags, check_prompt_tuning_flags,
+                          check_training_flags)
 from .records import FieldMap
 from .files import atomic_write_text
 from .precision import Precision, apply_precision_policy
@@ -228,6 +229,7 @@ class KitTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         check_deepspeed_installed(self.deepspeed)
+        check_training_flags(self)  # ranges: the command, a notebook panel and Python code meet this one check
         check_evaluation_flags(self)  # one line naming the flags, before transformers' own multi-line checks
         if self.early_stopping_patience is not None and self.metric_for_best_model is None:
             self.metric_for_best_model = "eval_loss"  # EarlyStoppingCallback needs one; the Trainer's own default

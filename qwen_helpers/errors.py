@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import difflib
 import functools
 import math
@@ -53,9 +54,25 @@ def _flag_error_from_argparse(parser: argparse.ArgumentParser):
     return error
 
 
-def _unknown_flags_message(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+def option_names(parser) -> list[str]:
+    """Every option string an ``HfArgumentParser`` gives its dataclasses' fields, by its naming rule: ``--name``,
+    ``--dashed-name``, the field's aliases, and ``--no_name`` for a bool that defaults to True."""
+    names = {"-h", "--help"}
+    for dtype in getattr(parser, "dataclass_types", ()):
+        for item in dataclasses.fields(dtype):
+            if not item.init:
+                continue
+            dashed = item.name.replace("_", "-")
+            names.update([f"--{item.name}", f"--{dashed}"])
+            aliases = item.metadata.get("aliases", [])
+            names.update([aliases] if isinstance(aliases, str) else aliases)
+            if item.default is True:
+                names.update([f"--no_{item.name}", f"--no-{dashed}"])
+    return sorted(names)
+
+
+def unknown_flags_message(known: list[str], unknown: list[str]) -> str:
     """Name each unknown flag with the closest real one, so a typo is fixed in one step."""
-    known = [option for action in parser._actions for option in action.option_strings]
     parts = []
     for flag in (item for item in unknown if item.startswith("-")):
         close = difflib.get_close_matches(flag.split("=")[0], known, n=1)
@@ -75,7 +92,7 @@ def strict_parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> arg
     parser.error = _flag_error_from_argparse(parser)
     namespace, remaining = parser.parse_known_args(args=argv)
     if remaining:
-        raise FlagError(_unknown_flags_message(parser, remaining))
+        raise FlagError(unknown_flags_message(option_names(parser), remaining))
     refuse_non_finite(vars(namespace))
     return namespace
 
@@ -102,13 +119,14 @@ def flag_sentences():
 
 
 def parse_flags(parser, argv: list[str] | None):
-    """``parser.parse_args_into_dataclasses`` with every flag problem raised as a :class:`FlagError`.
+    """The flags into the ``HfArgumentParser``'s dataclasses, parsed once, every problem raised as a :class:`FlagError`.
 
     Covers what :func:`strict_parse` does, plus the sentences the dataclasses' ``__post_init__`` raise.
     """
-    strict_parse(parser, argv)
-    with flag_sentences():
-        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    namespace = vars(strict_parse(parser, argv))
+    with flag_sentences():  # as HfArgumentParser.parse_args_into_dataclasses builds them, from the one parse
+        return tuple(dtype(**{item.name: namespace[item.name] for item in dataclasses.fields(dtype)
+                              if item.init and item.name in namespace}) for dtype in parser.dataclass_types)
 
 
 def strip_debug_flag(argv: list[str]) -> tuple[list[str], bool]:

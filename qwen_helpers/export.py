@@ -63,9 +63,8 @@ class ExportArguments:
 
 
 def parse_export_args(argv: list[str] | None = None) -> ExportArguments:
-    """The flags, checked (types, choices and ``__post_init__``'s sentences) before torch or transformers is imported."""
-    (args,) = parse_command_flags("export", lambda: dataclass_parser(ExportArguments), argv,
-                                  check=lambda flags: ExportArguments(**vars(flags)))
+    """The flags, parsed once and checked (types, choices and ``__post_init__``'s sentences) before any model loads."""
+    (args,) = parse_command_flags("export", lambda: dataclass_parser(ExportArguments), argv)
     return args
 
 

@@ -1,8 +1,8 @@
 """Checks of the flags' values, run before the tokenizer or any model loads: numeric ranges, combinations, labels.
 
-The argument dataclasses run them on construction and the commands run them on the quick parse
-(:mod:`qwen_helpers.quickflags`), so a bad value is one line naming the flag, before torch is imported.
-Every problem is a :class:`~qwen_helpers.errors.FlagError`.
+The argument dataclasses run them on construction (``__post_init__``), so a command, a notebook panel and
+a dataclass built in Python meet the same check; checks across groups run once, in
+:func:`qwen_helpers.plan.plan_run`. Every problem is a :class:`~qwen_helpers.errors.FlagError`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ def _require(condition: bool, message: str) -> None:
         raise FlagError(message)
 
 
-def check_training_flags(training_args, method_args=None) -> None:
-    """Numeric ranges of the training flags, checked before the tokenizer or the model loads."""
+def check_training_flags(training_args) -> None:
+    """Numeric ranges of the training flags (``KitTrainingArguments.__post_init__`` runs them)."""
     args = training_args
     refuse_non_finite(vars(args))  # a dataclass built in Python skips the command line's check
     _require(args.learning_rate > 0, f"--learning_rate must be above 0, got {args.learning_rate} (try 3e-4 for LoRA, 3e-2 for prompt tuning).")
@@ -37,14 +37,10 @@ def check_training_flags(training_args, method_args=None) -> None:
     _require(args.logging_steps > 0, f"--logging_steps must be above 0, got {args.logging_steps}.")
     if str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps":
         _require(args.save_steps > 0, f"--save_steps must be above 0 with --save_strategy steps, got {args.save_steps}.")
-    if method_args is not None and hasattr(method_args, "lora_alpha"):
-        check_lora_flags(method_args)
-    if method_args is not None and hasattr(method_args, "num_virtual_tokens"):
-        check_prompt_tuning_flags(method_args)
 
 
 def check_data_flags(args) -> None:
-    """The data flags' ranges (``DataArguments`` runs them on construction, the commands before anything imports)."""
+    """The data flags' ranges (``DataArguments`` runs them on construction)."""
     _require(args.max_length >= 16, f"--max_length {args.max_length} is too small for a chat-formatted example; use 128 or more.")
     _require(args.max_eval_records >= 0,
              f"--max_eval_records must be 0 (skip the in-sample evaluation) or more, got {args.max_eval_records}.")
@@ -125,9 +121,7 @@ def check_lora_flags(args) -> None:
              f"--target_modules {args.target_modules!r} names no module; give e.g. q_proj,k_proj,v_proj or all-linear.")
     _require(args.lora_alpha > 0, f"--lora_alpha must be above 0 (the update is scaled by alpha / r), got {args.lora_alpha}; try 2 x --lora_r.")
     _require(0 <= args.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {args.lora_dropout}.")
-    if hasattr(args, "init_lora_weights"):
-        check_lora_variant_flags(args)
-        check_lora_variant_on_4bit(args, bool(getattr(args, "load_in_4bit", False)))  # the quick parse has both
+    check_lora_variant_flags(args)
 
 
 INIT_CHOICES = "true, gaussian, pissa, pissa_niter_N (N iterations of a fast SVD, e.g. pissa_niter_4) or olora"

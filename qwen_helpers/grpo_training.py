@@ -22,7 +22,6 @@ from .config import KitTrainingArguments, LoraArguments, ModelArguments, write_r
 from .data import format_prompt
 from .errors import FlagError
 from .files import remove_folders
-from .flag_checks import check_training_flags
 from .modeling import base_config_of, count_parameters, load_tokenizer
 from .preference import prompt_messages
 from .prompt_settings import SYSTEM_PROMPT_KEY, shared_system_prompt
@@ -144,7 +143,6 @@ def train_grpo(
     """
     from .generation import stop_token_ids
 
-    check_training_flags(config, lora_args)
     check_model_path(model_args.model_path)
     records = load_prompt_records(data_args.data_path, [] if reward_funcs else reward_names(data_args.reward))
     # the output may be, hold or lie in none of the inputs (the base, the prompts, the SFT adapter it continues)

@@ -197,17 +197,17 @@ def held_out_task(data_args, task: str = "auto", labels: str | None = None) -> t
     )
 
 
-def held_out_scorer(tokenizer, data_args, training_args, prompt_args=None) -> HeldOutScorer | None:
-    """The task's metric at each evaluation during training, or None (no evaluation, or --eval_generate_records 0)."""
+def held_out_scorer(tokenizer, data_args, training_args, task: str, labels) -> HeldOutScorer | None:
+    """The task's metric at each evaluation during training, or None (no evaluation, or --eval_generate_records 0).
+
+    ``task`` and ``labels`` are the run's, as :func:`qwen_helpers.plan.plan_run` decided them.
+    """
     evaluating = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"
     if not (evaluating and data_args.eval_data_path and training_args.eval_generate_records > 0):
         return None
     if data_args.data_format == "text":  # raw text: no answers to generate; its held-out measure is the eval loss
         return None
-    task, labels = held_out_task(
-        data_args, prompt_args.task if prompt_args else "auto", prompt_args.labels if prompt_args else None
-    )
-    return HeldOutScorer.from_flags(tokenizer, data_args, training_args, task, labels)
+    return HeldOutScorer.from_flags(tokenizer, data_args, training_args, task, list(labels) if labels else None)
 
 
 def best_of_run(trainer, history: list[dict]) -> tuple[int, float] | None:

@@ -109,9 +109,8 @@ class InferenceArguments:
 
 
 def parse_inference_args(argv: list[str] | None = None) -> InferenceArguments:
-    """The flags, checked (types, choices and ``__post_init__``'s sentences) before torch or transformers is imported."""
-    (args,) = parse_command_flags("inference", lambda: dataclass_parser(InferenceArguments), argv,
-                                  check=lambda flags: InferenceArguments(**vars(flags)))
+    """The flags, parsed once and checked (types, choices and ``__post_init__``'s sentences) before any model loads."""
+    (args,) = parse_command_flags("inference", lambda: dataclass_parser(InferenceArguments), argv)
     return args
 
 

@@ -21,7 +21,6 @@ from .checks import base_summary, check_model_path
 from .config import KitTrainingArguments, LoraArguments, ModelArguments, write_run_config
 from .errors import FlagError
 from .files import remove_folders, swap_in
-from .flag_checks import check_training_flags
 from .modeling import base_config_of, count_parameters, load_tokenizer
 from .preference import load_preference_records, tokenize_preference
 from .prompt_settings import SYSTEM_PROMPT_KEY, shared_system_prompt
@@ -165,7 +164,6 @@ def train_dpo(
     Every record is checked before the model loads; the run writes into a staging folder that replaces
     output_dir only once everything is saved (:mod:`qwen_helpers.run_folder`).
     """
-    check_training_flags(config, lora_args)
     check_model_path(model_args.model_path)
     train_pairs = load_preference_records(data_args.data_path)
     eval_pairs = load_preference_records(data_args.eval_data_path) if data_args.eval_data_path else None

@@ -7,7 +7,6 @@ which peft config wraps it; full fine-tuning (the benchmark's baseline) is the s
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 import os
@@ -17,39 +16,24 @@ from pathlib import Path
 from transformers import EarlyStoppingCallback, Trainer, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .batching import check_token_budget, kit_trainer_class, make_training_collator, resolve_padding_free
+from .batching import kit_trainer_class, make_training_collator
 from .callbacks import LossHistoryCallback, NanGuardCallback, train_losses
-from .checks import base_summary, check_model_path
-from .flag_checks import (check_classification_flags, check_data_files, check_evaluation_data, check_lora_variant_on_4bit,
-                          check_prompt_fits_model, check_raw_text_flags, check_resume_flags, check_training_flags)
-from .held_out import HeldOutScorer, best_and_stop, best_of_run, held_out_scorer, held_out_task, judged_by, stop_reason
-from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments, write_run_config
+from .checks import base_summary
+from .config import KitTrainingArguments, ModelArguments, PromptTuningArguments, write_run_config
 from .data import chat_tokens_to_train
 from .data_files import load_dataset_for_training
-from .files import (base_weights_size, folder_size, human_bytes, model_fingerprint, recorded_path, remove_folders,
-                    swap_in)
+from .files import base_weights_size, folder_size, human_bytes, model_fingerprint, recorded_path, remove_folders, swap_in
+from .held_out import HeldOutScorer, best_and_stop, best_of_run, held_out_scorer, judged_by, stop_reason
 from .lora_variants import describe_variants, loraplus_optimizer, save_as_plain_lora, save_initial_adapter
-from .methods import get_method
-from .modeling import base_config_of, build_quantization_config, check_target_modules, count_parameters, load_base_model, load_tokenizer
+from .methods import Method, get_method
+from .modeling import base_config_of, build_quantization_config, check_target_modules, count_parameters, load_base_model
+from .plan import RunPlan, plan_from_arguments
 from .precision import base_dtype
 from .prompt_settings import SYSTEM_PROMPT_KEY, training_system_prompt
-from .run_folder import (OutputPlan, complete_checkpoints, drop_checkpoints, plan_output_on_main_process,
-                         resumed_history, training_inputs)
-from .speed import apply_cpu_allocator_setting, check_liger
+from .run_folder import complete_checkpoints, drop_checkpoints, resumed_history
+from .speed import apply_cpu_allocator_setting
 
 logger = logging.getLogger("qwen_helpers")
-
-
-def check_distributed_launch(training_args: KitTrainingArguments) -> None:
-    """Refuse several launched processes that did not join one run: each would train alone and overwrite the same folder."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and training_args.world_size == 1:
-        raise RuntimeError(
-            f"This command was launched as {launched} processes (WORLD_SIZE={launched}), but training did not become "
-            "distributed, so each process would train alone and write the same --output_dir. Without a GPU, add "
-            "--use_cpu True (the processes then talk over gloo); with GPUs, check that PyTorch sees them "
-            "(python -c 'import torch; print(torch.cuda.device_count())')."
-        )
 
 
 def describe_distributed(trainer: Trainer) -> str:
@@ -87,28 +71,36 @@ def attach_adapter(model, method: str, model_path: str, lora_args=None, prompt_a
     (:func:`qwen_helpers.data.chat_tokens_to_train`, ``--train_chat_tokens``); without one (the benchmark's
     random-weight presets) only the LoRA matrices train.
     """
+    kind = get_method(method)
+    rows = []
+    if kind.adapter == "lora" and tokenizer is not None:
+        rows, notice = chat_tokens_to_train(tokenizer, lora_args.train_chat_tokens)
+        if notice:
+            print(notice, flush=True)
+    return wrap_with_adapter(model, kind, lora_args if kind.adapter == "lora" else prompt_args, model_path, rows)
+
+
+def wrap_with_adapter(model, kind: Method, method_args, model_path: str, chat_token_rows=()):
+    """``get_peft_model`` with the method's peft config (full fine-tuning: the model as it is)."""
     from peft import get_peft_model
 
-    kind = get_method(method)
     if kind.adapter == "full":
         return model
     if kind.adapter == "lora":
-        check_target_modules(model, lora_args.target_module_list())
-        chat_tokens, notice = chat_tokens_to_train(tokenizer, lora_args.train_chat_tokens) if tokenizer is not None else ([], None)
-        if notice:
-            print(notice, flush=True)
-        return get_peft_model(model, kind.peft_config(lora_args, model_path, trainable_token_indices=chat_tokens))
-    return get_peft_model(model, kind.peft_config(prompt_args, model_path))
+        check_target_modules(model, method_args.target_module_list())
+    config = kind.peft_config(method_args, model_path, **({"trainable_token_indices": list(chat_token_rows)}
+                                                          if kind.adapter == "lora" else {}))
+    return get_peft_model(model, config)
 
 
-def load_model_for_training(model_args: ModelArguments, training_args: KitTrainingArguments):
-    """The base under the precision policy: fp16/bf16/fp32, or 4-bit prepared for k-bit training."""
+def load_model_for_training(model_args: ModelArguments, training_args: KitTrainingArguments, dtype=None):
+    """The base under the precision policy (or in ``dtype``, a plan's): fp16/bf16/fp32, or 4-bit prepared for k-bit training."""
     device = str(training_args.device)  # the Trainer's device: honours --use_cpu and LOCAL_RANK
+    compute_dtype = dtype if dtype is not None else base_dtype(training_args)
     if not model_args.load_in_4bit:
-        return load_base_model(model_args.model_path, base_dtype(training_args), attn_implementation=model_args.attn_implementation, device=device)
+        return load_base_model(model_args.model_path, compute_dtype, attn_implementation=model_args.attn_implementation, device=device)
     from peft import prepare_model_for_kbit_training
 
-    compute_dtype = base_dtype(training_args)
     model = load_base_model(
         model_args.model_path,
         dtype=compute_dtype,
@@ -166,125 +158,88 @@ class KitTrainer(kit_trainer_class()):
         Path(output_dir or self.args.output_dir, "training_args.bin").unlink(missing_ok=True)
 
 
-def train(
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    training_args: KitTrainingArguments,
-    method: str = "lora",
-    lora_args: LoraArguments | None = None,
-    prompt_args: PromptTuningArguments | None = None,
-    callbacks: list | None = None,
-    save: bool = True,
-    publish: bool = True,
-) -> TrainResult:
-    """Train one adapter end to end and save it (adapter weights, tokenizer, run config, loss history) to output_dir.
+def kit_trainer(plan: RunPlan, model, train_dataset, eval_dataset=None, callbacks=(), held_out_scorer=None,
+                tokenizer=None) -> KitTrainer:
+    """The run's ``Trainer``, as the plan decided it: its collator and batches (padding-free, token budget), the
+    LoRA+ optimiser when asked, logits only where the loss reads them. Call ``.train()`` on it."""
+    args = plan.training
+    tokenizer = tokenizer if tokenizer is not None else plan.tokenizer
+    return KitTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=make_training_collator(tokenizer, plan.padding_free, plan.model.attn_implementation),
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+        optimizers=(loraplus_optimizer(model, plan.lora_args, args), None),  # None: the Trainer's own
+        held_out_scorer=held_out_scorer,
+        token_budget=args.token_budget,
+        padding_free=plan.padding_free,
+        # prompt tuning shifts positions by its virtual tokens; Liger's fused loss never materialises the logits anyway
+        trained_logits_only=plan.method.adapter != "prompt_tuning" and not args.use_liger_kernel,
+    )
 
-    ``method`` is a name of :data:`qwen_helpers.methods.METHODS` ("lora", "prompt_tuning", "qlora", "full").
-    The run writes into a staging folder beside output_dir and replaces output_dir only once everything is
-    saved, so an interrupted run leaves the previous folder untouched and ``--resume_from_checkpoint True``
-    continues it. ``publish=False`` leaves the swap to the caller (:func:`publish_run`), for files added after training.
+
+def train(plan: RunPlan, *arguments, callbacks: list | None = None, publish: bool = True, **argument_kwargs) -> TrainResult:
+    """Train one adapter end to end as ``plan`` (:func:`qwen_helpers.plan.plan_run`) says, and save it.
+
+    The adapter weights, tokenizer, run config and loss history go to a staging folder beside the output
+    folder, which replaces it only once everything is saved, so an interrupted run leaves the previous folder
+    untouched and ``--resume_from_checkpoint True`` continues it. ``publish=False`` leaves the swap to the caller
+    (:func:`publish_run`), for files added after training. For notebooks and tests, ``train(model_args,
+    data_args, training_args, method, lora_args=..., prompt_args=..., save=...)`` plans the run first
+    (:func:`qwen_helpers.plan.plan_from_arguments`).
     """
-    adapter = get_method(method).adapter
-    if get_method(method).load_in_4bit and not model_args.load_in_4bit:
-        raise ValueError(f"method {method!r} trains on a 4-bit base: pass ModelArguments(load_in_4bit=True) (--load_in_4bit True).")
-    if adapter == "full" and save:
-        raise ValueError("Full fine-tuning is the benchmark's baseline only; the kit saves adapters, never full weights.")
-    method_args = lora_args if adapter == "lora" else prompt_args
-    check_training_flags(training_args, method_args)
-    if adapter == "lora" and lora_args is not None:
-        check_lora_variant_on_4bit(lora_args, model_args.load_in_4bit)
-    check_data_files(data_args)  # a missing --eval_data_path now, named, not after tokenising the training data
-    check_token_budget(training_args.token_budget, data_args.max_length)
-    check_liger(training_args, model_args.model_path)  # before anything loads: a run that cannot use it stops now
-    base_config = check_model_path(model_args.model_path)
-    if adapter == "prompt_tuning" and prompt_args:
-        check_prompt_fits_model(prompt_args.num_virtual_tokens, data_args.max_length, model_args.model_path,
-                                base_config)
-    task, labels = (prompt_args.task, prompt_args.labels) if adapter == "prompt_tuning" and prompt_args else ("auto", None)
-    raw_text = check_raw_text_flags(data_args, training_args.metric_for_best_model, task, labels, lora_args, training_args)
-    if raw_text:  # decided once: every reader below, and run_config.json, see "text"; no chat-token rows (no chat turns)
-        data_args = dataclasses.replace(data_args, data_format="text")
-        lora_args = dataclasses.replace(lora_args, train_chat_tokens=False) if lora_args is not None else None
-    else:
-        check_classification_flags(data_args, task, labels)  # a bad --labels now, not after training
-    check_evaluation_data(data_args, training_args)  # evaluation during training needs held-out data
-    if not raw_text and str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no":
-        # a metric this task produces
-        check_evaluation_data(data_args, training_args, held_out_task(data_args, task, labels)[0])
-    check_distributed_launch(training_args)
-    # the output may be, hold or lie in none of the inputs; nothing is written before this check
-    inputs = training_inputs(model_args.model_path, data_args.data_path, data_args.eval_data_path,
-                             training_args.deepspeed)
-    plan = plan_output_on_main_process(training_args, staged=save, inputs=inputs)
-    check_resume_flags(plan.resume_from, method_args)  # another --lora_r fails only after loading, as a size mismatch
-    target_args = training_args
-    if save:  # the Trainer writes checkpoints and the adapter into the staging folder; the target changes only at the swap
-        training_args = copy.copy(training_args)
-        training_args.output_dir = plan.staging
+    if not isinstance(plan, RunPlan):
+        plan = plan_from_arguments(plan, *arguments, **argument_kwargs)
     try:
-        return _train_into(plan, model_args, data_args, training_args, target_args, method, lora_args, prompt_args, callbacks, save, publish)
+        return _train_into(plan, callbacks, publish)
     except BaseException:  # an error or Ctrl-C: keep the staging folder only if it holds something to resume
-        if save and training_args.process_index == 0 and not complete_checkpoints(plan.staging):
-            remove_folders([plan.staging])
+        staging = plan.output.staging
+        if plan.save and plan.training.process_index == 0 and not complete_checkpoints(staging):
+            remove_folders([staging])
         raise
 
 
-def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_args, method, lora_args, prompt_args, callbacks, save, publish) -> TrainResult:
-    """The body of :func:`train` once the output is planned: load, attach, train, save into the staging folder, publish."""
-    adapter = get_method(method).adapter
-    notes = [training_args.precision_notice, f"device: {training_args.device}"]
-    if plan.resume_from:
-        notes.append(f"resuming from {plan.resume_from}")
-    padding_free, batching_note = resolve_padding_free(training_args.padding_free, method, model_args.attn_implementation)
-    notes += [batching_note, *filter(None, [apply_cpu_allocator_setting(training_args)])]
+def _train_into(plan: RunPlan, callbacks, publish) -> TrainResult:
+    """The body of :func:`train`: load, attach, train, save into the staging folder, publish."""
+    model_args, data_args, training_args = plan.model, plan.data, plan.training
+    tokenizer, method_args = plan.tokenizer, plan.method_args
+    notes = plan.notes()
+    notes += list(filter(None, [apply_cpu_allocator_setting(training_args)]))
 
-    tokenizer = load_tokenizer(model_args.model_path)
     with training_args.main_process_first(desc="tokenising"):
-        train_data = load_dataset_for_training(tokenizer, data_args.data_path, data_args.max_length, data_args.overflow, data_args.field_map(),
-                                               data_args.data_format, data_args.enable_thinking)
-        eval_data = (
-            load_dataset_for_training(tokenizer, data_args.eval_data_path, data_args.max_length, data_args.overflow, data_args.field_map(),
-                                      data_args.data_format, data_args.enable_thinking)
-            if data_args.eval_data_path
-            else None
+        train_data, eval_data = (
+            load_dataset_for_training(tokenizer, path, data_args.max_length, data_args.overflow, data_args.field_map(),
+                                      data_args.data_format, plan.enable_thinking) if path else None
+            for path in (data_args.data_path, data_args.eval_data_path)
         )
     notes.append(f"data: {data_args.data_path}: {train_data.summary()}")
     # read now, as the data was: export and inference take the system prompt from run_config.json, not from this file
     raw_text = data_args.data_format == "text"  # no chat template, so no system prompt
     system_prompt = None if raw_text else training_system_prompt(data_args.data_path, data_args.field_map(), data_args.data_format)
-    if adapter == "prompt_tuning":
-        notes.append(describe_text_init(tokenizer, prompt_args))
+    if plan.prompt_args is not None:
+        notes.append(describe_text_init(tokenizer, plan.prompt_args))
 
     set_seed(training_args.seed)  # the adapter's initial weights are reproducible, and the same on every rank
-    model = attach_adapter(load_model_for_training(model_args, training_args), method, model_args.model_path, lora_args, prompt_args, tokenizer)
+    base = load_model_for_training(model_args, training_args, plan.dtype)
+    model = wrap_with_adapter(base, plan.method, method_args, model_args.model_path, plan.chat_token_rows)
     parameters = count_parameters(model)
-    lora_variant_args = lora_args if adapter == "lora" else None  # DoRA, rsLoRA, PiSSA/OLoRA, LoRA+ (lora_variants.py)
-    notes += [str(parameters), *filter(None, [describe_variants(lora_variant_args)])]
-    on_main = save and training_args.process_index == 0
-    initial_adapter_dir = save_initial_adapter(model, lora_variant_args) if on_main else None
+    notes += [str(parameters), *filter(None, [describe_variants(plan.lora_args)])]  # DoRA, rsLoRA, PiSSA/OLoRA, LoRA+
+    on_main = plan.save and training_args.process_index == 0
+    initial_adapter_dir = save_initial_adapter(model, plan.lora_args) if on_main else None
 
     history, nan_guard = LossHistoryCallback(), NanGuardCallback()
-    held_out = held_out_scorer(tokenizer, data_args, training_args, prompt_args if adapter == "prompt_tuning" else None)
+    held_out = held_out_scorer(tokenizer, data_args, training_args, plan.task, plan.labels)
     early_stopping = (
         EarlyStoppingCallback(training_args.early_stopping_patience) if training_args.early_stopping_patience else None
     )
     if held_out is not None:
         notes.append(held_out.describe())
-    trainer = KitTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_data.dataset,
-        eval_dataset=eval_data.dataset if eval_data else None,
-        data_collator=make_training_collator(tokenizer, padding_free, model_args.attn_implementation),
-        processing_class=tokenizer,
-        callbacks=[history, nan_guard, *([early_stopping] if early_stopping else []), *(callbacks or [])],
-        optimizers=(loraplus_optimizer(model, lora_variant_args, training_args), None),  # None: the Trainer's own
-        held_out_scorer=held_out,
-        token_budget=training_args.token_budget,
-        padding_free=padding_free,
-        # prompt tuning shifts positions by its virtual tokens; Liger's fused loss never materialises the logits anyway
-        trained_logits_only=method != "prompt_tuning" and not training_args.use_liger_kernel,
-    )
+    trainer = kit_trainer(plan, model, train_data.dataset, eval_data.dataset if eval_data else None,
+                          [history, nan_guard, *([early_stopping] if early_stopping else []), *(callbacks or [])],
+                          held_out)
     if any(isinstance(callback, ProgressCallback) for callback in callbacks or []):  # the caller's progress display replaces the default one
         for default in [c for c in trainer.callback_handler.callbacks if type(c) in (ProgressCallback, PrinterCallback)]:
             trainer.remove_callback(default)
@@ -296,8 +251,9 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
     if training_args.should_log:
         for note in notes:
             print(note, flush=True)
-    earlier_history = resumed_history(plan.resume_from)  # read first: the run may delete that checkpoint (--save_total_limit)
-    trainer.train(resume_from_checkpoint=plan.resume_from)
+    resume_from = plan.output.resume_from
+    earlier_history = resumed_history(resume_from)  # read first: the run may delete that checkpoint (--save_total_limit)
+    trainer.train(resume_from_checkpoint=resume_from)
     result = TrainResult(
         model=model,
         tokenizer=tokenizer,
@@ -310,14 +266,15 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
         data_report=train_data.summary(),
         notes=notes,
         initial_adapter_dir=initial_adapter_dir,
-        target_dir=target_args.output_dir,
-        stale_runs=plan.stale,
+        target_dir=plan.target_dir,
+        stale_runs=plan.output.stale,
         held_out=held_out,
         stopped_because=stop_reason(trainer, early_stopping, nan_guard.triggered),
     )
-    if save:
-        method_args = lora_args if adapter == "lora" else prompt_args
-        save_run(result, model_args, data_args, target_args, method_args, method, system_prompt)
+    if plan.save:
+        target_args = copy.copy(training_args)
+        target_args.output_dir = plan.target_dir  # the run config records the folder the user named
+        save_run(result, model_args, data_args, target_args, method_args, plan.method.name, system_prompt)
         if publish:
             publish_run(result)
     return result

@@ -23,14 +23,8 @@ def parse_dpo_args(argv=None):
 
         return dataclass_parser(ModelArguments, PreferenceDataArguments, LoraArguments, KitDPOConfig)
 
-    def check(flags):
-        from .checks import check_model_path, looks_like_local_path
-
-        if looks_like_local_path(flags.model_path):
-            check_model_path(flags.model_path)
-
     refuse_data_format_flag(argv, "train_dpo", "preference pairs (prompt or messages, chosen, rejected)")
-    return parse_command_flags("train_dpo", build_parser, argv, check=check)
+    return parse_command_flags("train_dpo", build_parser, argv)
 
 
 @command_boundary  # a user error is one line on stderr and exit code 2 (--debug shows the traceback)

@@ -23,16 +23,8 @@ def parse_grpo_args(argv=None):
 
         return dataclass_parser(ModelArguments, PromptDataArguments, LoraArguments, KitGRPOConfig)
 
-    def check(flags):
-        from .checks import check_model_path, looks_like_local_path
-        from .rewards import reward_names
-
-        reward_names(flags.reward)
-        if looks_like_local_path(flags.model_path):
-            check_model_path(flags.model_path)
-
     refuse_data_format_flag(argv, "train_grpo", "prompt records")
-    return parse_command_flags("train_grpo", build_parser, argv, check=check)
+    return parse_command_flags("train_grpo", build_parser, argv)  # the reward names and base: before loading
 
 
 @command_boundary  # a user error is one line on stderr and exit code 2 (--debug shows the traceback)

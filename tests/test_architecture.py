@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qwen_helpers"
 LAYERS = {
     "leaf": {"tiny", "records", "chat_records", "tool_calls", "chat_spans", "data", "data_files", "raw_text", "metrics", "plots", "widgets", "precision", "methods", "config", "allocator",
              "presets", "files", "errors", "checks", "flag_checks", "quickflags", "llama_child", "prompt_settings"},
-    "core": {"lora_variants", "modeling", "train", "held_out", "adapters", "generation", "evaluation", "classification", "merge", "batching", "speed", "gguf_export", "ollama", "serving", "callbacks", "run_folder",
+    "core": {"lora_variants", "modeling", "train", "held_out", "adapters", "generation", "evaluation", "classification", "merge", "batching", "speed", "gguf_export", "ollama", "serving", "callbacks", "run_folder", "plan",
              "preference", "preference_training", "rewards", "grpo_training"},
     "command": {"cli", "inference", "export", "train_lora", "train_qlora", "train_prompt_tuning", "demo", "benchmark", "make_tiny_qwen",
                 "inspect_data", "__main__", "train_dpo", "train_grpo"},

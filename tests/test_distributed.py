@@ -234,7 +234,7 @@ def test_token_budget_batches_under_ddp_are_per_rank_disjoint_and_even(tmp_path)
 
 def test_launch_that_did_not_become_distributed_is_refused(monkeypatch, tmp_path):
     from qwen_helpers.config import KitTrainingArguments
-    from qwen_helpers.train import check_distributed_launch
+    from qwen_helpers.plan import check_distributed_launch
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = KitTrainingArguments(output_dir=str(tmp_path), report_to="none")  # no LOCAL_RANK: a world of one

@@ -24,8 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(argv[1])
     from .plan import BenchmarkArguments
 
-    (args,) = parse_command_flags("benchmark", lambda: dataclass_parser(BenchmarkArguments), argv,
-                                  check=lambda flags: BenchmarkArguments(**vars(flags)))
+    (args,) = parse_command_flags("benchmark", lambda: dataclass_parser(BenchmarkArguments), argv)
     from .report import markdown_table
     from .run import run_benchmark
 

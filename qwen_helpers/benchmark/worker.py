@@ -8,6 +8,7 @@ one failure costs one row, not the table. Both sides share ``StepTimer``, so the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -198,6 +199,7 @@ def training_arguments(spec: dict, **extra):
 def run_kit(spec: dict) -> dict:
     """The kit's training path as a user runs it (``train.train``: its collator, batching, Trainer and callbacks)."""
     from ..config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments
+    from ..plan import plan_from_arguments
     from ..train import train
 
     args, method = spec["args"], spec["method_spec"]
@@ -212,15 +214,14 @@ def run_kit(spec: dict) -> dict:
                               **dict(method["lora_options"]))  # a LoRA variant's options
     # RANDOM init: memory and speed do not depend on where the soft prompt starts
     prompt_args = PromptTuningArguments(num_virtual_tokens=args["num_virtual_tokens"], prompt_tuning_init="RANDOM")
+    plan = plan_from_arguments(model_args, data_args, training_args, method["adapter"], lora_args, prompt_args, save=False)
     if method["fp32_master_weights"]:
         # Full fine-tuning keeps fp32 weights under bf16 autocast, as plain Trainer users do; the kit's path
-        # otherwise loads the base in the autocast dtype. This process runs one row and ends.
+        # otherwise loads the base in the autocast dtype.
         import torch
 
-        from .. import train as training
-
-        training.base_dtype = lambda _: torch.float32
-    result = train(model_args, data_args, training_args, method["adapter"], lora_args, prompt_args, callbacks=[timer], save=False)
+        plan = dataclasses.replace(plan, dtype=torch.float32)
+    result = train(plan, callbacks=[timer])
     examples = [record["examples_per_step"] for record in result.history if "examples_per_step" in record]
     row = {"examples_per_step": sum(examples) / len(examples) if examples else None, "notes": result.notes}
     return finish(row, timer, result.train_losses, result.parameters, rss_start)
