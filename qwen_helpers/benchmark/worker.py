@@ -68,7 +68,11 @@ def worker_main(spec_path: str) -> int:
 
 
 def run_row(spec: dict) -> dict:
-    """The kit's or the plain reference's run, as the spec says."""
+    """The kit's or the plain reference's run, as the spec says (DPO and GRPO rows: TRL's trainers, trl_rows.py)."""
+    if spec["method_spec"]["objective"] != "sft":
+        from .trl_rows import run_trl
+
+        return run_trl(spec)
     if spec["side"] == "plain":
         from .plain import run_plain
 
@@ -220,7 +224,7 @@ def run_kit(spec: dict) -> dict:
         from .. import train as training
 
         training.base_dtype = lambda _: torch.float32
-    result = train(model_args, data_args, training_args, method["adapter"], lora_args, prompt_args, callbacks=[timer], save=False)
+    result = train(model_args, data_args, training_args, method["method"], lora_args, prompt_args, callbacks=[timer], save=False)
     examples = [record["examples_per_step"] for record in result.history if "examples_per_step" in record]
     row = {"examples_per_step": sum(examples) / len(examples) if examples else None, "notes": result.notes}
     return finish(row, timer, result.train_losses, result.parameters, rss_start)
