@@ -78,8 +78,7 @@ def run_training_command(method: str, argv: list[str] | None = None, **defaults)
     from .plots import plot_loss
     from .train import publish_run, report, train
 
-    prompt_args = method_args if get_method(method).adapter == "prompt_tuning" else None
-    lora_args = method_args if get_method(method).adapter == "lora" else None
+    lora_args, prompt_args = get_method(method).argument_groups(method_args)
     # publish=False: the loss plot joins the run's folder before it replaces --output_dir
     result = train(
         model_args,

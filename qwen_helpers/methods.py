@@ -116,6 +116,11 @@ class Method:
         return self.build_config is None
 
     @property
+    def adapts_linear_layers(self) -> bool:
+        """LoRA and QLoRA: matrices beside the base's linear layers (target modules, chat-token rows, variants)."""
+        return self.arguments is LoraArguments
+
+    @property
     def prepends_virtual_tokens(self) -> bool:
         """Prompt tuning: every row starts with the soft prompt, so rows cannot be packed and positions shift."""
         return self.arguments is PromptTuningArguments
@@ -127,6 +132,11 @@ class Method:
     def method_arguments(self, lora_args: LoraArguments | None, prompt_args: PromptTuningArguments | None):
         """Of the two argument groups, the one this method takes (None for full fine-tuning)."""
         return {LoraArguments: lora_args, PromptTuningArguments: prompt_args}.get(self.arguments)
+
+    def argument_groups(self, method_args) -> tuple[LoraArguments | None, PromptTuningArguments | None]:
+        """(lora_args, prompt_args) as ``train`` takes them, from the method's one argument group."""
+        return (method_args if self.adapts_linear_layers else None,
+                method_args if self.prepends_virtual_tokens else None)
 
     def peft_config(self, method_args, model_path: str, trainable_token_indices: list[int] | None = None):
         """The peft config that wraps the base for this method (None for full fine-tuning)."""
@@ -174,14 +184,3 @@ def get_method(name: str) -> Method:
 def benchmark_runs() -> dict[str, BenchmarkRun]:
     """Benchmark row name (``lora_fp16``, ``qlora_nf4``, ``dpo_lora``, ...) -> its run, bound to its method."""
     return {run.name: replace(run, method=method) for method in METHODS.values() for run in method.benchmark_runs}
-
-
-def adapter_kind(info: dict) -> str:
-    """The method name of a saved adapter ('lora', 'qlora', 'prompt_tuning', or peft's type in lower case).
-
-    ``info`` is :func:`qwen_helpers.adapters.read_adapter_info`'s dict: peft's config plus the kit's run record.
-    """
-    peft_type = str(info.get("peft_type", "")).lower()
-    if peft_type == "lora" and info.get("kit_load_in_4bit"):
-        return "qlora"
-    return peft_type

@@ -89,9 +89,9 @@ def attach_adapter(model, method: str, model_path: str, lora_args=None, prompt_a
     from peft import get_peft_model
 
     kind = get_method(method)
-    if kind.adapter == "full":
+    if kind.trains_base_weights:
         return model
-    if kind.adapter == "lora":
+    if kind.adapts_linear_layers:
         check_target_modules(model, lora_args.target_module_list())
         chat_tokens, notice = chat_tokens_to_train(tokenizer, lora_args.train_chat_tokens) if tokenizer is not None else ([], None)
         if notice:
@@ -183,23 +183,23 @@ def train(
     saved, so an interrupted run leaves the previous folder untouched and ``--resume_from_checkpoint True``
     continues it. ``publish=False`` leaves the swap to the caller (:func:`publish_run`), for files added after training.
     """
-    adapter = get_method(method).adapter
-    if get_method(method).load_in_4bit and not model_args.load_in_4bit:
+    kind = get_method(method)
+    if kind.load_in_4bit and not model_args.load_in_4bit:
         raise ValueError(f"method {method!r} trains on a 4-bit base: pass ModelArguments(load_in_4bit=True) (--load_in_4bit True).")
-    if adapter == "full" and save:
+    if kind.trains_base_weights and save:
         raise ValueError("Full fine-tuning is the benchmark's baseline only; the kit saves adapters, never full weights.")
-    method_args = lora_args if adapter == "lora" else prompt_args
+    method_args = kind.method_arguments(lora_args, prompt_args)
     check_training_flags(training_args, method_args)
-    if adapter == "lora" and lora_args is not None:
+    if kind.adapts_linear_layers and lora_args is not None:
         check_lora_variant_on_4bit(lora_args, model_args.load_in_4bit)
     check_data_files(data_args)  # a missing --eval_data_path now, named, not after tokenising the training data
     check_token_budget(training_args.token_budget, data_args.max_length)
     check_liger(training_args, model_args.model_path)  # before anything loads: a run that cannot use it stops now
     base_config = check_model_path(model_args.model_path)
-    if adapter == "prompt_tuning" and prompt_args:
+    if kind.prepends_virtual_tokens and prompt_args:
         check_prompt_fits_model(prompt_args.num_virtual_tokens, data_args.max_length, model_args.model_path,
                                 base_config)
-    task, labels = (prompt_args.task, prompt_args.labels) if adapter == "prompt_tuning" and prompt_args else ("auto", None)
+    task, labels = (prompt_args.task, prompt_args.labels) if kind.prepends_virtual_tokens and prompt_args else ("auto", None)
     check_classification_flags(data_args, task, labels)  # a bad --labels now, not after training
     check_evaluation_data(data_args, training_args)  # evaluation during training needs held-out data
     if str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no":
@@ -225,7 +225,7 @@ def train(
 
 def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_args, method, lora_args, prompt_args, callbacks, save, publish) -> TrainResult:
     """The body of :func:`train` once the output is planned: load, attach, train, save into the staging folder, publish."""
-    adapter = get_method(method).adapter
+    kind = get_method(method)
     notes = [training_args.precision_notice, f"device: {training_args.device}"]
     if plan.resume_from:
         notes.append(f"resuming from {plan.resume_from}")
@@ -245,19 +245,19 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
     notes.append(f"data: {data_args.data_path}: {train_data.summary()}")
     # read now, as the data was: export and inference take the system prompt from run_config.json, not from this file
     system_prompt = training_system_prompt(data_args.data_path, data_args.field_map(), data_args.data_format)
-    if adapter == "prompt_tuning":
+    if kind.prepends_virtual_tokens:
         notes.append(describe_text_init(tokenizer, prompt_args))
 
     set_seed(training_args.seed)  # the adapter's initial weights are reproducible, and the same on every rank
     model = attach_adapter(load_model_for_training(model_args, training_args), method, model_args.model_path, lora_args, prompt_args, tokenizer)
     parameters = count_parameters(model)
-    lora_variant_args = lora_args if adapter == "lora" else None  # DoRA, rsLoRA, PiSSA/OLoRA, LoRA+ (lora_variants.py)
+    lora_variant_args = lora_args if kind.adapts_linear_layers else None  # DoRA, rsLoRA, PiSSA/OLoRA, LoRA+ (lora_variants.py)
     notes += [str(parameters), *filter(None, [describe_variants(lora_variant_args)])]
     on_main = save and training_args.process_index == 0
     initial_adapter_dir = save_initial_adapter(model, lora_variant_args) if on_main else None
 
     history, nan_guard = LossHistoryCallback(), NanGuardCallback()
-    held_out = held_out_scorer(tokenizer, data_args, training_args, prompt_args if adapter == "prompt_tuning" else None)
+    held_out = held_out_scorer(tokenizer, data_args, training_args, prompt_args if kind.prepends_virtual_tokens else None)
     early_stopping = (
         EarlyStoppingCallback(training_args.early_stopping_patience) if training_args.early_stopping_patience else None
     )
@@ -276,7 +276,7 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
         token_budget=training_args.token_budget,
         padding_free=padding_free,
         # prompt tuning shifts positions by its virtual tokens; Liger's fused loss never materialises the logits anyway
-        trained_logits_only=method != "prompt_tuning" and not training_args.use_liger_kernel,
+        trained_logits_only=not kind.prepends_virtual_tokens and not training_args.use_liger_kernel,
     )
     if any(isinstance(callback, ProgressCallback) for callback in callbacks or []):  # the caller's progress display replaces the default one
         for default in [c for c in trainer.callback_handler.callbacks if type(c) in (ProgressCallback, PrinterCallback)]:
@@ -309,7 +309,7 @@ def _train_into(plan: OutputPlan, model_args, data_args, training_args, target_a
         stopped_because=stop_reason(trainer, early_stopping, nan_guard.triggered),
     )
     if save:
-        method_args = lora_args if adapter == "lora" else prompt_args
+        method_args = kind.method_arguments(lora_args, prompt_args)
         save_run(result, model_args, data_args, target_args, method_args, method, system_prompt)
         if publish:
             publish_run(result)

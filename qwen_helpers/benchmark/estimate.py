@@ -109,7 +109,6 @@ def estimate_memory(
         parts[f"weights ({dtype})"] = element * total_parameters
 
     targets = LINEAR_NAMES if target_modules == "all-linear" else tuple(target_modules)
-    adapts_linear_layers = not spec.method.trains_base_weights and not spec.method.prepends_virtual_tokens  # LoRA
     if spec.method.trains_base_weights:
         trainable = total_parameters
     elif spec.method.prepends_virtual_tokens:
@@ -123,7 +122,7 @@ def estimate_memory(
     parts["gradients (fp32)"] = 4 * trainable
     parts["AdamW moments (2 x fp32)"] = 8 * trainable
 
-    lora_inputs = sum(linear_shapes(config)[name][0] for name in targets) if adapts_linear_layers else 0
+    lora_inputs = sum(linear_shapes(config)[name][0] for name in targets) if spec.method.adapts_linear_layers else 0
     per_layer = activation_bytes_per_token_per_layer(
         config, element, spec.method.trains_base_weights, lora_inputs, lora_dropout > 0, use_liger
     )

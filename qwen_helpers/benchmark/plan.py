@@ -197,7 +197,8 @@ def row_spec(row: dict, args: BenchmarkArguments, model_path: str, data_path: st
 def method_spec(run) -> dict:
     """What the worker needs of a benchmark row's method (JSON): its registry name and the row's options."""
     return {"name": run.name, "method": run.method.name, "adapter": run.adapter, "objective": run.objective,
-            "load_in_4bit": run.load_in_4bit, "lora_options": [list(option) for option in run.lora_options],
+            "load_in_4bit": run.load_in_4bit,
+            "adapts_linear_layers": run.method.adapts_linear_layers, "prepends_virtual_tokens": run.method.prepends_virtual_tokens, "lora_options": [list(option) for option in run.lora_options],
             "fp32_master_weights": run.fp32_master_weights}
 
 
