@@ -69,8 +69,14 @@ def parse_export_args(argv: list[str] | None = None) -> ExportArguments:
     return args
 
 
-def export_settings(args: ExportArguments, adapter) -> tuple[PromptSettings | None, PromptSettings]:
-    """(what the adapter records or None, what the export uses: that record with --system on top, else the defaults)."""
+def export_settings(args: ExportArguments, adapter=None) -> tuple[PromptSettings | None, PromptSettings]:
+    """(what the adapter records or None, what the export uses: that record with --system on top, else the defaults).
+
+    ``adapter``: the folder already read (:class:`qwen_helpers.adapter_folder.AdapterFolder`), else --adapter_path.
+    """
+    from .adapter_folder import read_adapter_folder
+
+    adapter = read_adapter_folder(adapter or args.adapter_path)
     recorded = settings_from_run_config(adapter.run_config) if adapter.run_config else None
     settings = recorded or PromptSettings()
     if args.system:
