@@ -1,7 +1,9 @@
-"""Read, check and load peft adapters: what an adapter folder records, on which base it fits, and whether it can be merged.
+"""Load peft adapters on their base: which base, checked before loading, and whether an adapter can be merged.
 
 An adapter folder holds peft's ``adapter_config.json`` and the kit's ``run_config.json`` (base model,
-4-bit or not, precision asked), so ``load_model_with_adapter(path)`` needs nothing else.
+4-bit or not, precision asked), so ``load_model_with_adapter(path)`` needs nothing else. The folder is
+read once (:func:`qwen_helpers.adapter_folder.read_adapter_folder`) and checked against the base before
+any weights load (:func:`qwen_helpers.checks.check_adapter`); every problem is an :class:`AdapterError`.
 """
 
 from __future__ import annotations
@@ -10,15 +12,13 @@ import copy
 import json
 from pathlib import Path
 
-from .checks import check_adapter_against_base
-from .config import RUN_CONFIG, ModelArguments
-from .errors import KitError
-from .methods import adapter_kind
+from .adapter_folder import ADAPTER_CONFIG, AdapterError, AdapterFolder, read_adapter_folder
+from .checks import check_adapter
+from .config import ModelArguments
 from .modeling import base_config_of, build_quantization_config, load_base_model, load_tokenizer, release_memory
 from .precision import inference_dtype
 from .tiny import resolve_model_path
 
-ADAPTER_CONFIG = "adapter_config.json"
 PROMPT_TUNING_CANNOT_MERGE = (
     "a prompt-tuning adapter cannot be merged: its soft prompt is an input (learned vectors put in front of "
     "every prompt), not a change to any weight, so there is nothing to add into the base's matrices. "
@@ -26,41 +26,9 @@ PROMPT_TUNING_CANNOT_MERGE = (
 )
 
 
-class AdapterError(KitError, ValueError):
-    """An adapter folder that cannot be loaded, with the path and what to do."""
-
-
-def read_adapter_info(adapter_path: str) -> dict:
-    """The adapter's peft config plus the kit's run config (base model path, 4-bit or not), validated."""
-    path = Path(adapter_path)
-    if not path.is_dir():
-        raise AdapterError(f"Adapter folder {path} does not exist. Train one first (python -m qwen_helpers.train_lora) or fix --adapter_path.")
-    if not (path / ADAPTER_CONFIG).is_file():
-        hint = " It looks like a full model folder: load it with AutoModelForCausalLM instead." if (path / "config.json").is_file() else ""
-        raise AdapterError(f"{path} has no {ADAPTER_CONFIG}, so it is not a peft adapter folder.{hint}")
-    info = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    run_config = path / RUN_CONFIG
-    if run_config.is_file():
-        run = json.loads(run_config.read_text(encoding="utf-8"))
-        info["kit_model_path"] = run.get("model_path")
-        info["kit_load_in_4bit"] = run.get("load_in_4bit", False)
-        info["kit_run"] = run
-    return info
-
-
-def base_model_path_of(adapter_path: str, model_path: str | None = None) -> str:
+def base_model_path_of(adapter: str | AdapterFolder, model_path: str | None = None) -> str:
     """The base an adapter was trained on: ``model_path`` if given, else the kit's record, else peft's."""
-    if model_path:
-        return model_path
-    recorded = recorded_base(read_adapter_info(adapter_path))
-    if not recorded:
-        raise AdapterError(f"{adapter_path}: the adapter does not record its base model; pass --model_path.")
-    return recorded
-
-
-def recorded_base(info: dict) -> str | None:
-    """The base an adapter records: the kit's run config first (it keeps aliases such as "tiny"), else peft's."""
-    return info.get("kit_model_path") or info.get("base_model_name_or_path")
+    return model_path or read_adapter_folder(adapter).base()
 
 
 def find_adapter_folders(root: str = "outputs", model_path: str | None = None) -> dict[str, str]:
@@ -69,7 +37,7 @@ def find_adapter_folders(root: str = "outputs", model_path: str | None = None) -
     for folder in sorted(Path(root).iterdir()) if Path(root).is_dir() else []:
         if not (folder / ADAPTER_CONFIG).is_file():
             continue
-        recorded = recorded_base(read_adapter_info(str(folder)))
+        recorded = read_adapter_folder(folder).recorded_base
         if model_path is None or (recorded and _same_base(recorded, model_path)):
             folders[folder.name] = str(folder)
     return folders
@@ -97,77 +65,84 @@ def load_base_for_inference(model_path: str = "tiny", load_in_4bit: bool = False
     return model, load_tokenizer(model_path)
 
 
-def _recorded_base_config(info: dict) -> tuple[str | None, dict | None]:
+def _recorded_base_config(folder: AdapterFolder) -> tuple[str | None, dict | None]:
     """The base the adapter records and that base's config.json, when it is a local folder (no downloads)."""
-    recorded = recorded_base(info)
+    recorded = folder.recorded_base
     if not recorded:
         return None, None
     config_file = Path(resolve_model_path(recorded)) / "config.json"
     return recorded, json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
 
 
-def check_base_matches(model, adapter_path: str, info: dict) -> None:
-    """Raise :class:`AdapterError` when the adapter was trained on a base of another shape than ``model``.
+def check_base_matches(model, folder: AdapterFolder) -> None:
+    """Raise :class:`AdapterError` when the adapter was trained on a base of another shape than the loaded ``model``.
 
-    LoRA weights of the wrong shape make peft raise, but a soft prompt of the wrong width loads
-    silently (peft 0.21) and a same-shaped but different architecture would too; this check catches both.
+    For a base loaded by the caller (a notebook's model): LoRA weights of the wrong shape make peft raise, but
+    a soft prompt of the wrong width loads silently (peft 0.21) and a same-shaped but different architecture
+    would too; this check catches both. ``load_model_with_adapter`` checks the folder before loading instead.
     """
     config = base_config_of(model)
     problems = []
-    token_dim = info.get("token_dim")
+    token_dim = folder.adapter_config.get("token_dim")
     if token_dim and token_dim != config.hidden_size:
         problems.append(f"its soft prompt vectors have {token_dim} dimensions, the model's hidden size is {config.hidden_size}")
-    recorded, recorded_config = _recorded_base_config(info)
+    recorded, recorded_config = _recorded_base_config(folder)
+    recorded_config = folder.base_architecture or recorded_config
     for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
-        if recorded_config and recorded_config.get(key) != getattr(config, key, None):
+        if recorded_config and key in recorded_config and recorded_config.get(key) != getattr(config, key, None):
             problems.append(f"{key} is {recorded_config.get(key)} in its base, {getattr(config, key, None)} here")
     if problems:
         raise AdapterError(
-            f"{adapter_path} does not fit this base model ({config.model_type}, hidden size {config.hidden_size}): "
+            f"{folder.path} does not fit this base model ({config.model_type}, hidden size {config.hidden_size}): "
             f"{'; '.join(problems)}. It was trained on {recorded!r}: load it on that base (--model_path {recorded}), "
             "or train an adapter on this one."
         )
 
 
-def load_adapter(model, adapter_path: str, adapter_name: str = "default"):
-    """Put an adapter on a loaded base (a second call with another name adds it beside the first)."""
+def _put_adapter(model, folder: AdapterFolder, adapter_name: str):
+    """peft's loader on a checked folder, its errors turned into one line that says what to do."""
     from peft import PeftModel
 
-    info = read_adapter_info(adapter_path)
-    check_base_matches(model, adapter_path, info)
     try:
         if isinstance(model, PeftModel):
-            model.load_adapter(adapter_path, adapter_name=adapter_name)
+            model.load_adapter(folder.path, adapter_name=adapter_name)
             return model
-        return PeftModel.from_pretrained(model, adapter_path, adapter_name=adapter_name)
+        return PeftModel.from_pretrained(model, folder.path, adapter_name=adapter_name)
     except RuntimeError as error:
         if "size mismatch" in str(error):
             raise AdapterError(
-                f"{adapter_path} does not fit this base model (size mismatch): it was trained on another model. "
-                f"Pass the base it was trained on with --model_path (it recorded {_recorded_base_config(info)[0]!r})."
+                f"{folder.path} does not fit this base model (size mismatch): it was trained on another model. "
+                f"Pass the base it was trained on with --model_path (it recorded {folder.recorded_base!r})."
             ) from error
         raise
     except ValueError as error:
         if "different peft types" in str(error):
             raise AdapterError(
-                f"{adapter_path} is a {adapter_kind(info)} adapter and the model already holds another kind; peft keeps "
+                f"{folder.path} is a {folder.kind} adapter and the model already holds another kind; peft keeps "
                 "one kind per model. Load it on its own model with load_model_with_adapter."
             ) from error
         raise
 
 
-def load_model_with_adapter(adapter_path: str, model_path: str | None = None, load_in_4bit: bool | None = None, adapter_name: str = "default"):
+def load_adapter(model, adapter: str | AdapterFolder, adapter_name: str = "default"):
+    """Put an adapter on a loaded base (a second call with another name adds it beside the first)."""
+    folder = read_adapter_folder(adapter)
+    check_base_matches(model, folder)
+    return _put_adapter(model, folder, adapter_name)
+
+
+def load_model_with_adapter(adapter: str | AdapterFolder, model_path: str | None = None, load_in_4bit: bool | None = None,
+                            adapter_name: str = "default"):
     """Load base + adapter from just the adapter folder; returns (model, tokenizer), ready for generate.
 
     The base is the one the adapter records (``model_path`` overrides it), loaded 4-bit when the adapter
-    was trained on a 4-bit base (QLoRA); LoRA and prompt-tuning adapters load the same way.
+    was trained on a 4-bit base (QLoRA); LoRA and prompt-tuning adapters load the same way. The folder is
+    read once and checked against the base (files, architecture, shapes, fingerprint) before any weights load.
     """
-    info = read_adapter_info(adapter_path)
-    base = base_model_path_of(adapter_path, model_path)
-    four_bit = load_in_4bit if load_in_4bit is not None else bool(info.get("kit_load_in_4bit"))
-    check_adapter_against_base(adapter_path, base)  # damaged files, or another architecture, before any weights load
-    model, tokenizer = load_base_for_inference(base, four_bit, info.get("kit_run"))
-    model = load_adapter(model, adapter_path, adapter_name)
+    folder, base = check_adapter(adapter, model_path)
+    four_bit = load_in_4bit if load_in_4bit is not None else folder.load_in_4bit
+    model, tokenizer = load_base_for_inference(base, four_bit, folder.run_config or None)
+    model = _put_adapter(model, folder, adapter_name)
     model.eval()
     return model, tokenizer
 
@@ -218,7 +193,7 @@ def check_mergeable(model) -> None:
     if getattr(model.get_base_model(), "is_loaded_in_4bit", False):
         raise AdapterError(
             "This LoRA adapter sits on a 4-bit base: merging into 4-bit weights rounds the result. "
-            "Merge it onto the 16-bit base instead (load_model_with_adapter(path, load_in_4bit=False), or --merge)."
+            "Merge it onto the 16-bit base instead (load_model_with_adapter(path, load_in_4bit=False), or export --format hf)."
         )
 
 

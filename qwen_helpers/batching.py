@@ -33,6 +33,8 @@ IGNORE_INDEX = -100
 
 def padding_free_problem(method: str, attn_implementation: str | None) -> str | None:
     """Why padding-free batches cannot be used for this method and attention kernel, or None when they can."""
+    # a name, not the registry's Method.prepends_virtual_tokens: the quick flag check calls this before transformers
+    # (methods.py imports the argument dataclasses); plan_run will decide batching once, from the Method
     if method == "prompt_tuning":
         return "prompt tuning prepends its virtual tokens to every row, so examples concatenated into one row would share one soft prompt"
     if attn_implementation and attn_implementation not in PACKED_ATTENTION:

@@ -8,21 +8,17 @@ The flags' own values are checked in :mod:`qwen_helpers.flag_checks`.
 from __future__ import annotations
 
 import json
-import struct
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import KitError, ModelFolderError
+from .adapter_folder import AdapterError, AdapterFolder, read_adapter_folder
+from .errors import ModelFolderError
 
 # Architectures the kit is built and tested for (config.json's model_type). Qwen1 ("qwen") needs remote
 # code and a different tokenizer; the MoE variants share the attention module names, tokenizer and template.
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
-
-
-class AdapterFileError(KitError, ValueError):
-    """An adapter folder whose files are missing, damaged or shaped for another base."""
 
 
 # ---------------------------------------------------------------------------------------------- model folders
@@ -158,48 +154,6 @@ def check_model_files(folder: Path, where: str, flag: str = "--model_path") -> N
 # ---------------------------------------------------------------------------------------------- adapters
 
 
-def safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape from a safetensors file's header, after checking the file is complete (nothing is loaded)."""
-    size = path.stat().st_size
-    damaged = f"{path} is damaged or truncated ({size} bytes); copy it again or retrain the adapter."
-    try:
-        with path.open("rb") as file:
-            (header_length,) = struct.unpack("<Q", file.read(8))
-            if header_length > size - 8:
-                raise AdapterFileError(damaged)
-            header = json.loads(file.read(header_length))
-    except (struct.error, ValueError, UnicodeDecodeError):
-        raise AdapterFileError(damaged) from None
-    tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
-    end = max((entry["data_offsets"][1] for entry in tensors.values()), default=0)
-    if 8 + header_length + end > size:
-        raise AdapterFileError(damaged)
-    return {name: entry["shape"] for name, entry in tensors.items()}
-
-
-def read_adapter_files(adapter_path: str) -> tuple[dict, dict, dict[str, list[int]]]:
-    """adapter_config.json, run_config.json ({} when absent) and the weight shapes of an adapter folder, each checked."""
-    folder = Path(adapter_path)
-    config_file = folder / "adapter_config.json"
-    if not folder.is_dir() or not config_file.is_file():
-        return {}, {}, {}  # the adapter loader says what is missing
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise AdapterFileError(f"{config_file} is not valid JSON ({error}); copy the adapter folder again or retrain it.") from None
-    run_file = folder / "run_config.json"
-    try:
-        run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
-    except (ValueError, UnicodeDecodeError) as error:
-        raise AdapterFileError(f"{run_file} is not valid JSON ({error}); delete it and pass --model_path explicitly.") from None
-    weights = folder / "adapter_model.safetensors"
-    if not weights.is_file():
-        if (folder / "adapter_model.bin").is_file():
-            return config, run, {}
-        raise AdapterFileError(f"{folder} has no adapter_model.safetensors; the adapter was not saved completely. Retrain it.")
-    return config, run, safetensors_shapes(weights)
-
-
 def expected_linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each adaptable linear layer of a Qwen decoder layer, from its config.json."""
     hidden = config["hidden_size"]
@@ -256,7 +210,7 @@ def base_summary(config) -> dict:
     return {key: values.get(key) for key in BASE_SUMMARY_KEYS if values.get(key) is not None}
 
 
-def check_adapter_against_base(adapter_path: str, base_model_path: str) -> None:
+def check_adapter_against_base(adapter: str | AdapterFolder, base_model_path: str) -> None:
     """Refuse, before loading anything, an adapter whose files are damaged or whose architecture or shapes differ from the base.
 
     Works when the base the adapter recorded is not on this machine: the adapter's own record of its base
@@ -264,103 +218,88 @@ def check_adapter_against_base(adapter_path: str, base_model_path: str) -> None:
     """
     from .tiny import resolve_model_path
 
-    adapter_config, run, shapes = read_adapter_files(adapter_path)
-    if not adapter_config:
-        return
+    folder = read_adapter_folder(adapter)
     base_folder = Path(resolve_model_path(base_model_path))
     if not (base_folder / "config.json").is_file():
         return  # a hub id: nothing to compare against before loading
     base_config = read_model_config(base_folder)
     problems = []
-    recorded = run.get("base_model") or {}
+    recorded = folder.base_architecture
     for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
         if key in recorded and base_config.get(key) is not None and recorded[key] != base_config.get(key):
             problems.append(f"{key} is {recorded[key]} in the base it was trained on, {base_config.get(key)} in {base_model_path}")
-    problems += adapter_shape_problems(adapter_config, shapes, base_config)
-    if not problems:
-        check_base_fingerprint(adapter_path, base_model_path, run)
+    problems += adapter_shape_problems(folder.adapter_config, folder.shapes, base_config)
     if problems:
-        trained_on = run.get("model_path") or adapter_config.get("base_model_name_or_path") or "an unrecorded base"
-        raise AdapterFileError(
-            f"--adapter_path {adapter_path} does not fit --model_path {base_model_path} "
+        raise AdapterError(
+            f"--adapter_path {folder.path} does not fit --model_path {base_model_path} "
             f"({base_config.get('model_type')}, hidden size {base_config.get('hidden_size')}): {'; '.join(problems)}. "
-            f"It was trained on {trained_on}: load it on that base, or train an adapter for this one."
+            f"It was trained on {folder.recorded_base or 'an unrecorded base'}: load it on that base, or train an adapter for this one."
         )
+    check_base_fingerprint(folder, base_model_path)
 
 
-def check_base_fingerprint(adapter_path: str, base_model_path: str, run: dict) -> None:
+def check_base_fingerprint(adapter: str | AdapterFolder, base_model_path: str) -> None:
     """Refuse a base whose config.json or weight files are not those the adapter was trained on (its run_config.json's
     ``base_fingerprint``); an adapter without one, or a hub id, is not checked."""
     from .files import model_fingerprint
 
-    recorded = run.get("base_fingerprint") or {}
+    folder = read_adapter_folder(adapter)
+    recorded = folder.fingerprint
     current = model_fingerprint(base_model_path) if recorded else None
     parts = {"config": "its config.json", "weights": "its weight files (names or sizes)"}
     differs = [name for name in parts if current and name in recorded and recorded[name] != current.get(name)]
     if differs:
         verb = "do" if "weights" in differs else "does"
-        raise AdapterFileError(
-            f"--adapter_path {adapter_path} was trained on another base than {base_model_path}: "
+        raise AdapterError(
+            f"--adapter_path {folder.path} was trained on another base than {base_model_path}: "
             f"{' and '.join(parts[name] for name in differs)} {verb} not match what the adapter recorded (it was "
-            f"trained on {run.get('model_path') or 'an unrecorded path'}). Load it on that base or an unchanged copy "
+            f"trained on {folder.run_config.get('model_path') or 'an unrecorded path'}). Load it on that base or an unchanged copy "
             f"of it (--model_path); if this is the same model saved again, delete \"base_fingerprint\" from "
-            f"{Path(adapter_path) / 'run_config.json'}."
+            f"{Path(folder.path) / 'run_config.json'}."
         )
 
 
-def adapter_command_inputs(adapter_path: str | None, model_path: str | None) -> dict[str, str | None]:
+def adapter_command_inputs(adapter: str | AdapterFolder | None, model_path: str | None) -> dict[str, str | None]:
     """What a command that loads an adapter reads: the adapter folder and its base (given, or the one it records)."""
-    if not adapter_path:
+    if not adapter:
         return {"--model_path": model_path}
     if model_path:
-        return {"--adapter_path": adapter_path, "--model_path": model_path}
-    return {"--adapter_path": adapter_path, f"the base recorded by {adapter_path}": recorded_base_path(adapter_path)}
+        return {"--adapter_path": str(getattr(adapter, "path", adapter)), "--model_path": model_path}
+    folder = read_adapter_folder(adapter)
+    return {"--adapter_path": folder.path, f"the base recorded by {folder.path}": folder.recorded_base}
 
 
-def recorded_base_path(adapter_path: str) -> str | None:
-    """The base an adapter records (the kit's run_config.json first, it keeps aliases such as "tiny"; else peft's)."""
-    adapter_config, run, _ = read_adapter_files(adapter_path)
-    return run.get("model_path") or adapter_config.get("base_model_name_or_path")
-
-
-def check_adapter_folder(adapter_path: str, model_path: str | None) -> str | None:
-    """Check an adapter folder and the base it will load on; return that base (``model_path``, else the recorded one)."""
-    folder = Path(adapter_path)
-    if folder.is_file():
-        raise AdapterFileError(f"--adapter_path {adapter_path} is a file; pass the adapter folder that holds it "
-                               f"({folder.parent}, with adapter_config.json and adapter_model.safetensors).")
-    if not folder.is_dir():
-        raise AdapterFileError(f"--adapter_path {adapter_path}: no such folder. Train one first (python -m qwen_helpers.train_lora) or fix the path.")
-    if not (folder / "adapter_config.json").is_file():
-        hint = " It looks like a full model folder: pass it as --model_path instead." if (folder / "config.json").is_file() else ""
-        raise AdapterFileError(f"--adapter_path {adapter_path} has no adapter_config.json, so it is not a peft adapter folder.{hint}")
+def check_adapter(adapter: str | AdapterFolder, model_path: str | None) -> tuple[AdapterFolder, str]:
+    """Read an adapter folder once and check it and the base it will load on; return (the folder, that base)."""
+    folder = read_adapter_folder(adapter)
     if model_path:
         check_model_path(model_path)
         base = model_path
     else:
-        base = recorded_base_path(adapter_path)
-        if not base:
-            raise AdapterFileError(f"--adapter_path {adapter_path} does not record its base model; pass --model_path.")
+        base = folder.base()
         if looks_like_local_path(base) and not Path(base).expanduser().is_dir():
-            raise AdapterFileError(
-                f"--adapter_path {adapter_path} was trained on {base}, which is not on this machine; pass --model_path "
+            raise AdapterError(
+                f"--adapter_path {folder.path} was trained on {base}, which is not on this machine; pass --model_path "
                 "with that base (a copy of the same checkpoint)."
             )
-        check_model_path(base, flag=f"the base recorded by {adapter_path}")
-    check_adapter_against_base(adapter_path, base)
-    return base
+        check_model_path(base, flag=f"the base recorded by {folder.path}")
+    check_adapter_against_base(folder, base)
+    return folder, base
+
+
+def check_adapter_folder(adapter_path: str, model_path: str | None) -> str:
+    """Check an adapter folder and the base it will load on; return that base (``model_path``, else the recorded one)."""
+    return check_adapter(adapter_path, model_path)[1]
 
 
 def check_inference_inputs(args) -> None:
     """Everything the inference command can check before loading a model: output file, model folder, adapter."""
-    from .files import check_not_an_input, check_output_file
+    from .files import check_output_file
 
     inputs = adapter_command_inputs(args.adapter_path, args.model_path or (None if args.adapter_path else "tiny"))
-    if args.data_path and not args.merge:
+    if args.data_path:
         check_output_file(args.output_file, "--output_file", args.overwrite_output_file, "--overwrite_output_file",
                           inputs={"--data_path": args.data_path, **inputs})
-    if args.merge:
-        check_not_an_input(args.output_dir, "--output_dir", inputs, example="outputs/lora_merged")
     if args.adapter_path:
         check_adapter_folder(args.adapter_path, args.model_path)
     elif args.model_path:

@@ -20,7 +20,7 @@ from typing import Literal
 
 from .errors import command_boundary
 from .prompt_settings import (PromptSettings, data_format_flag, field_flag, read_records_as_trained,
-                              recorded_prompt_settings, with_system_prompt)
+                              settings_from_run_config, with_system_prompt)
 from .quickflags import dataclass_parser, parse_command_flags
 
 
@@ -68,9 +68,15 @@ def parse_export_args(argv: list[str] | None = None) -> ExportArguments:
     return args
 
 
-def export_settings(args: ExportArguments) -> tuple[PromptSettings | None, PromptSettings]:
-    """(what the adapter records or None, what the export uses: that record with --system on top, else the defaults)."""
-    recorded = recorded_prompt_settings(args.adapter_path)
+def export_settings(args: ExportArguments, adapter=None) -> tuple[PromptSettings | None, PromptSettings]:
+    """(what the adapter records or None, what the export uses: that record with --system on top, else the defaults).
+
+    ``adapter``: the folder already read (:class:`qwen_helpers.adapter_folder.AdapterFolder`), else --adapter_path.
+    """
+    from .adapter_folder import read_adapter_folder
+
+    adapter = read_adapter_folder(adapter or args.adapter_path)
+    recorded = settings_from_run_config(adapter.run_config) if adapter.run_config else None
     settings = recorded or PromptSettings()
     if args.system:
         settings = replace(settings, system_prompt=args.system)
@@ -82,7 +88,7 @@ def verification_records(args: ExportArguments, settings: PromptSettings) -> lis
 
     Records without a system prompt get the one the Modelfile sets, as Ollama sends them.
     """
-    from .adapters import AdapterError
+    from .adapter_folder import AdapterError
 
     if not Path(args.verify_data).is_file():
         raise AdapterError(f"--verify_data {args.verify_data} does not exist; pass a JSON/JSONL file of records "
@@ -120,14 +126,14 @@ def crash_line(verification: dict, output_dir: Path, gguf_file: Path) -> str:
             f"(details in {output_dir / 'export_report.json'}). Reinstall llama-cpp-python portably: bash scripts/install_llama_cpp.sh")
 
 
-def build_export(args: ExportArguments, folder: Path, records: list[dict], tools: dict, recorded,
+def build_export(args: ExportArguments, adapter, folder: Path, records: list[dict], tools: dict, recorded,
                  settings: PromptSettings) -> tuple[int, dict]:
     """Merge into ``folder`` and, for --format gguf, convert, verify and write the Modelfile there; (exit status, report)."""
     from .gguf_export import verification_summary
     from .merge import merge_and_export
 
     output_dir = Path(args.output_dir)
-    merge = merge_and_export(args.adapter_path, str(folder), model_path=args.model_path, overwrite=True, settings=recorded)
+    merge = merge_and_export(adapter, str(folder), model_path=args.model_path, overwrite=True, settings=recorded)
     # where it will be once the folder is swapped in, in the report and in the notes' "load it" line
     merge.output_dir = str(output_dir)
     merge.notes = [note.replace(str(folder), str(output_dir)) for note in merge.notes]
@@ -161,19 +167,19 @@ def run_export(args: ExportArguments) -> int:
     from .gguf_export import LLAMA_CPP_PYTHON_VERSION, check_gguf_tools
     from .merge import check_export_dir, check_mergeable_adapter
 
-    check_mergeable_adapter(args.adapter_path)  # prompt tuning stops here, saying why
+    adapter = check_mergeable_adapter(args.adapter_path)  # read once; prompt tuning stops here, saying why
     gguf = args.format == "gguf"
     gguf_inputs = {"--verify_data": args.verify_data, "--llama_cpp_dir": args.llama_cpp_dir} if gguf else {}
-    check_export_dir(args.output_dir, args.adapter_path, args.overwrite_output_dir, "--overwrite_output_dir True",
+    check_export_dir(args.output_dir, adapter, args.overwrite_output_dir, "--overwrite_output_dir True",
                      args.model_path, gguf_inputs)
-    recorded, settings = export_settings(args)  # before any model loads: an old run re-reads its data file here
+    recorded, settings = export_settings(args, adapter)  # before any model loads: an old run re-reads its data file here
     records = verification_records(args, settings) if args.format == "gguf" else []
     tools = check_gguf_tools(args.gguf_type, args.llama_cpp_dir) if args.format == "gguf" else {}
     if tools:
         print(f"llama.cpp converter and runtime: llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} ({tools['converter']})", flush=True)
     staging = new_staging_folder(args.output_dir)
     try:
-        status, report = build_export(args, staging, records, tools, recorded, settings)
+        status, report = build_export(args, adapter, staging, records, tools, recorded, settings)
         atomic_write_text(staging / "export_report.json", json.dumps(report, indent=2, ensure_ascii=False, default=str))
         swap_in(staging, args.output_dir)
     except BaseException:

@@ -1,8 +1,10 @@
-"""The ``python -m qwen_helpers.inference`` command: answer one prompt, evaluate a data file, or merge an adapter.
+"""The ``python -m qwen_helpers.inference`` command: answer one prompt, or evaluate a data file.
 
     python -m qwen_helpers.inference --adapter_path outputs/lora --instruction "翻译为英文" --input "早安"
     python -m qwen_helpers.inference --adapter_path outputs/lora --data_path data/test.json --output_file outputs/preds.jsonl
-    python -m qwen_helpers.inference --merge True --adapter_path outputs/lora --output_dir outputs/lora_merged
+
+Merging has one command: ``python -m qwen_helpers.export --format hf --adapter_path outputs/lora --output_dir
+outputs/lora_merged``; ``--merge`` here only says so.
 
 The library behind it: :mod:`qwen_helpers.adapters` (load), :mod:`qwen_helpers.generation` (generate),
 :mod:`qwen_helpers.evaluation` (scores and comparisons).
@@ -59,18 +61,19 @@ class InferenceArguments:
         metadata={"help": "Qwen3: prompt in thinking mode; default: as the adapter (or merged model) was trained."},
     )
     repetition_penalty: float = field(default=1.0, metadata={"help": "Above 1.0 discourages repeating tokens (1.0 = off)."})
-    merge: bool = field(default=False, metadata={"help": "Merge the LoRA adapter into its base and save a plain model to --output_dir."})
-    output_dir: str | None = field(default=None, metadata={"help": "With --merge: folder for the merged model."})
-    overwrite: bool = field(default=False, metadata={"help": "With --merge: replace an existing --output_dir."})
+    merge: bool = field(default=False, metadata={"help": "Moved: merge with python -m qwen_helpers.export --format hf."})
+    output_dir: str | None = field(default=None, metadata={"help": "Moved with --merge to python -m qwen_helpers.export."})
 
     def __post_init__(self):
         if self.instruction is not None and not self.instruction.strip():
             raise ValueError('--instruction is empty: give the prompt text, e.g. --instruction "Translate into English" (and --input for its input).')
-        modes = [name for name, on in (("--instruction", self.instruction), ("--data_path", self.data_path), ("--merge", self.merge)) if on]
+        if self.merge or self.output_dir:  # the one merge command is export's
+            raise ValueError(f"inference no longer merges: use python -m qwen_helpers.export --format hf --adapter_path "
+                             f"{self.adapter_path or 'ADAPTER'} --output_dir {self.output_dir or 'FOLDER'} "
+                             "(--overwrite_output_dir True to replace a folder).")
+        modes = [name for name, on in (("--instruction", self.instruction), ("--data_path", self.data_path)) if on]
         if len(modes) != 1:
-            raise ValueError(f"Pass exactly one of --instruction, --data_path or --merge True (got {', '.join(modes) or 'none'}).")
-        if self.merge and not (self.adapter_path and self.output_dir):
-            raise ValueError("--merge True needs --adapter_path (the LoRA adapter) and --output_dir (where the merged model goes).")
+            raise ValueError(f"Pass exactly one of --instruction or --data_path (got {', '.join(modes) or 'none'}).")
         if self.max_records is not None and self.max_records < 1:
             raise ValueError(f"--max_records must be at least 1, got {self.max_records}; omit it to use every record.")
         for name in ("batch_size", "max_new_tokens"):
@@ -144,21 +147,12 @@ def prediction_line(record: dict, row: dict) -> dict:
     return {**{key: value for key, value in record.items() if key != "tool_calls"}, **reference, **row}
 
 
-def run_merge(args: InferenceArguments) -> None:
-    """Merge the LoRA adapter into its 16-bit base and save a plain model folder (via merge.merge_and_export)."""
-    from .merge import merge_and_export  # refuses prompt-tuning adapters, saying why
-
-    print(merge_and_export(args.adapter_path, args.output_dir, model_path=args.model_path, overwrite=args.overwrite))
-
 
 @command_boundary
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: one answer (--instruction), an evaluation file (--data_path), or a merge (--merge True)."""
+    """Entry point: one answer (--instruction) or an evaluation file (--data_path)."""
     args = parse_inference_args(argv)
     check_inference_inputs(args)  # output file, model folder, adapter files: before any model loads
-    if args.merge:
-        run_merge(args)
-        return 0
     records = args.read_records() if args.data_path else None  # a bad data file is reported before loading too
     model, tokenizer = load_for_command(args)
     if args.instruction:

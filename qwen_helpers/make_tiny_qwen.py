@@ -1,9 +1,9 @@
 """Build the embedded tiny Qwen checkpoint (random weights, real Qwen tokenizer) into a folder, offline.
 
-    python -m qwen_helpers.make_tiny_qwen OUT_DIR [--arch qwen2|qwen3] [--overwrite True]
+    python -m qwen_helpers.make_tiny_qwen OUT_DIR [--arch qwen2|qwen3] [--overwrite_output_dir True]
         [--like qwen2.5-base|qwen2.5-instruct|qwen1.5-chat|qwen3|qwen3-base|no-template]
 
-A folder that already holds files is refused unless ``--overwrite True``: it may hold a real model, whose
+A folder that already holds files is refused unless ``--overwrite_output_dir True`` (the kit's one overwrite flag): it may hold a real model, whose
 weights random tiny ones would replace. The build goes into a staging folder beside OUT_DIR and is
 swapped in whole, so an interrupted build never leaves a half-written checkpoint.
 """
@@ -19,23 +19,30 @@ from .tiny import REPLICAS, make_tiny_qwen
 
 def parse_arguments(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=command_prog(), description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("output_dir", help="Folder to write (created if missing; must be empty unless --overwrite True).")
+    parser.add_argument("output_dir", help="Folder to write (created if missing; must be empty unless --overwrite_output_dir True).")
     parser.add_argument("--arch", choices=["qwen2", "qwen3"], default="qwen2", help="Qwen2ForCausalLM or Qwen3ForCausalLM.")
     parser.add_argument("--like", choices=list(REPLICAS), default=None,
                         help="Copy a released checkpoint's settings (eos, generation config, chat template); implies its --arch.")
-    parser.add_argument("--overwrite", choices=["True", "False"], default="False", help="Replace the contents of a non-empty output_dir.")
+    parser.add_argument("--overwrite_output_dir", choices=["True", "False"], default="False",
+                        help="Replace the contents of a non-empty output_dir.")
+    parser.add_argument("--overwrite", help=argparse.SUPPRESS)  # the old name: refused with the new one below
 
     def error(message):
         raise FlagError(f"{message}. Run with --help to list every flag.")
 
     parser.error = error
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.overwrite is not None:
+        raise FlagError("--overwrite is now --overwrite_output_dir (the one overwrite flag of every command): "
+                        f"pass --overwrite_output_dir {args.overwrite}.")
+    return args
 
 
 @command_boundary
 def main(argv=None) -> int:
     args = parse_arguments(argv)
-    check_output_folder(args.output_dir, "output_dir", overwrite=args.overwrite == "True", overwrite_flag="--overwrite",
+    check_output_folder(args.output_dir, "output_dir", overwrite=args.overwrite_output_dir == "True",
+                        overwrite_flag="--overwrite_output_dir",
                         example="outputs/tiny-qwen")
     staging = new_staging_folder(args.output_dir)
     try:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .adapters import AdapterError, load_model_with_adapter, merge_problem, read_adapter_info
+from .adapter_folder import AdapterError, AdapterFolder, read_adapter_folder
+from .adapters import load_model_with_adapter, merge_problem
 from .data import format_prompt
 from .checks import adapter_command_inputs
 from .files import OutputExistsError, check_not_an_input, folder_size, give_default_modes, human_bytes
@@ -87,16 +88,16 @@ def max_logits_difference(model_a, model_b, tokenizer, prompts: list[str]) -> fl
     return largest_difference(prompt_logits(model_a, tokenizer, prompts), prompt_logits(model_b, tokenizer, prompts))
 
 
-def check_mergeable_adapter(adapter_path: str) -> dict:
-    """The adapter's info, or an :class:`AdapterError` when it is not a LoRA adapter (the only kind that merges into weights)."""
-    info = read_adapter_info(adapter_path)
-    problem = merge_problem(str(info.get("peft_type", "")))
+def check_mergeable_adapter(adapter: str | AdapterFolder) -> AdapterFolder:
+    """The adapter folder, read once, or an :class:`AdapterError` when it is not a LoRA adapter (the only kind that merges into weights)."""
+    folder = read_adapter_folder(adapter)
+    problem = merge_problem(folder.peft_type)
     if problem:
-        raise AdapterError(f"{adapter_path}: {problem}")
-    return info
+        raise AdapterError(f"{folder.path}: {problem}")
+    return folder
 
 
-def check_export_dir(output_dir: str, adapter_path: str, overwrite: bool, flag: str = "--overwrite True",
+def check_export_dir(output_dir: str, adapter_path: str | AdapterFolder, overwrite: bool, flag: str = "--overwrite_output_dir True",
                      model_path: str | None = None, inputs: dict | None = None) -> None:
     """Refuse, always, a folder that is, holds or lies in the adapter, its base or another input (``inputs``), and a
     non-empty folder unless ``overwrite``: nothing is replaced silently."""
@@ -116,32 +117,32 @@ def merge_tolerance(dtype: torch.dtype, logits: list[torch.Tensor]) -> float:
     return MERGE_TOLERANCE[dtype] * max(1.0, scale)
 
 
-def trained_on_4bit_logits(adapter_path: str, model_path: str | None, prompts: list[str],
+def trained_on_4bit_logits(adapter_path: str | AdapterFolder, model_path: str | None, prompts: list[str],
                            enable_thinking: bool) -> list[torch.Tensor]:
     """Logits of the model as it was trained (the 4-bit base with the adapter on top); the model is freed on return."""
     model, tokenizer = load_model_with_adapter(adapter_path, model_path, load_in_4bit=True)
     return prompt_logits(model, tokenizer, prompts, enable_thinking)
 
 
-def merge_and_export(adapter_path: str, output_dir: str, model_path: str | None = None, prompts: list[str] | None = None,
+def merge_and_export(adapter_path: str | AdapterFolder, output_dir: str, model_path: str | None = None, prompts: list[str] | None = None,
                      overwrite: bool = False, settings: PromptSettings | None = None) -> ExportReport:
     """Merge a LoRA (or QLoRA) adapter into its 16-bit base, check the logits, save model + tokenizer as safetensors.
 
     ``settings``: how the merged model is to be asked (default: what the adapter's run_config.json records). They
     are saved as prompt_settings.json, and the saved chat template's ``enable_thinking`` defaults to their mode.
     """
-    info = check_mergeable_adapter(adapter_path)
-    check_export_dir(output_dir, adapter_path, overwrite, model_path=model_path)
-    if settings is None and info.get("kit_run") is not None:
-        settings = settings_from_run_config(info["kit_run"])
+    folder = check_mergeable_adapter(adapter_path)  # read once: every step below takes the folder
+    check_export_dir(output_dir, folder, overwrite, model_path=model_path)
+    if settings is None and folder.run_config:
+        settings = settings_from_run_config(folder.run_config)
     thinking = bool(settings and settings.enable_thinking)
     prompts = prompts or DEFAULT_PROMPTS
     four_bit_logits = None
-    if info.get("kit_load_in_4bit"):
-        four_bit_logits = trained_on_4bit_logits(adapter_path, model_path, prompts, thinking)
+    if folder.load_in_4bit:
+        four_bit_logits = trained_on_4bit_logits(folder, model_path, prompts, thinking)
     release_memory()
 
-    model, tokenizer = load_model_with_adapter(adapter_path, model_path, load_in_4bit=False)
+    model, tokenizer = load_model_with_adapter(folder, model_path, load_in_4bit=False)
     adapter_logits = prompt_logits(model, tokenizer, prompts, thinking)
     merged = model.merge_and_unload(safe_merge=True)
     merged_logits = prompt_logits(merged, tokenizer, prompts, thinking)
@@ -150,9 +151,9 @@ def merge_and_export(adapter_path: str, output_dir: str, model_path: str | None 
     tolerance = merge_tolerance(dtype, adapter_logits)
     if difference > tolerance:
         raise MergeMismatchError(
-            f"Merging {adapter_path} changed the logits by {difference:.3g} (more than {tolerance:.3g} allowed in "
+            f"Merging {folder.path} changed the logits by {difference:.3g} (more than {tolerance:.3g} allowed in "
             f"{dtype}); nothing was saved. That points to a numerical problem such as fp16 overflow in the merged "
-            "weights: merge on the CPU in fp32 instead (CUDA_VISIBLE_DEVICES= python -m qwen_helpers.inference --merge True ...)."
+            "weights: merge on the CPU in fp32 instead (CUDA_VISIBLE_DEVICES= python -m qwen_helpers.export --format hf ...)."
         )
     started = time.time()
     merged.save_pretrained(output_dir)

@@ -1,12 +1,15 @@
 """The one registry of fine-tuning methods: LoRA, prompt tuning, QLoRA and full fine-tuning.
 
-Every place that needs a method's name, label, flags, peft config, loading options or benchmark name
+Every place that needs a method's name, label, flags, peft config, loading options or benchmark rows
 looks it up here, so the training commands, the inference path and the benchmark share one vocabulary.
+A new method is one ``Method`` entry; a new LoRA variant is one ``BenchmarkRun`` with its peft option
+(plus its ``LoraArguments`` field); the benchmark and its memory estimate read both from here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 from .config import LoraArguments, PromptTuningArguments
@@ -52,40 +55,121 @@ def build_prompt_tuning_config(prompt_args: PromptTuningArguments, model_path: s
     )
 
 
+def _lora_config(lora_args: LoraArguments, model_path: str, trainable_token_indices: list[int] | None = None):
+    return build_lora_config(lora_args, trainable_token_indices=trainable_token_indices)
+
+
+def _prompt_tuning_config(prompt_args: PromptTuningArguments, model_path: str, trainable_token_indices=None):
+    return build_prompt_tuning_config(prompt_args, model_path)
+
+
+@dataclass(frozen=True)
+class BenchmarkRun:
+    """One benchmark row of a method: the precision it asks for, a LoRA variant's options, the trainer that runs it.
+
+    ``objective`` "sft" runs the kit's training path (``train.train``); "dpo" and "grpo" run TRL's
+    ``DPOTrainer`` / ``GRPOTrainer`` through the kit's ``train_dpo`` / ``train_grpo`` on the same LoRA method.
+    """
+
+    name: str  # the benchmark's --methods vocabulary (lora_bf16, qlora_nf4, dpo_lora, ...)
+    label: str  # for tables and charts
+    precision: Literal["fp16", "bf16"]  # autocast dtype on a GPU; CPUs fall back to fp32
+    lora_options: tuple[tuple[str, object], ...] = ()  # a LoRA variant: LoraArguments fields (use_dora, ...)
+    objective: Literal["sft", "dpo", "grpo"] = "sft"
+    method: Method | None = None  # the registry entry the row trains (set by :func:`benchmark_runs`)
+
+    @property
+    def adapter(self) -> str:
+        return self.method.adapter
+
+    @property
+    def load_in_4bit(self) -> bool:
+        return self.method.load_in_4bit
+
+    @property
+    def fp32_master_weights(self) -> bool:
+        """Full fine-tuning keeps fp32 weights and autocasts; the adapter methods load the base in half precision."""
+        return self.method.trains_base_weights
+
+    @property
+    def is_variant(self) -> bool:
+        """LoRA with one peft option (DoRA, rsLoRA, PiSSA, LoRA+): compared with the plain LoRA row."""
+        return bool(self.lora_options)
+
+
 @dataclass(frozen=True)
 class Method:
-    """One fine-tuning method: what wraps the base, how the base loads, which flags it takes."""
+    """One fine-tuning method: what wraps the base, how the base loads, which flags it takes, its benchmark rows."""
 
     name: str  # the run config's "method" and the commands' vocabulary
     label: str  # for tables and plots
     adapter: Literal["lora", "prompt_tuning", "full"]  # which peft config wraps the base ("full": none)
     arguments: type | None  # the method's argument dataclass (HfArgumentParser group), None for full
+    build_config: Callable | None = None  # (method_args, model_path, trainable_token_indices) -> peft config
     load_in_4bit: bool = False  # the base loads in 4-bit NF4 (QLoRA)
     command_defaults: dict = field(default_factory=dict)  # the training command's defaults beyond the dataclasses'
-    benchmark_runs: tuple[tuple[str, str], ...] = ()  # (benchmark run name, precision it asks for)
+    benchmark_runs: tuple[BenchmarkRun, ...] = ()  # the benchmark's rows of this method
+
+    @property
+    def trains_base_weights(self) -> bool:
+        """Every base weight trains (full fine-tuning): fp32 master weights, weight gradients in the FLOPs."""
+        return self.build_config is None
+
+    @property
+    def adapts_linear_layers(self) -> bool:
+        """LoRA and QLoRA: matrices beside the base's linear layers (target modules, chat-token rows, variants)."""
+        return self.arguments is LoraArguments
+
+    @property
+    def prepends_virtual_tokens(self) -> bool:
+        """Prompt tuning: every row starts with the soft prompt, so rows cannot be packed and positions shift."""
+        return self.arguments is PromptTuningArguments
+
+    def flag_names(self) -> tuple[str, ...]:
+        """The method's own command-line flags (its argument dataclass's fields), e.g. ``--lora_r``."""
+        return tuple(f"--{item.name}" for item in fields(self.arguments)) if self.arguments else ()
+
+    def method_arguments(self, lora_args: LoraArguments | None, prompt_args: PromptTuningArguments | None):
+        """Of the two argument groups, the one this method takes (None for full fine-tuning)."""
+        return {LoraArguments: lora_args, PromptTuningArguments: prompt_args}.get(self.arguments)
+
+    def argument_groups(self, method_args) -> tuple[LoraArguments | None, PromptTuningArguments | None]:
+        """(lora_args, prompt_args) as ``train`` takes them, from the method's one argument group."""
+        return (method_args if self.adapts_linear_layers else None,
+                method_args if self.prepends_virtual_tokens else None)
 
     def peft_config(self, method_args, model_path: str, trainable_token_indices: list[int] | None = None):
         """The peft config that wraps the base for this method (None for full fine-tuning)."""
-        if self.adapter == "lora":
-            return build_lora_config(method_args, trainable_token_indices=trainable_token_indices)
-        if self.adapter == "prompt_tuning":
-            return build_prompt_tuning_config(method_args, model_path)
-        return None
+        return self.build_config(method_args, model_path, trainable_token_indices) if self.build_config else None
 
+
+_LORA_ROWS = (
+    BenchmarkRun("lora_fp16", "LoRA fp16", "fp16"),
+    BenchmarkRun("lora_bf16", "LoRA bf16", "bf16"),
+    # LoRA's variants, each beside lora_bf16 (its speed reference): one entry each, the same method with one peft option
+    BenchmarkRun("lora_dora", "LoRA bf16 + DoRA", "bf16", (("use_dora", True),)),
+    BenchmarkRun("lora_rslora", "LoRA bf16 + rsLoRA", "bf16", (("use_rslora", True),)),
+    BenchmarkRun("lora_pissa", "LoRA bf16, PiSSA start", "bf16", (("init_lora_weights", "pissa_niter_4"),)),
+    BenchmarkRun("lora_loraplus", "LoRA+ bf16 (ratio 16)", "bf16", (("loraplus_lr_ratio", 16.0),)),
+    # the same LoRA trained by TRL's preference and RL trainers (train_dpo, train_grpo)
+    BenchmarkRun("dpo_lora", "DPO on LoRA bf16 (reference = adapter off)", "bf16", objective="dpo"),
+    BenchmarkRun("grpo_lora", "GRPO on LoRA bf16 (generation timed apart)", "bf16", objective="grpo"),
+)
 
 METHODS: dict[str, Method] = {
     method.name: method
     for method in (
-        Method("lora", "LoRA", "lora", LoraArguments, benchmark_runs=(("lora_fp16", "fp16"), ("lora_bf16", "bf16"))),
-        Method("prompt_tuning", "prompt tuning", "prompt_tuning", PromptTuningArguments,
+        Method("lora", "LoRA", "lora", LoraArguments, _lora_config, benchmark_runs=_LORA_ROWS),
+        Method("prompt_tuning", "prompt tuning", "prompt_tuning", PromptTuningArguments, _prompt_tuning_config,
                command_defaults={"learning_rate": 3e-2, "output_dir": "outputs/prompt_tuning"},
-               benchmark_runs=(("prompt_tuning", "fp16"),)),
+               benchmark_runs=(BenchmarkRun("prompt_tuning", "prompt tuning fp16", "fp16"),)),
         # Gradient checkpointing on: without it 4-bit can need more memory than 16-bit LoRA, because
         # prepare_model_for_kbit_training upcasts the unquantised embeddings and lm_head to fp32.
-        Method("qlora", "QLoRA (4-bit NF4 base)", "lora", LoraArguments, load_in_4bit=True,
+        Method("qlora", "QLoRA (4-bit NF4 base)", "lora", LoraArguments, _lora_config, load_in_4bit=True,
                command_defaults={"load_in_4bit": True, "activation_checkpointing": True, "output_dir": "outputs/qlora"},
-               benchmark_runs=(("qlora_nf4", "bf16"),)),
-        Method("full", "full fine-tuning", "full", None, benchmark_runs=(("full", "bf16"),)),
+               benchmark_runs=(BenchmarkRun("qlora_nf4", "QLoRA NF4 (bf16 compute)", "bf16"),)),
+        Method("full", "full fine-tuning", "full", None,
+               benchmark_runs=(BenchmarkRun("full", "full FT (fp32 master, bf16 autocast)", "bf16"),)),
     )
 }
 
@@ -97,17 +181,6 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def benchmark_runs() -> dict[str, tuple[Method, str]]:
-    """Benchmark run name (``lora_fp16``, ``qlora_nf4``, ...) -> (method, requested precision)."""
-    return {run: (method, precision) for method in METHODS.values() for run, precision in method.benchmark_runs}
-
-
-def adapter_kind(info: dict) -> str:
-    """The method name of a saved adapter ('lora', 'qlora', 'prompt_tuning', or peft's type in lower case).
-
-    ``info`` is :func:`qwen_helpers.adapters.read_adapter_info`'s dict: peft's config plus the kit's run record.
-    """
-    peft_type = str(info.get("peft_type", "")).lower()
-    if peft_type == "lora" and info.get("kit_load_in_4bit"):
-        return "qlora"
-    return peft_type
+def benchmark_runs() -> dict[str, BenchmarkRun]:
+    """Benchmark row name (``lora_fp16``, ``qlora_nf4``, ``dpo_lora``, ...) -> its run, bound to its method."""
+    return {run.name: replace(run, method=method) for method in METHODS.values() for run in method.benchmark_runs}

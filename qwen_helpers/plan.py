@@ -60,11 +60,11 @@ class RunPlan:
 
     @property
     def lora_args(self):
-        return self.method_args if self.method.adapter == "lora" else None
+        return self.method_args if self.method.adapts_linear_layers else None
 
     @property
     def prompt_args(self):
-        return self.method_args if self.method.adapter == "prompt_tuning" else None
+        return self.method_args if self.method.prepends_virtual_tokens else None
 
     def notes(self) -> list[str]:
         """The lines a run prints about its decisions, before loading the model."""
@@ -93,9 +93,9 @@ def _method_checks(method: Method, method_args, model_args: ModelArguments, save
     if method.load_in_4bit and not model_args.load_in_4bit:
         raise FlagError(f"method {method.name!r} trains on a 4-bit base: pass ModelArguments(load_in_4bit=True) "
                         "(--load_in_4bit True).")
-    if method.adapter == "full" and save:
+    if method.trains_base_weights and save:
         raise FlagError("Full fine-tuning is the benchmark's baseline only; the kit saves adapters, never full weights.")
-    if method.adapter == "lora":
+    if method.adapts_linear_layers:
         check_lora_variant_on_4bit(method_args, model_args.load_in_4bit)
 
 
@@ -132,14 +132,14 @@ def plan_run(model_args: ModelArguments, data_args: DataArguments, training_args
                                                        model_args.attn_implementation)
     check_liger(training_args, model_args.model_path)  # before anything loads: a run that cannot use it stops now
     base_config = check_model_path(model_args.model_path)
-    prompt_args = method_args if kind.adapter == "prompt_tuning" else None
+    prompt_args = method_args if kind.prepends_virtual_tokens else None
     if prompt_args is not None:
         check_prompt_fits_model(prompt_args.num_virtual_tokens, data_args.max_length, model_args.model_path, base_config)
     task_flags = (prompt_args.task, prompt_args.labels) if prompt_args is not None else ("auto", None)
     if check_raw_text_flags(data_args, training_args.metric_for_best_model, *task_flags, method_args, training_args):
         # decided once: every reader below, and run_config.json, see "text"; no chat-token rows (no chat turns)
         data_args = dataclasses.replace(data_args, data_format="text")
-        if kind.adapter == "lora":
+        if kind.adapts_linear_layers:
             method_args = dataclasses.replace(method_args, train_chat_tokens=False)
     task, labels = _task_and_labels(data_args, training_args, prompt_args)
     check_distributed_launch(training_args)
@@ -152,7 +152,7 @@ def plan_run(model_args: ModelArguments, data_args: DataArguments, training_args
         runs_in = copy.copy(training_args)
         runs_in.output_dir = output.staging
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_args.model_path)
-    rows, notice = chat_tokens_to_train(tokenizer, method_args.train_chat_tokens) if kind.adapter == "lora" else ([], None)
+    rows, notice = chat_tokens_to_train(tokenizer, method_args.train_chat_tokens) if kind.adapts_linear_layers else ([], None)
     return RunPlan(
         model=model_args, data=data_args, training=runs_in, method=kind, method_args=method_args,
         precision=training_args.precision, dtype=training_args.precision.dtype, padding_free=padding_free,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checks import safetensors_shapes
+from .adapter_folder import safetensors_shapes
 from .errors import KitError
 from .files import (OutputExistsError, check_not_an_input, is_nonempty_folder, new_staging_folder, remove_folders,
                     staging_folders)

@@ -20,9 +20,9 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapters import AdapterError, base_model_path_of, read_adapter_info, recorded_base
+from .adapter_folder import AdapterError, AdapterFolder, read_adapter_folder
 from .checks import check_base_fingerprint
-from .prompt_settings import has_thinking_switch, recorded_prompt_settings
+from .prompt_settings import has_thinking_switch, settings_from_run_config
 from .tiny import resolve_model_path
 
 # The linear layers vLLM applies LoRA to in Qwen2/Qwen3 (it packs q/k/v into qkv_proj and gate/up into gate_up_proj).
@@ -102,15 +102,11 @@ def base_chat_template(base_path: str):
     return json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
 
 
-def adapter_tensor_shapes(adapter_path: str) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape from the adapter's safetensors header (no tensor data is read)."""
-    from safetensors import safe_open
-
-    weights = Path(adapter_path) / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise AdapterError(f"{adapter_path} has no adapter_model.safetensors; vLLM reads adapters saved as safetensors (peft's default).")
-    with safe_open(str(weights), framework="pt") as file:
-        return {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+def adapter_tensor_shapes(folder: AdapterFolder) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from the adapter's safetensors header (read by the one adapter reader; no tensor data)."""
+    if not folder.has_safetensors:
+        raise AdapterError(f"{folder.path} has no adapter_model.safetensors; vLLM reads adapters saved as safetensors (peft's default).")
+    return {name: tuple(shape) for name, shape in folder.shapes.items()}
 
 
 def module_of(tensor_name: str) -> str:
@@ -158,9 +154,8 @@ def config_problems(info: dict) -> list[str]:
     return problems
 
 
-def variant_notes(info: dict) -> list[str]:
+def variant_notes(info: dict, run: dict) -> list[str]:
     """Notes on LoRA variants vLLM serves as they are: rsLoRA, and PiSSA/OLoRA starts saved converted."""
-    run = info.get("kit_run") or {}
     notes = []
     init = str(run.get("init_lora_weights", "true")).lower()
     if init.startswith(("pissa", "olora")) and info.get("init_lora_weights") is True:
@@ -215,9 +210,9 @@ def base_shape_problems(base_path: str, shapes: dict[str, tuple[int, ...]]) -> l
     return problems
 
 
-def recorded_base_problems(info: dict, base_path: str) -> list[str]:
+def recorded_base_problems(folder: AdapterFolder, base_path: str) -> list[str]:
     """The base the adapter records must be the same model as the base you serve (architecture and sizes in config.json)."""
-    recorded = recorded_base(info)
+    recorded = folder.recorded_base
     recorded_config = Path(resolve_model_path(recorded)) / "config.json" if recorded else None
     served_config = Path(base_path) / "config.json"
     if not (recorded_config and recorded_config.is_file() and served_config.is_file()):
@@ -230,34 +225,35 @@ def recorded_base_problems(info: dict, base_path: str) -> list[str]:
     return []
 
 
-def check_vllm_adapter(adapter_path: str, model_path: str | None = None, max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK) -> VllmCheck:
+def check_vllm_adapter(adapter_path: str | AdapterFolder, model_path: str | None = None, max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK) -> VllmCheck:
     """Check an adapter folder against vLLM's LoRA loader; ``model_path`` is the base you will serve (default: the recorded one)."""
     if max_lora_rank not in VLLM_MAX_LORA_RANKS:
         raise AdapterError(f"--max_lora_rank {max_lora_rank} is not a value vLLM accepts; choose one of {list(VLLM_MAX_LORA_RANKS)}.")
-    info = read_adapter_info(adapter_path)
-    base_name = base_model_path_of(adapter_path, model_path)
+    folder = read_adapter_folder(adapter_path)  # read once: peft's config, the kit's record, the tensor shapes
+    info = folder.adapter_config
+    base_name = folder.base(model_path)
     base_path = resolve_model_path(base_name)
     if not (Path(base_path) / "config.json").is_file():
         raise AdapterError(f"The base {base_name} is not a local model folder with a config.json; pass --model_path with the folder you will serve.")
-    check_base_fingerprint(adapter_path, base_name, info.get("kit_run") or {})  # not the base it was trained on
-    shapes = adapter_tensor_shapes(adapter_path)
+    check_base_fingerprint(folder, base_name)  # not the base it was trained on
+    shapes = adapter_tensor_shapes(folder)
     rank = adapter_rank(info, shapes)
     check = VllmCheck(adapter_path=adapter_path, base=base_path, rank=rank, max_lora_rank=max_lora_rank)
     check.problems += config_problems(info)
     check.is_lora = str(info.get("peft_type", "")).upper() == "LORA"
     if not check.is_lora:
         return check
-    settings = recorded_prompt_settings(adapter_path)
+    settings = settings_from_run_config(folder.run_config) if folder.run_config else None  # as trained
     if settings is not None:
         check.system_prompt = settings.system_prompt
         check.enable_thinking = settings.enable_thinking if has_thinking_switch(base_chat_template(base_path)) else None
     problems, notes = tensor_problems(shapes)
     check.problems += problems
-    check.notes += notes + variant_notes(info)
+    check.notes += notes + variant_notes(info, folder.run_config)
     if rank > max_lora_rank:
         needed = smallest_vllm_rank(rank)
         check.problems.append(f"its rank {rank} is above --max-lora-rank {max_lora_rank}; serve it with --max-lora-rank {needed}")
         check.max_lora_rank = needed
-    check.problems += recorded_base_problems(info, base_path)
+    check.problems += recorded_base_problems(folder, base_path)
     check.problems += base_shape_problems(base_path, shapes)
     return check

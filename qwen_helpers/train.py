@@ -73,23 +73,23 @@ def attach_adapter(model, method: str, model_path: str, lora_args=None, prompt_a
     """
     kind = get_method(method)
     rows = []
-    if kind.adapter == "lora" and tokenizer is not None:
+    if kind.adapts_linear_layers and tokenizer is not None:
         rows, notice = chat_tokens_to_train(tokenizer, lora_args.train_chat_tokens)
         if notice:
             print(notice, flush=True)
-    return wrap_with_adapter(model, kind, lora_args if kind.adapter == "lora" else prompt_args, model_path, rows)
+    return wrap_with_adapter(model, kind, lora_args if kind.adapts_linear_layers else prompt_args, model_path, rows)
 
 
 def wrap_with_adapter(model, kind: Method, method_args, model_path: str, chat_token_rows=()):
     """``get_peft_model`` with the method's peft config (full fine-tuning: the model as it is)."""
     from peft import get_peft_model
 
-    if kind.adapter == "full":
+    if kind.trains_base_weights:
         return model
-    if kind.adapter == "lora":
+    if kind.adapts_linear_layers:
         check_target_modules(model, method_args.target_module_list())
     config = kind.peft_config(method_args, model_path, **({"trainable_token_indices": list(chat_token_rows)}
-                                                          if kind.adapter == "lora" else {}))
+                                                          if kind.adapts_linear_layers else {}))
     return get_peft_model(model, config)
 
 
@@ -177,7 +177,7 @@ def kit_trainer(plan: RunPlan, model, train_dataset, eval_dataset=None, callback
         token_budget=args.token_budget,
         padding_free=plan.padding_free,
         # prompt tuning shifts positions by its virtual tokens; Liger's fused loss never materialises the logits anyway
-        trained_logits_only=plan.method.adapter != "prompt_tuning" and not args.use_liger_kernel,
+        trained_logits_only=not plan.method.prepends_virtual_tokens and not args.use_liger_kernel,
     )
 
 

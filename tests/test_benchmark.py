@@ -12,7 +12,7 @@ import torch
 
 from qwen_helpers.benchmark import (
     GIB,
-    METHODS,
+    RUNS,
     BenchmarkArguments,
     add_baseline,
     add_plain_ratios,
@@ -79,7 +79,7 @@ def test_trainable_counts_per_method_are_exact():
     assert estimate_memory(config, "full", 512, 8, False)["trainable_parameters"] == 494_032_768
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", list(RUNS))
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_estimate_parts_add_up_to_the_total(method, checkpointing):
     estimate = estimate_memory(preset_config("qwen2.5-7b"), method, 512, 8, checkpointing, "bf16")
@@ -105,7 +105,7 @@ def test_estimate_within_20_percent_of_h200_measurements(preset, method, dtype, 
 
 
 def test_parse_methods_and_oom_detection():
-    assert len(parse_methods("all", "both")) == 2 * len(METHODS)
+    assert len(parse_methods("all", "both")) == 2 * len(RUNS)
     assert parse_methods("lora_bf16,full", "on") == [("lora_bf16", True), ("full", True)]
     with pytest.raises(ValueError, match="lora_fp32"):
         parse_methods("lora_fp32")
@@ -264,3 +264,59 @@ def test_variant_rows_get_ratios_against_the_lora_row():
     assert "speed_vs_lora" not in rows[0] and "speed_vs_lora" not in rows[2]  # the reference itself; another precision
     assert "tokens/s vs LoRA" in markdown_table([{**row, "run": row["method"], "trainable": 1, "trainable_percent": 1.0,
                                                   "estimate_bytes": GIB} for row in rows])
+
+
+# ---------------------------------------------------------------- DPO and GRPO rows (TRL's trainers on LoRA)
+
+
+def test_dpo_and_grpo_rows_estimate_their_trainers_steps():
+    config = preset_config("qwen2.5-7b")
+    lora, dpo, grpo = (estimate_memory(config, name, 512, 8, False) for name in ("lora_bf16", "dpo_lora", "grpo_lora"))
+    assert dpo["trainable_parameters"] == grpo["trainable_parameters"] == lora["trainable_parameters"]
+    # the reference is the same weights with the adapter off: no second copy of the base
+    assert dpo["parts"]["weights (bf16)"] == grpo["parts"]["weights (bf16)"] == lora["parts"]["weights (bf16)"]
+    assert dpo["tokens_per_step"] == 2 * lora["tokens_per_step"] == 2 * grpo["tokens_per_step"]  # chosen + rejected
+    activations = "activations (layers x tokens)"
+    assert dpo["parts"][activations] == 2 * lora["parts"][activations] and grpo["parts"][activations] == lora["parts"][activations]
+    for estimate in (dpo, grpo):  # TRL's fused LM head: one tile of logits, never the SFT step's three full copies
+        assert not any(name.startswith("logits (tokens") for name in estimate["parts"])
+        assert any(name.startswith("fused LM head") for name in estimate["parts"])
+        assert estimate["parts"]["reference log-probs (adapter off, same weights; fp32 per token)"] == 4 * estimate["tokens_per_step"]
+        assert sum(estimate["parts"].values()) == estimate["total_bytes"]
+    assert grpo["total_bytes"] < lora["total_bytes"]  # same tokens, no full logits
+    without_kl = estimate_memory(config, "grpo_lora", 512, 8, False, reference_model=False)
+    assert grpo["total_bytes"] - without_kl["total_bytes"] == 4 * grpo["tokens_per_step"]
+    # generation's KV cache is freed before the step: it counts only where it exceeds the step's activations
+    generation = "generation: KV cache beyond the step's activations (freed before training)"
+    assert grpo["parts"][generation] == 0
+    checkpointed = estimate_memory(config, "grpo_lora", 512, 8, True)
+    assert checkpointed["parts"][generation] >= 0 and checkpointed["total_bytes"] < grpo["total_bytes"]
+
+
+def test_trl_rows_are_refused_where_they_cannot_run():
+    with pytest.raises(ValueError, match="--batch_size 3: grpo_lora needs an even number"):
+        BenchmarkArguments(methods="grpo_lora", batch_size=3)
+    with pytest.raises(ValueError, match="dpo_lora run on fixed-shape data only"):
+        BenchmarkArguments(methods="dpo_lora", data="lognormal")
+    assert [name for name, _ in parse_methods("trl", "off")] == ["dpo_lora", "grpo_lora"]
+
+
+def test_dpo_and_grpo_rows_run_the_kits_trl_path_on_cpu(tmp_path):
+    """One command: DPO (train_dpo) and GRPO (train_grpo) rows with real TRL trainers, GRPO's generation timed apart."""
+    command = [sys.executable, "-m", "qwen_helpers.benchmark", "--preset", "tiny", "--methods", "trl", "--checkpointing", "off",
+               "--steps", "2", "--warmup_steps", "1", "--seq_len", "32", "--batch_size", "2", "--output_dir", str(tmp_path),
+               "--compare", "plain"]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    assert process.returncode == 0, process.stderr[-3000:]
+    (folder,) = tmp_path.iterdir()
+    rows = {row["run"]: row for row in json.loads((folder / "results.json").read_text())["rows"]}
+    assert list(rows) == ["dpo_lora", "grpo_lora"]  # TRL is the reference: no plain twin
+    dpo, grpo = rows["dpo_lora"], rows["grpo_lora"]
+    assert all(row["status"] == "ok" and row["loss_finite"] and row["trainable"] == 20_480 for row in rows.values()), rows
+    assert dpo["real_tokens_per_step"] == 2 * 2 * 32  # 2 pairs, chosen and rejected, each exactly --seq_len tokens
+    assert dpo["loss_first"] == pytest.approx(0.6931, abs=1e-3)  # log 2: the policy starts equal to its reference
+    assert grpo["real_tokens_per_step"] == 2 * 32  # 2 completions, generated to the full --seq_len
+    assert grpo["generation_calls"] == 2 and grpo["generation_seconds_per_step"] > 0  # one sampling per timed step
+    assert grpo["generation_seconds_per_step"] + grpo["optimisation_seconds_per_step"] == pytest.approx(grpo["step_seconds"])
+    assert grpo["optimisation_tokens_per_second"] > grpo["tokens_per_second"]
+    assert "generation s/step" in (folder / "results.md").read_text() and "generation" in process.stdout

@@ -8,8 +8,8 @@ import pytest
 import sacrebleu
 import torch
 
-from qwen_helpers import adapters, data, evaluation, generation, inference, methods, precision
-from qwen_helpers.adapters import AdapterError
+from qwen_helpers import adapters, data, evaluation, generation, inference, precision
+from qwen_helpers.adapter_folder import AdapterError, read_adapter_folder
 from qwen_helpers.metrics import corpus_bleu, corpus_chrf, exact_match, generation_scores, scores_by_task
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -177,7 +177,7 @@ def test_qlora_adapter_loads_on_a_4bit_base(base_model, tmp_path, test_records):
     path = saved_adapter(copy.deepcopy(base_model), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]), tmp_path / "qlora")
     (tmp_path / "qlora" / "run_config.json").write_text(json.dumps({"model_path": "tiny", "load_in_4bit": True}))
     model, tokenizer = adapters.load_model_with_adapter(path)
-    assert methods.adapter_kind(adapters.read_adapter_info(path)) == "qlora"
+    assert read_adapter_folder(path).kind == "qlora"
     assert isinstance(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
     assert len(generation.generate_ids(model, tokenizer, test_records[:1], max_new_tokens=3)[0]) <= 3
     with pytest.raises(AdapterError, match="4-bit base"):
@@ -185,7 +185,7 @@ def test_qlora_adapter_loads_on_a_4bit_base(base_model, tmp_path, test_records):
 
 
 def test_missing_adapter_folder(tmp_path):
-    with pytest.raises(AdapterError, match=f"{tmp_path / 'nowhere'} does not exist"):
+    with pytest.raises(AdapterError, match=f"{tmp_path / 'nowhere'}: no such folder"):
         adapters.load_model_with_adapter(str(tmp_path / "nowhere"))
 
 
@@ -318,11 +318,13 @@ def test_command_reports_a_bad_adapter_path(tmp_path, capsys):
     assert f"--adapter_path {tmp_path / 'missing'}: no such folder" in capsys.readouterr().err
 
 
-def test_command_merges_into_a_model_that_loads_without_peft(lora_adapter, lora_model, tmp_path):
+def test_export_merges_into_a_model_that_loads_without_peft(lora_adapter, lora_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from qwen_helpers import export
+
     output_dir = tmp_path / "merged"
-    assert inference.main(["--merge", "True", "--adapter_path", lora_adapter, "--output_dir", str(output_dir)]) == 0
+    assert export.main(["--format", "hf", "--adapter_path", lora_adapter, "--output_dir", str(output_dir)]) == 0
     assert not (output_dir / "adapter_config.json").exists() and (output_dir / "config.json").is_file()
     model, tokenizer = lora_model
     merged = AutoModelForCausalLM.from_pretrained(output_dir)
@@ -330,9 +332,21 @@ def test_command_merges_into_a_model_that_loads_without_peft(lora_adapter, lora_
     torch.testing.assert_close(logits(merged, tokenizer, texts), logits(model, tokenizer, texts), atol=1e-4, rtol=1e-4)
 
 
-def test_command_refuses_to_merge_a_prompt_tuning_adapter(prompt_adapter, tmp_path, capsys):
-    assert inference.main(["--merge", "True", "--adapter_path", prompt_adapter, "--output_dir", str(tmp_path / "merged")]) == 2
+def test_export_refuses_to_merge_a_prompt_tuning_adapter(prompt_adapter, tmp_path, capsys):
+    from qwen_helpers import export
+
+    assert export.main(["--format", "hf", "--adapter_path", prompt_adapter, "--output_dir", str(tmp_path / "merged")]) == 2
     assert "soft prompt is an input" in capsys.readouterr().err
+
+
+def test_inference_merge_is_one_line_pointing_to_export(lora_adapter, tmp_path, capsys):
+    """One merge command: inference --merge only names it (exit 2, nothing written, no model loaded)."""
+    merged = tmp_path / "merged"
+    assert inference.main(["--merge", "True", "--adapter_path", lora_adapter, "--output_dir", str(merged)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and not merged.exists()
+    assert (f"use python -m qwen_helpers.export --format hf --adapter_path {lora_adapter} --output_dir {merged} "
+            "(--overwrite_output_dir True" in error[0])
 
 
 def test_inference_dtype_follows_the_runs_precision_on_a_gpu(monkeypatch):

@@ -196,36 +196,23 @@ def table():
             ]
             for relation in ("same", "parent", "link") + (("child",) if label == "--model_path" else ()):
                 rows.append((f"{name}-{label}-{relation}", main, flags, input_path, label, relation))
-    for kind in ("hf", "gguf", "merge"):
+    for kind in ("hf", "gguf"):  # export is the one merge command
         for label, input_path in ADAPTER_INPUTS.items():
             model = [] if label == "the base recorded by" else ["--model_path", "models/base"]
-            if kind == "merge":
-                flags = [
-                    "--merge",
-                    "True",
-                    "--adapter_path",
-                    "adapters/adapter",
-                    *model,
-                    "--output_dir",
-                    "{output}",
-                    "--overwrite",
-                    "True",
-                ]
-            else:
-                flags = [
-                    "--adapter_path",
-                    "adapters/adapter",
-                    *model,
-                    "--output_dir",
-                    "{output}",
-                    "--format",
-                    kind,
-                    "--overwrite_output_dir",
-                    "True",
-                    "--verify_data",
-                    "data/train.json",
-                ]
-            main = inference.main if kind == "merge" else export.main
+            flags = [
+                "--adapter_path",
+                "adapters/adapter",
+                *model,
+                "--output_dir",
+                "{output}",
+                "--format",
+                kind,
+                "--overwrite_output_dir",
+                "True",
+                "--verify_data",
+                "data/train.json",
+            ]
+            main = export.main
             for relation in ("same", "parent", "child", "link"):
                 rows.append((f"{kind}-{label}-{relation}", main, flags, input_path, label, relation))
     rows.append(
@@ -330,25 +317,11 @@ def test_no_command_writes_into_its_inputs(row, work, monkeypatch, capsys):
             ["--output_dir", "", "--model_path", "{work}/models/base", "--data_path", "{work}/data/train.json"],
             "--output_dir is empty",
         ),
-        (make_tiny_qwen.main, [".", "--overwrite", "True"], "output_dir . is (or holds) the working folder"),
-        (make_tiny_qwen.main, ["", "--overwrite", "True"], "output_dir is empty"),
+        (make_tiny_qwen.main, [".", "--overwrite_output_dir", "True"], "output_dir . is (or holds) the working folder"),
+        (make_tiny_qwen.main, ["", "--overwrite_output_dir", "True"], "output_dir is empty"),
         (
             export.main,
             ["--adapter_path", "{work}/adapters/adapter", "--output_dir", ".", "--overwrite_output_dir", "True"],
-            "is (or holds) the working folder",
-        ),
-        (
-            inference.main,
-            [
-                "--merge",
-                "True",
-                "--adapter_path",
-                "{work}/adapters/adapter",
-                "--output_dir",
-                ".",
-                "--overwrite",
-                "True",
-            ],
             "is (or holds) the working folder",
         ),
     ],
@@ -461,7 +434,7 @@ def test_a_merge_run_elsewhere_uses_the_recorded_base_and_writes_plain_modes(wor
     monkeypatch.chdir(other_base.parent.parent)  # "models/base" here is another model; the adapter recorded its own
     merged = tmp_path / "merged"
     adapter = str(work / "adapters" / "adapter")
-    assert inference.main(["--merge", "True", "--adapter_path", adapter, "--output_dir", str(merged)]) == 0
+    assert export.main(["--format", "hf", "--adapter_path", adapter, "--output_dir", str(merged)]) == 0
 
     def eps(folder):
         return json.loads((folder / "config.json").read_text())["rms_norm_eps"]

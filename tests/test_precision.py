@@ -7,7 +7,7 @@ import torch
 
 from qwen_helpers import precision, tiny
 from qwen_helpers.config import KitTrainingArguments, LoraArguments, ModelArguments, write_run_config
-from qwen_helpers.methods import METHODS, adapter_kind, benchmark_runs, get_method
+from qwen_helpers.methods import METHODS, benchmark_runs, get_method
 from qwen_helpers.precision import decide_precision, quantization_compute_dtype
 
 
@@ -65,19 +65,28 @@ def test_run_config_records_the_request_beside_the_effective_flags(tmp_path, mon
     assert precision.inference_precision(run, device="cuda").effective == "fp16"
 
 
-def test_method_registry_covers_every_command_and_benchmark_name():
-    from qwen_helpers.benchmark import METHODS as BENCHMARK_METHODS
+def test_method_registry_is_the_benchmarks_only_source_of_rows():
+    from qwen_helpers.benchmark import RUNS
+    from qwen_helpers.benchmark import estimate
 
-    runs = benchmark_runs()
-    variants = {name: row for name, row in BENCHMARK_METHODS.items() if row.lora_options}  # LoRA + one peft option
-    assert set(runs) == set(BENCHMARK_METHODS) - set(variants) and variants
-    assert all(row.adapter == "lora" and not row.load_in_4bit and row.precision == "bf16" for row in variants.values())
-    for name, (method, requested) in runs.items():
-        assert method.adapter == BENCHMARK_METHODS[name].adapter and requested == BENCHMARK_METHODS[name].precision
-        assert method.load_in_4bit == BENCHMARK_METHODS[name].load_in_4bit
+    assert RUNS == benchmark_runs() and not hasattr(estimate, "Method")  # derived from methods.py, no second registry
+    registered = [run.name for method in METHODS.values() for run in method.benchmark_runs]
+    assert list(RUNS) == registered and len(set(registered)) == len(registered)  # one name, one row
+    for name, run in RUNS.items():
+        assert run.method is METHODS[run.method.name] and name in [row.name for row in run.method.benchmark_runs]
+    variants = [run for run in RUNS.values() if run.is_variant]  # LoRA + one peft option, each a LoraArguments field
+    assert variants and all(run.method.name == "lora" and run.precision == "bf16" for run in variants)
+    assert all(set(dict(run.lora_options)) <= {f.lstrip("-") for f in run.method.flag_names()} for run in variants)
+    assert {run.name: run.objective for run in RUNS.values() if run.objective != "sft"} == {"dpo_lora": "dpo",
+                                                                                           "grpo_lora": "grpo"}
+    assert RUNS["qlora_nf4"].load_in_4bit and RUNS["full"].fp32_master_weights and not RUNS["lora_bf16"].fp32_master_weights
+    assert get_method("prompt_tuning").prepends_virtual_tokens and not get_method("lora").prepends_virtual_tokens
+    assert "--lora_r" in get_method("qlora").flag_names() and get_method("full").flag_names() == ()
+    lora_args, prompt_args = LoraArguments(), object()
+    assert get_method("qlora").method_arguments(lora_args, prompt_args) is lora_args
+    assert get_method("prompt_tuning").method_arguments(lora_args, prompt_args) is prompt_args
+    assert get_method("full").method_arguments(lora_args, prompt_args) is None
     assert get_method("qlora").arguments is LoraArguments and get_method("full").peft_config(None, "tiny") is None
-    assert adapter_kind({"peft_type": "LORA", "kit_load_in_4bit": True}) == "qlora"
-    assert adapter_kind({"peft_type": "PROMPT_TUNING"}) == "prompt_tuning"
     with pytest.raises(ValueError, match="Unknown method 'dora'.*lora"):
         get_method("dora")
     assert set(METHODS) == {"lora", "prompt_tuning", "qlora", "full"}

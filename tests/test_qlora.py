@@ -145,12 +145,15 @@ def test_merged_model_matches_16bit_base_plus_adapter(qlora_adapter, tmp_path):
 
 
 def test_export_refuses_prompt_tuning_and_a_full_folder(qlora_adapter, tmp_path):
+    from safetensors.torch import save_file
+
+    from qwen_helpers.adapter_folder import AdapterError
     from qwen_helpers.merge import ExportDirExistsError, merge_and_export
-    from qwen_helpers.adapters import AdapterError
 
     prompt_tuning = tmp_path / "prompt_tuning"
     prompt_tuning.mkdir()
     (prompt_tuning / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING"}), encoding="utf-8")
+    save_file({"prompt_embeddings": torch.zeros(4, 8)}, str(prompt_tuning / "adapter_model.safetensors"))  # a whole folder
     with pytest.raises(AdapterError, match=r"soft prompt is an input.*nothing to"):
         merge_and_export(str(prompt_tuning), str(tmp_path / "out"))
     occupied = tmp_path / "occupied"

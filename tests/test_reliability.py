@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from qwen_helpers import inference, make_tiny_qwen
-from qwen_helpers.checks import AdapterFileError, check_adapter_against_base, safetensors_shapes
+from qwen_helpers.adapter_folder import AdapterError, safetensors_shapes
+from qwen_helpers.checks import check_adapter_against_base
 from qwen_helpers.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
 from qwen_helpers.errors import FlagError, KitError, strip_debug_flag
 from qwen_helpers.files import atomic_write_text, new_staging_folder, staging_folders
@@ -216,7 +217,7 @@ def qwen3_adapter(tmp_path_factory):
 
 
 def test_wrong_architecture_adapter_is_refused_when_its_base_is_gone(qwen3_adapter, tiny_path, capsys):
-    with pytest.raises(AdapterFileError, match="model_type is qwen3 in the base it was trained on, qwen2"):
+    with pytest.raises(AdapterError, match="model_type is qwen3 in the base it was trained on, qwen2"):
         check_adapter_against_base(str(qwen3_adapter), tiny_path)
     assert inference.main(["--adapter_path", str(qwen3_adapter), "--model_path", "tiny", "--instruction", "hi"]) == 2
     line = capsys.readouterr().err.strip()
@@ -235,11 +236,11 @@ def test_adapter_shapes_are_checked_against_the_base_config_without_a_record(qwe
     narrow.mkdir()
     (narrow / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4,
                                                     "num_key_value_heads": 2, "num_hidden_layers": 4, "intermediate_size": 256}))
-    with pytest.raises(AdapterFileError, match="[qkv]_proj takes 128 inputs in the adapter, 64 in the base"):
+    with pytest.raises(AdapterError, match="[qkv]_proj takes 128 inputs in the adapter, 64 in the base"):
         check_adapter_against_base(str(adapter), str(narrow))
     shallow = json.loads((narrow / "config.json").read_text()) | {"hidden_size": 128, "num_hidden_layers": 2}
     (narrow / "config.json").write_text(json.dumps(shallow))
-    with pytest.raises(AdapterFileError, match="weights for layer 2, the base has 2 layers"):
+    with pytest.raises(AdapterError, match="weights for layer 2, the base has 2 layers"):
         check_adapter_against_base(str(adapter), str(narrow))
 
 
@@ -249,7 +250,7 @@ def test_truncated_adapter_names_the_file(qwen3_adapter, tmp_path):
     weights = adapter / "adapter_model.safetensors"
     assert safetensors_shapes(weights)
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(AdapterFileError, match=f"{weights} is damaged or truncated"):
+    with pytest.raises(AdapterError, match=f"{weights} is damaged or truncated"):
         safetensors_shapes(weights)
 
 
@@ -283,9 +284,16 @@ def test_make_tiny_qwen_refuses_a_folder_that_holds_a_model(tmp_path, capsys):
     (folder / "model.safetensors").write_bytes(b"seven billion parameters")
     before = snapshot(folder)
     assert make_tiny_qwen.main([str(folder)]) == 2
-    assert "--overwrite True" in capsys.readouterr().err
+    assert "--overwrite_output_dir True" in capsys.readouterr().err
     assert snapshot(folder) == before
-    assert make_tiny_qwen.main([str(folder), "--overwrite", "True"]) == 0
+    # the old flag name is one line naming the new one (every command's overwrite flag is --overwrite_output_dir)
+    assert make_tiny_qwen.main([str(folder), "--overwrite", "True"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --overwrite is now --overwrite_output_dir (the one overwrite flag of every command): "
+        "pass --overwrite_output_dir True."
+    )
+    assert snapshot(folder) == before
+    assert make_tiny_qwen.main([str(folder), "--overwrite_output_dir", "True"]) == 0
     assert json.loads((folder / "config.json").read_text())["hidden_size"] == 128
     assert [path.name for path in tmp_path.iterdir()] == ["real-model"]  # no staging folder left behind
 
@@ -394,7 +402,10 @@ BAD_INPUTS = [  # (command, flags, text the one line must contain); {root} is th
     ("inference", ["--data_path", "data/test.json", "--max_records", "0"], "--max_records"),
     ("inference", ["--adapter_path", "{root}/no_adapter", "--instruction", "hi"], "--adapter_path {root}/no_adapter: no such folder"),
     ("inference", ["--adapter_path", "{root}/used/adapter_model.safetensors", "--instruction", "hi"], "is a file;"),
-    ("make_tiny_qwen", ["{root}/used"], "--overwrite True"),
+    ("make_tiny_qwen", ["{root}/used"], "--overwrite_output_dir True"),
+    ("make_tiny_qwen", ["{root}/used", "--overwrite", "True"], "--overwrite is now --overwrite_output_dir"),
+    ("inference", ["--merge", "True", "--adapter_path", "{root}/no_adapter", "--output_dir", "{root}/merged"],
+     "use python -m qwen_helpers.export --format hf --adapter_path {root}/no_adapter --output_dir {root}/merged"),
     ("train_lora", ["--model_path", HUB_ID], f"--model_path {HUB_ID} is neither a local folder nor in the Hugging Face cache ({{root}}/hf_home/hub"),
     ("train_prompt_tuning", ["--model_path", HUB_ID], f"`hf download {HUB_ID}`"),
     ("inference", ["--model_path", HUB_ID, "--instruction", "hi"], f"--model_path {HUB_ID} is neither a local folder"),

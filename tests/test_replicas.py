@@ -2,7 +2,7 @@
 
 The fast tests check tokenisation and labels on every replica. The tests marked ``replica`` run the
 commands (a 2-step train_lora, train_prompt_tuning with label scoring, inference single and batched,
---merge) per replica: by default on the two most different replicas (Qwen2.5 base: chat-token rows
+export --format hf) per replica: by default on the two most different replicas (Qwen2.5 base: chat-token rows
 trained; Qwen3: its architecture and thinking template), on all of them with QWEN_HELPERS_ALL_REPLICAS=1
 (about 4 minutes per replica on a busy 2-core CPU). Deselect them with ``-m "not replica"``.
 """
@@ -179,7 +179,7 @@ def test_lora_trains_loads_with_plain_peft_generates_and_merges(model_path, chat
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from qwen_helpers import generation, inference, train_lora
+    from qwen_helpers import export, generation, train_lora
     from qwen_helpers.adapters import load_model_with_adapter
     from qwen_helpers.tiny import resolve_model_path
 
@@ -199,7 +199,7 @@ def test_lora_trains_loads_with_plain_peft_generates_and_merges(model_path, chat
     assert batched == [generation.generate_ids(model, tokenizer, [record], max_new_tokens=4)[0] for record in records]
 
     merged_dir = tmp_path / "merged"
-    assert inference.main(["--merge", "True", "--adapter_path", str(adapter), "--output_dir", str(merged_dir)]) == 0
+    assert export.main(["--format", "hf", "--adapter_path", str(adapter), "--output_dir", str(merged_dir)]) == 0
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     batch = tokenizer([format_prompt(tokenizer, records[0])], return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():

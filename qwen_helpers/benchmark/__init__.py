@@ -1,8 +1,8 @@
 """Benchmark the training path users run: trainable parameters, peak memory, real tokens/s, kit vs plain HF.
 
-    estimate.py  methods, the memory estimate, FLOPs for MFU (no model needed)
+    estimate.py  the rows (from the method registry, qwen_helpers/methods.py), the memory estimate, FLOPs for MFU
     plan.py      the settings (BenchmarkArguments), the data, which rows run in which order
-    worker.py    one row in its own process: the kit's ``train.train`` timed by a TrainerCallback
+    worker.py    one row in its own process: the kit's ``train.train`` (or ``train_dpo`` / ``train_grpo``) timed by a TrainerCallback
     plain.py     the plain transformers + peft reference, same data, settings and timer
     report.py    ratios, results.md/json/csv and charts
     run.py       run_benchmark: plan, run every row in its own process, report
@@ -11,14 +11,14 @@ Every row runs in a fresh Python process, so its peak memory is its own and a cr
 out-of-memory error costs one row, not the table.
 """
 
-from .estimate import GIB, METHODS, Method, estimate_memory, estimate_table, model_flops_per_token, parse_methods
+from .estimate import GIB, RUNS, estimate_memory, estimate_table, model_flops_per_token, parse_methods
 from .plan import BenchmarkArguments, BenchmarkResult, plan_estimates
 from .report import add_baseline, add_plain_ratios, add_speed_relative_to_full, markdown_table, measured_peak
 from .run import run_benchmark
 from .worker import is_out_of_memory
 
 __all__ = [
-    "GIB", "METHODS", "Method", "BenchmarkArguments", "BenchmarkResult", "add_baseline", "add_plain_ratios",
+    "GIB", "RUNS", "BenchmarkArguments", "BenchmarkResult", "add_baseline", "add_plain_ratios",
     "add_speed_relative_to_full", "estimate_memory", "estimate_table", "is_out_of_memory", "markdown_table",
     "measured_peak", "model_flops_per_token", "parse_methods", "plan_estimates", "run_benchmark",
 ]

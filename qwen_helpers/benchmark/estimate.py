@@ -9,43 +9,14 @@ tuning, Liger); ``held_out_errors`` reports the error on the reference rows that
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from ..methods import BenchmarkRun, benchmark_runs
 
 GIB = 2**30
 
-@dataclass(frozen=True)
-class Method:
-    """One fine-tuning method as the benchmark runs it: which adapter, which precision, 4-bit or not."""
-
-    name: str
-    label: str
-    adapter: Literal["full", "lora", "prompt_tuning"]
-    precision: Literal["fp16", "bf16"]  # autocast dtype on a GPU; CPUs fall back to fp32
-    load_in_4bit: bool = False
-    lora_options: tuple[tuple[str, object], ...] = ()  # a LoRA variant: LoraArguments fields (use_dora, ...)
-
-    @property
-    def fp32_master_weights(self) -> bool:
-        """Full fine-tuning keeps fp32 weights and autocasts; the adapter methods load the base in half precision."""
-        return self.adapter == "full"
-
-
-METHODS = {
-    "full": Method("full", "full FT (fp32 master, bf16 autocast)", "full", "bf16"),
-    "lora_fp16": Method("lora_fp16", "LoRA fp16", "lora", "fp16"),
-    "lora_bf16": Method("lora_bf16", "LoRA bf16", "lora", "bf16"),
-    "prompt_tuning": Method("prompt_tuning", "prompt tuning fp16", "prompt_tuning", "fp16"),
-    "qlora_nf4": Method("qlora_nf4", "QLoRA NF4 (bf16 compute)", "lora", "bf16", load_in_4bit=True),
-    # LoRA's variants, each beside lora_bf16 (its speed reference): the same method with one peft option
-    "lora_dora": Method("lora_dora", "LoRA bf16 + DoRA", "lora", "bf16", lora_options=(("use_dora", True),)),
-    "lora_rslora": Method("lora_rslora", "LoRA bf16 + rsLoRA", "lora", "bf16", lora_options=(("use_rslora", True),)),
-    "lora_pissa": Method("lora_pissa", "LoRA bf16, PiSSA start", "lora", "bf16",
-                         lora_options=(("init_lora_weights", "pissa_niter_4"),)),
-    "lora_loraplus": Method("lora_loraplus", "LoRA+ bf16 (ratio 16)", "lora", "bf16",
-                            lora_options=(("loraplus_lr_ratio", 16.0),)),
-}
-VARIANTS = ("lora_bf16", "lora_dora", "lora_rslora", "lora_pissa", "lora_loraplus")  # --methods variants
+# The benchmark's rows come from the method registry (qwen_helpers/methods.py): each method names its rows.
+RUNS: dict[str, BenchmarkRun] = benchmark_runs()
+VARIANTS = ("lora_bf16", *(name for name, run in RUNS.items() if run.is_variant))  # --methods variants
+TRL_ROWS = tuple(name for name, run in RUNS.items() if run.objective != "sft")  # --methods trl: DPO and GRPO
 
 # Dense bf16 matrix peak per card (fp16 where the card has no bf16), in FLOP/s, from the vendors' data sheets.
 PEAK_FLOPS = [
@@ -95,8 +66,9 @@ def estimate_memory(
     num_virtual_tokens: int = 20,
     use_liger: bool = False,
     double_quant: bool = True,
+    reference_model: bool = True,
 ) -> dict:
-    """Peak training memory of one method, as named parts that add up to ``total_bytes``.
+    """Peak training memory of one benchmark row, as named parts that add up to ``total_bytes``.
 
     ``dtype`` is the compute precision ("fp16", "bf16" or "fp32"; CPUs run fp32). The estimate is for
     the peak of a training step, when every activation, the logits and the optimiser state coexist:
@@ -104,14 +76,20 @@ def estimate_memory(
     gradients and two AdamW moments, activations per layer x token (or, with checkpointing, each
     layer's input plus one recomputed layer), and the logits at vocabulary size with the fp32 copies
     the loss makes. It aims at CUDA's ``max_memory_allocated`` within about 20%.
+
+    DPO rows (``dpo_lora``): ``batch_size`` pairs of ``seq_len``-token chosen and rejected answers, which
+    TRL runs as one batch of 2 x batch_size sequences. GRPO rows (``grpo_lora``): ``batch_size``
+    completions (prompts x generations, as TRL counts them) of ``seq_len`` prompt + completion tokens.
+    ``reference_model``: DPO's reference, or GRPO's KL term (the kit's beta 0.04; TRL's beta 0 skips it).
     """
     from ..presets import LINEAR_NAMES, linear_shapes, lora_trainable_parameters, parameter_breakdown
 
-    spec = METHODS[method]
+    spec = RUNS[method]
     element = _bytes_per_element(dtype)
     counts = parameter_breakdown(config)
     total_parameters = sum(counts.values())
-    tokens = batch_size * (seq_len + (num_virtual_tokens if spec.adapter == "prompt_tuning" else 0))
+    sequences = batch_size * (2 if spec.objective == "dpo" else 1)  # DPO: chosen and rejected in one batch
+    tokens = sequences * (seq_len + (num_virtual_tokens if spec.method.prepends_virtual_tokens else 0))
     vocab, hidden, layers = config.vocab_size, config.hidden_size, config.num_hidden_layers
     head_weights = counts["lm_head"] or counts["embedding"]
     parts: dict[str, float] = {}
@@ -131,22 +109,22 @@ def estimate_memory(
         parts[f"weights ({dtype})"] = element * total_parameters
 
     targets = LINEAR_NAMES if target_modules == "all-linear" else tuple(target_modules)
-    if spec.adapter == "full":
+    if spec.method.trains_base_weights:
         trainable = total_parameters
-    elif spec.adapter == "lora":
+    elif spec.method.prepends_virtual_tokens:
+        trainable = num_virtual_tokens * hidden
+        parts["trainable adapter weights (fp32)"] = 4 * trainable
+    else:
         trainable = lora_trainable_parameters(config, targets, lora_r)
         if dict(spec.lora_options).get("use_dora"):  # one magnitude per output row of each adapted layer
             trainable += layers * sum(linear_shapes(config)[name][1] for name in targets)
         parts["trainable adapter weights (fp32)"] = 4 * trainable
-    else:
-        trainable = num_virtual_tokens * hidden
-        parts["trainable adapter weights (fp32)"] = 4 * trainable
     parts["gradients (fp32)"] = 4 * trainable
     parts["AdamW moments (2 x fp32)"] = 8 * trainable
 
-    lora_inputs = sum(linear_shapes(config)[name][0] for name in targets) if spec.adapter == "lora" else 0
+    lora_inputs = sum(linear_shapes(config)[name][0] for name in targets) if spec.method.adapts_linear_layers else 0
     per_layer = activation_bytes_per_token_per_layer(
-        config, element, spec.adapter == "full", lora_inputs, lora_dropout > 0, use_liger
+        config, element, spec.method.trains_base_weights, lora_inputs, lora_dropout > 0, use_liger
     )
     if dict(spec.lora_options).get("use_dora"):
         # DoRA keeps, per token and adapted layer, the LoRA output and the rescaled sum its magnitude's gradient needs
@@ -157,7 +135,9 @@ def estimate_memory(
         parts["one layer recomputed in backward"] = per_layer * tokens
     else:
         parts["activations (layers x tokens)"] = layers * per_layer * tokens
-    if not use_liger:
+    if spec.objective != "sft":
+        parts.update(_trl_parts(config, spec.objective, tokens, sequences, seq_len, element, reference_model, parts))
+    elif not use_liger:
         parts[f"logits (tokens x {vocab:,} vocabulary)"] = element * tokens * vocab
         parts["log-softmax for the loss (fp32)"] = 4 * tokens * vocab
         parts["logit gradients (fp32" + (" + half)" if element < 4 else ")")] = (4 + (element if element < 4 else 0)) * tokens * vocab
@@ -172,6 +152,36 @@ def estimate_memory(
         "parts": parts,
         "total_bytes": sum(parts.values()),
     }
+
+
+FUSED_HEAD_TILE = 32768  # TRL 1.16's _CHUNKED_LOGPROB_CHUNK_SIZE: tokens the fused LM head projects at once
+
+
+def _trl_parts(config, objective: str, tokens: int, sequences: int, seq_len: int, element: int,
+               reference_model: bool, parts: dict) -> dict:
+    """The parts TRL's DPOTrainer and GRPOTrainer add to (or take from) a LoRA step.
+
+    - Logits: both trainers call the model with TRL's fused LM head (``add_fused_lm_head``), which projects
+      at most FUSED_HEAD_TILE trained tokens at a time to per-token log-probabilities and recomputes the tile
+      in backward: one tile's logits and their fp32 log-softmax, instead of the SFT step's three full copies.
+    - Reference: with a peft model and no ``ref_model`` TRL runs the same weights with the adapter disabled
+      (``use_adapter(model, None)``) under ``no_grad``: no second copy of the weights, no kept activations,
+      only its per-token log-probabilities (fp32) until the loss.
+    - GRPO's generation (``model.generate`` before the step, under ``no_grad``): the KV cache of every
+      completion at full length (layers x 2 x key/value width x tokens), freed before the training forward,
+      so it adds only what exceeds the step's activations.
+    """
+    vocab = config.vocab_size
+    tile = min(tokens, FUSED_HEAD_TILE)
+    extra = {f"fused LM head: one tile of logits ({tile:,} tokens x {vocab:,}, + fp32 log-softmax)": (element + 4) * tile * vocab}
+    if reference_model:
+        extra["reference log-probs (adapter off, same weights; fp32 per token)"] = 4 * tokens
+    if objective == "grpo":
+        kv_width = config.num_key_value_heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        kv_cache = config.num_hidden_layers * 2 * kv_width * element * sequences * seq_len
+        training = sum(value for name, value in parts.items() if "activations" in name or "layer" in name)
+        extra["generation: KV cache beyond the step's activations (freed before training)"] = max(0, kv_cache - training)
+    return extra
 
 
 def estimate_table(estimates: list[dict]) -> str:
@@ -193,17 +203,17 @@ def run_id(method: str, gradient_checkpointing: bool) -> str:
 
 def parse_methods(methods: str, checkpointing: str = "both") -> list[tuple[str, bool]]:
     """(method, gradient checkpointing) pairs from ``--methods`` and ``--checkpointing``."""
-    keywords = {"all": list(METHODS), "variants": list(VARIANTS)}
+    keywords = {"all": list(RUNS), "variants": list(VARIANTS), "trl": list(TRL_ROWS)}
     names = keywords.get(methods.strip()) or [name.strip() for name in methods.split(",") if name.strip()]
-    unknown = [name for name in names if name not in METHODS]
+    unknown = [name for name in names if name not in RUNS]
     if unknown or not names:
         raise ValueError(f"--methods: unknown {', '.join(unknown) or '(empty)'}. Use 'all', 'variants' "
-                         f"(LoRA and its variants) or a comma list of: {', '.join(METHODS)}.")
+                         f"(LoRA and its variants), 'trl' (DPO and GRPO) or a comma list of: {', '.join(RUNS)}.")
     flags = {"both": [False, True], "off": [False], "on": [True]}[checkpointing]
     return [(name, flag) for name in names for flag in flags]
 
 
-def device_precision(method: Method, device: str, bf16_supported: bool = True) -> tuple[str, str]:
+def device_precision(method: BenchmarkRun, device: str, bf16_supported: bool = True) -> tuple[str, str]:
     """The precision a method really runs in here, and a note when it differs from what it asks for (the kit's one policy)."""
     from ..precision import decide_precision
 

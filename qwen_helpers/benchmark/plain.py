@@ -28,14 +28,14 @@ def load_plain_model(spec: dict):
     else:
         dtype = torch.float32 if method["fp32_master_weights"] else compute
         model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=dtype).to(device)
-    if method["adapter"] == "lora":
+    if method["adapts_linear_layers"]:
         targets = args["target_modules"] if args["target_modules"] == "all-linear" else args["target_modules"].split(",")
         options = dict(method["lora_options"])  # a variant as a plain script writes it (LoRA+: its optimiser, below)
         model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=args["lora_r"], lora_alpha=32, lora_dropout=0.05,
                                                  target_modules=targets, use_dora=options.get("use_dora", False),
                                                  use_rslora=options.get("use_rslora", False),
                                                  init_lora_weights=options.get("init_lora_weights", True)))
-    elif method["adapter"] == "prompt_tuning":
+    elif method["prepends_virtual_tokens"]:
         model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args["num_virtual_tokens"]))
     return model
 

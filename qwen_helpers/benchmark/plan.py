@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..files import unused_path
-from .estimate import METHODS, device_precision, estimate_memory, parse_methods, run_id
+from .estimate import RUNS, device_precision, estimate_memory, parse_methods, run_id
 
 BATCHING_MODES = ("pad_max", "dynamic", "padding_free", "token_budget")
 
@@ -31,7 +31,7 @@ class BenchmarkArguments:
     preset: str = field(default="tiny", metadata={"help": "Architecture with random weights: tiny, tiny-qwen3, qwen2.5-0.5b|1.5b|3b|7b|14b, qwen3-0.6b|1.7b|4b|8b."})
     model_path: str | None = field(default=None, metadata={"help": "A real local checkpoint instead of --preset."})
     methods: str = field(default="all", metadata={
-        "help": f"'all', 'variants' (lora_bf16 and LoRA's variants) or a comma list of: {', '.join(METHODS)}."})
+        "help": f"'all', 'variants' (lora_bf16 and LoRA's variants), 'trl' (DPO, GRPO) or a comma list of: {', '.join(RUNS)}."})
     checkpointing: Literal["both", "off", "on"] = field(default="both", metadata={"help": "Run each method without and/or with gradient checkpointing."})
     seq_len: int = field(default=512, metadata={"help": "Tokens per example (synthetic data) or max_length (variable-length data)."})
     batch_size: int = field(default=8, metadata={"help": "Examples per optimiser step (per_device_train_batch_size)."})
@@ -64,7 +64,13 @@ class BenchmarkArguments:
         if self.data not in ("synthetic", "lognormal") and not Path(self.data).is_file():
             raise ValueError(f"--data {self.data}: no such file. Pass 'synthetic', 'lognormal' or a JSON/JSONL "
                              "data file.")
-        parse_methods(self.methods, self.checkpointing)  # an unknown method now, not after tokenising the data
+        runs = [RUNS[name] for name, _ in parse_methods(self.methods, self.checkpointing)]  # an unknown method now
+        trl = sorted({run.name for run in runs if run.objective != "sft"})
+        if trl and self.methods.strip() != "all" and self.variable_length:
+            raise ValueError(f"--methods {','.join(trl)} run on fixed-shape data only: drop them or pass --data synthetic.")
+        if "grpo_lora" in trl and self.batch_size % 2:
+            raise ValueError(f"--batch_size {self.batch_size}: grpo_lora needs an even number of completions per step "
+                             "(prompts x at least 2 generations); pass an even --batch_size or drop grpo_lora.")
         from ..presets import PRESETS, preset_names
         from ..tiny import TINY_ALIASES
 
@@ -156,7 +162,7 @@ def plan_rows(args: BenchmarkArguments, lengths: list[int]) -> list[dict]:
     if not args.variable_length:
         for name, checkpointing in parse_methods(args.methods, args.checkpointing):
             rows.append({"side": "kit", "method": name, "gradient_checkpointing": checkpointing, "batching": "kit default"})
-            if args.compare == "plain":
+            if args.compare == "plain" and RUNS[name].objective == "sft":  # TRL's trainers are their own reference
                 rows.append({"side": "plain", "method": name, "gradient_checkpointing": checkpointing, "batching": None})
         return rows
     methods = [name for name, _ in parse_methods(args.methods if args.methods != "all" else "lora_bf16", "off")]
@@ -177,15 +183,23 @@ def default_token_budget(args: BenchmarkArguments, lengths: list[int]) -> int:
 
 def row_spec(row: dict, args: BenchmarkArguments, model_path: str, data_path: str, device: str, bf16_supported: bool, budget: int) -> dict:
     """Everything the worker process needs for one row (JSON)."""
-    method = METHODS[row["method"]]
+    method = RUNS[row["method"]]
     precision, _ = device_precision(method, device, bf16_supported)
     padding_free = {"padding_free": True, "token_budget": True}.get(row["batching"], False if row["batching"] in ("dynamic", "pad_max") else None)
-    if method.adapter == "prompt_tuning" and padding_free:
+    if method.method.prepends_virtual_tokens and padding_free:
         padding_free = None  # the kit decides (off for prompt tuning); the row says so in its notes
-    return {"args": asdict(args), **row, "method_spec": {**asdict(method), "fp32_master_weights": method.fp32_master_weights}, "model_path": model_path, "data_path": data_path,
+    return {"args": asdict(args), **row, "method_spec": method_spec(method), "model_path": model_path, "data_path": data_path,
             "device": device, "precision": precision, "padding_free": padding_free,
             "token_budget": budget if row["batching"] == "token_budget" else None,
             "cpu_allocator_tuning": args.cpu_allocator_tuning}
+
+
+def method_spec(run) -> dict:
+    """What the worker needs of a benchmark row's method (JSON): its registry name and the row's options."""
+    return {"name": run.name, "method": run.method.name, "adapter": run.adapter, "objective": run.objective,
+            "load_in_4bit": run.load_in_4bit,
+            "adapts_linear_layers": run.method.adapts_linear_layers, "prepends_virtual_tokens": run.method.prepends_virtual_tokens, "lora_options": [list(option) for option in run.lora_options],
+            "fp32_master_weights": run.fp32_master_weights}
 
 
 def tokens_per_step(row: dict, args: BenchmarkArguments, lengths: list[int], budget: int) -> tuple[int, int]:
@@ -213,7 +227,7 @@ def plan_estimates(args: BenchmarkArguments, config, runs: list, device: str, bf
     estimates = []
     for run in runs:
         row = run if isinstance(run, dict) else {"side": "kit", "method": run[0], "gradient_checkpointing": run[1], "batching": "pad_max"}
-        precision, _ = device_precision(METHODS[row["method"]], device, bf16_supported)
+        precision, _ = device_precision(RUNS[row["method"]], device, bf16_supported)
         batch, tokens = tokens_per_step(row, args, lengths, budget)
         estimates.append(estimate_memory(config, row["method"], tokens, batch, row["gradient_checkpointing"], precision, args.lora_r, targets,
                                          num_virtual_tokens=args.num_virtual_tokens, use_liger=args.use_liger_kernel))

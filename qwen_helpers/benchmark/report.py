@@ -6,7 +6,7 @@ import csv
 import json
 from pathlib import Path
 
-from .estimate import GIB, METHODS, causal_context, model_flops_per_token, run_id
+from .estimate import GIB, RUNS, causal_context, model_flops_per_token, run_id
 
 WEIGHTS_NOTE = "Weights are random (presets) or as loaded; memory and speed do not depend on weight values."
 CPU_NOTE = "CPU run: peak memory is the process's peak RSS and speeds are CPU speeds; they are not GPU figures."
@@ -32,7 +32,7 @@ def finish_row(row: dict, planned: dict, estimate: dict, config, environment: di
     """Add the row's identity, its estimate, the estimate/measured ratio and the MFU to a worker's row."""
     from .estimate import device_precision
 
-    method = METHODS[planned["method"]]
+    method = RUNS[planned["method"]]
     row = {**planned, "run": row_name(planned), "label": method.label,
            "precision": device_precision(method, environment["device"], environment.get("bf16_supported", False))[1], **row}
     row["estimate_bytes"] = estimate["total_bytes"]
@@ -40,8 +40,8 @@ def finish_row(row: dict, planned: dict, estimate: dict, config, environment: di
     row["estimate_ratio"] = estimate["total_bytes"] / measured if measured and row.get("status") == "ok" else None
     row["mfu"] = None
     if row.get("status") == "ok" and environment.get("peak_flops"):
-        virtual = num_virtual_tokens if method.adapter == "prompt_tuning" else 0
-        flops = model_flops_per_token(config, causal_context(lengths, virtual), method.adapter == "full")
+        virtual = num_virtual_tokens if method.method.prepends_virtual_tokens else 0
+        flops = model_flops_per_token(config, causal_context(lengths, virtual), method.method.trains_base_weights)
         row["mfu"] = row["tokens_per_second"] * flops / environment["peak_flops"]
     return row
 
@@ -61,15 +61,15 @@ def add_speed_relative_to_lora(rows: list[dict]) -> None:
         kit_default = row.get("batching") in (None, "kit default")
         return row["status"] == "ok" and row.get("side", "kit") == "kit" and kit_default
 
-    def plain_lora(method: str) -> bool:
-        spec = METHODS[method]
-        return spec.adapter == "lora" and not spec.lora_options and not spec.load_in_4bit
+    def plain_lora(method: str) -> bool:  # the variants' reference: the lora method's own SFT rows
+        spec = RUNS[method]
+        return spec.method.name == "lora" and not spec.is_variant and spec.objective == "sft"
 
     lora = {(row.get("precision"), row["gradient_checkpointing"]): row
             for row in rows if plain_lora(row["method"]) and kit_ok(row)}
     for row in rows:
         reference = lora.get((row.get("precision"), row["gradient_checkpointing"]))
-        if not METHODS[row["method"]].lora_options or not kit_ok(row) or reference is None:
+        if not RUNS[row["method"]].is_variant or not kit_ok(row) or reference is None:
             continue
         row["speed_vs_lora"] = row["tokens_per_second"] / reference["tokens_per_second"]
         row["memory_vs_lora"] = measured_peak(row) / measured_peak(reference) if measured_peak(reference) else None
@@ -138,6 +138,7 @@ CSV_FIELDS = [
     "peak_bytes", "reserved_bytes", "peak_above_start_bytes", "peak_kind", "estimate_bytes", "estimate_ratio",
     "step_seconds", "tokens_per_second", "real_tokens_per_step", "examples_per_step", "speed_vs_full", "mfu",
     "speed_vs_lora", "memory_vs_lora",
+    "generation_seconds_per_step", "optimisation_seconds_per_step", "optimisation_tokens_per_second",
     "tokens_per_cpu_second", "plain_tokens_per_second", "plain_peak_bytes", "speed_vs_plain", "cpu_time_speed_vs_plain", "memory_vs_plain",
     "baseline_peak_bytes", "baseline_tokens_per_second", "memory_vs_baseline", "speed_vs_baseline",
     "loss_first", "loss_last", "process_seconds", "error",
@@ -149,9 +150,11 @@ def markdown_table(rows: list[dict]) -> str:
     with_plain = any("speed_vs_plain" in row for row in rows)
     with_baseline = any("baseline_tokens_per_second" in row for row in rows)
     with_variants = any("speed_vs_lora" in row for row in rows)
+    with_generation = any("generation_seconds_per_step" in row for row in rows)  # GRPO: sampling, then the step
     header = ["run", "runs in", "trainable params", "peak memory (GiB)", "estimate (GiB)", "estimate / measured",
               "real tokens/s", "examples/step", "speed vs full FT", "MFU"]
     header += ["tokens/s vs LoRA", "peak vs LoRA"] if with_variants else []
+    header += ["generation s/step", "optimisation s/step", "optimisation tokens/s"] if with_generation else []
     header += ["kit / plain tokens/s", "kit / plain peak"] if with_plain else []
     header += ["reference peak (GiB)", "reference tokens/s", "speed vs reference"] if with_baseline else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -171,6 +174,10 @@ def markdown_table(rows: list[dict]) -> str:
         ]
         if with_variants:
             cells += [_number(row.get("speed_vs_lora"), "{:.2f}x"), _number(row.get("memory_vs_lora"), "{:.2f}x")]
+        if with_generation:
+            cells += [_number(row.get("generation_seconds_per_step"), "{:.3f}"),
+                      _number(row.get("optimisation_seconds_per_step"), "{:.3f}"),
+                      _number(row.get("optimisation_tokens_per_second"), "{:,.0f}")]
         if with_plain:
             cells += [_number(row.get("speed_vs_plain"), "**{:.2f}x**"), _number(row.get("memory_vs_plain"), "{:.2f}x")]
         if with_baseline:
@@ -204,6 +211,9 @@ def results_markdown(result) -> str:
         f"- {WEIGHTS_NOTE}",
         "- Every kit row runs `train.train` (the training commands' path: the kit's collator, batching and Trainer); every "
         "'(plain)' row runs `AutoModelForCausalLM` + peft + `Trainer` + `DataCollatorForSeq2Seq` in its own process, right after the kit row it pairs with.",
+        "- DPO and GRPO rows run the kit's `train_dpo` / `train_grpo` (TRL's DPOTrainer / GRPOTrainer on LoRA; the reference "
+        "is the same weights with the adapter off). A DPO step trains --batch_size pairs (2 x --batch_size sequences); a GRPO "
+        "step samples --batch_size completions (generation s/step) and then trains on them (optimisation s/step).",
         "- Peak memory: " + ("peak RSS of the process during training (loading excluded by resetting VmHWM); estimate / measured "
                              "compares with the peak above the RSS before loading." if cpu
                              else "`torch.cuda.max_memory_allocated` during training (reset after loading); reserved memory is in results.csv."),

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 
-from .estimate import GIB, METHODS, peak_flops
+from .estimate import GIB, RUNS, peak_flops
 from .plan import (
     BenchmarkArguments,
     BenchmarkResult,
@@ -157,7 +157,7 @@ def _estimate_summary(planned: list[dict], estimates: list[dict]) -> str:
 
 def skip_reason(row: dict, estimate: dict, device: str) -> str | None:
     """Why a row should not start: a combination that cannot work, or on a CPU, more memory than is free."""
-    if METHODS[row["method"]].adapter == "prompt_tuning" and row["batching"] in ("padding_free",):
+    if RUNS[row["method"]].method.prepends_virtual_tokens and row["batching"] in ("padding_free",):
         return "prompt tuning prepends virtual tokens to every row, which padding-free batches cannot express."
     if device == "cuda":
         return None  # a GPU out-of-memory error is caught and becomes an OOM row
@@ -176,4 +176,7 @@ def status_line(row: dict) -> str:
     line = f"peak {measured_peak(row) / GIB:.2f} GiB, {row['tokens_per_second']:,.0f} real tokens/s"
     if row.get("examples_per_step"):
         line += f", {row['examples_per_step']:.1f} examples/step"
+    if row.get("generation_seconds_per_step") is not None:
+        line += (f", generation {row['generation_seconds_per_step']:.3f} s/step + optimisation "
+                 f"{row['optimisation_seconds_per_step']:.3f} s/step")
     return line + f", {row['precision']}"

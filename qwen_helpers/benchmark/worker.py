@@ -69,7 +69,11 @@ def worker_main(spec_path: str) -> int:
 
 
 def run_row(spec: dict) -> dict:
-    """The kit's or the plain reference's run, as the spec says."""
+    """The kit's or the plain reference's run, as the spec says (DPO and GRPO rows: TRL's trainers, trl_rows.py)."""
+    if spec["method_spec"]["objective"] != "sft":
+        from .trl_rows import run_trl
+
+        return run_trl(spec)
     if spec["side"] == "plain":
         from .plain import run_plain
 
