@@ -14,6 +14,7 @@ from conftest import DATA
 from qwen_helpers import cli, flag_checks, inspect_data, raw_text, train_dpo, train_grpo, train_lora, train_prompt_tuning, train_qlora
 from qwen_helpers.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
 from qwen_helpers.errors import FlagError
+from qwen_helpers import modeling
 from qwen_helpers import train as train_module
 from qwen_helpers.prompt_settings import settings_from_run_config
 from qwen_helpers.batching import TokenBudgetBatchSampler, make_training_collator
@@ -234,7 +235,7 @@ def test_bad_raw_text_is_one_line_and_exit_2_before_the_model_loads(tmp_path, mo
     (train_grpo, ["--data_format=text"], "--data_format: train_grpo reads prompt records"),
 ])
 def test_what_raw_text_cannot_do_is_refused_in_one_line(tmp_path, monkeypatch, capsys, command, flags, expected):
-    monkeypatch.setattr(train_module, "load_tokenizer", lambda *a, **k: pytest.fail("the tokenizer loaded before the flags were checked"))
+    monkeypatch.setattr(modeling, "load_tokenizer", lambda *a, **k: pytest.fail("the tokenizer loaded before the flags were checked"))
     txt = write_txt(tmp_path / "corpus.txt")
     flags = [str(txt) if flag == "{txt}" else flag for flag in flags]
     code = command.main(["--data_path", str(txt), "--output_dir", str(tmp_path / "run"), "--max_steps", "1", *flags])
@@ -256,7 +257,7 @@ def test_what_raw_text_cannot_do_is_refused_in_one_line(tmp_path, monkeypatch, c
 ])
 def test_a_chat_only_flag_set_for_raw_text_is_refused_not_ignored(tmp_path, monkeypatch, capsys, command, flags, expected):
     """A .txt (auto-detected) or --data_format text: a chat-only flag given a value that would change anything is one line, exit 2."""
-    monkeypatch.setattr(train_module, "load_tokenizer", lambda *a, **k: pytest.fail("the tokenizer loaded before the flags were checked"))
+    monkeypatch.setattr(modeling, "load_tokenizer", lambda *a, **k: pytest.fail("the tokenizer loaded before the flags were checked"))
     code = command.main(["--data_path", str(write_txt(tmp_path / "corpus.txt")), "--output_dir", str(tmp_path / "run"),
                          "--max_steps", "1", *flags])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
@@ -287,7 +288,7 @@ def test_the_refused_values_start_from_the_dataclasses_defaults():
 
 def test_train_refuses_a_chat_only_flag_for_raw_text_in_python_too(tmp_path, monkeypatch):
     """The notebooks call train() with dataclasses, past the command line's quick parse: the same check runs there."""
-    monkeypatch.setattr(train_module, "load_tokenizer", lambda *a, **k: pytest.fail("the tokenizer loaded before the flags were checked"))
+    monkeypatch.setattr(modeling, "load_tokenizer", lambda *a, **k: pytest.fail("the tokenizer loaded before the flags were checked"))
     data = DataArguments(data_path=str(write_txt(tmp_path / "corpus.txt")), data_format="text", enable_thinking=True)
     training = KitTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, report_to="none")
     with pytest.raises(FlagError, match=r"^--enable_thinking True: raw text has no chat template"):
