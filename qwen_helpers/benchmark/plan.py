@@ -205,6 +205,8 @@ def method_spec(run) -> dict:
 def tokens_per_step(row: dict, args: BenchmarkArguments, lengths: list[int], budget: int) -> tuple[int, int]:
     """(examples, tokens per example) the estimate should assume for a row's batching."""
     mean, longest = sum(lengths) / len(lengths), max(lengths)
+    if RUNS[row["method"]].objective != "sft":  # TRL pads its batches: --batch_size pairs or completions of --seq_len
+        return args.batch_size, args.seq_len
     if row["batching"] == "token_budget":
         return 1, budget
     if row["batching"] == "pad_max":

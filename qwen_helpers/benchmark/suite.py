@@ -40,6 +40,10 @@ def gpu_parts(folder: Path) -> list[tuple[str, dict]]:
         ("0.5B: variable-length data, batching modes", dict(common, preset="qwen2.5-0.5b", methods="lora_bf16", checkpointing="off",
                                                             data="lognormal", mean_length=240, seq_len=1024, steps=8,
                                                             compare_baseline=f"{REFERENCE}/plain_hf_varlen_h200_2026-11-28.json")),
+        # TRL's trainers on the 7B shape: 8 pairs (16 sequences) per DPO step, 8 completions (2 prompts x 4) per GRPO
+        # step generated to 256 tokens in all; GRPO's generation is timed apart from its optimisation step
+        ("7B: DPO and GRPO on LoRA bf16 with checkpointing", dict(common, preset="qwen2.5-7b", methods="trl", checkpointing="on",
+                                                                 seq_len=256, steps=3, warmup_steps=1)),
     ]
 
 
