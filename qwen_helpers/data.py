@@ -15,10 +15,8 @@ one prompt format in the kit.
 
 from __future__ import annotations
 
-import hashlib
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from .chat_spans import cut_pieces, fits_skeleton, render, render_conversation, render_prompt, skeleton_of
@@ -373,32 +371,3 @@ def length_stats(dataset) -> dict:
         "trained_tokens": int(trained),
         "total_tokens": int(lengths.sum()),
     }
-
-
-# ------------------------------------------------------------------------------------------ cache fingerprints
-
-# What tokenised data depends on besides the settings: the code of these modules (a kit upgrade re-tokenises).
-DATA_CODE = ("records.py", "chat_records.py", "tool_calls.py", "chat_spans.py", "data.py", "data_files.py", "raw_text.py")
-
-
-def file_digest(path: Path) -> str:
-    """A BLAKE2b digest of the file's bytes, streamed in chunks (about 1 GB/s: a few percent of tokenising it)."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "blake2b").hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of everything that decides the token ids: the tokenizer's vocabulary and rules, its special tokens, its chat template."""
-    backend = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(sorted(tokenizer.get_vocab().items()))
-    return fingerprint_of(backend, str(tokenizer.chat_template), repr(tokenizer.special_tokens_map), len(tokenizer))
-
-
-def fingerprint_of(*parts) -> str:
-    """A datasets fingerprint (64 hex digits) of ``parts`` and the kit's data code."""
-    digest = hashlib.sha256()
-    package = Path(__file__).parent
-    for name in DATA_CODE:
-        digest.update((package / name).read_bytes())
-    for part in parts:
-        digest.update(repr(part).encode("utf-8", "surrogatepass") + b"\0")
-    return digest.hexdigest()

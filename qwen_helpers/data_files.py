@@ -17,8 +17,9 @@ import json
 import time
 from pathlib import Path
 
-from .data import (BATCH_SIZE, OverflowPolicy, TokenizedData, build_messages, file_digest, fingerprint_of, renders_reasoning,
-                   tokenize_batch, tokenized_data, tokenized_features, tokenizer_fingerprint)
+from .data import (BATCH_SIZE, OverflowPolicy, TokenizedData, build_messages, renders_reasoning, tokenize_batch, tokenized_data,
+                   tokenized_features)
+from .fingerprints import file_digest, fingerprint_of, tokenizer_fingerprint
 from .raw_text import PackedText, is_raw_text, load_raw_text_for_training
 from .records import DataFormat, DataValidationError, FieldMap, iter_records
 

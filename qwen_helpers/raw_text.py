@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .data import BATCH_SIZE, file_digest, fingerprint_of, token_ids, tokenizer_fingerprint
+from .data import BATCH_SIZE, token_ids
+from .fingerprints import file_digest, fingerprint_of, tokenizer_fingerprint
 from .records import FieldMap, DataValidationError, _duplicate_key, _not_utf8, detect_format, read_raw_records
 
 TEXT_SUFFIXES = (".txt",)  # read as plain text under --data_format auto

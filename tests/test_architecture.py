@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qwen_helpers"
 # Leaves import only other leaves; the core imports leaves and core; commands import anything.
 # widgets and plots are leaves that the core never imports (they draw; the core computes).
 LAYERS = {
-    "leaf": {"tiny", "adapter_folder", "records", "chat_records", "tool_calls", "chat_spans", "data", "data_files", "raw_text", "metrics", "plots", "widgets", "precision", "methods", "config", "allocator",
+    "leaf": {"tiny", "adapter_folder", "records", "chat_records", "tool_calls", "chat_spans", "data", "data_files", "raw_text", "fingerprints", "metrics", "plots", "widgets", "precision", "methods", "config", "allocator",
              "presets", "files", "errors", "checks", "flag_checks", "quickflags", "llama_child", "prompt_settings"},
     "core": {"lora_variants", "modeling", "train", "held_out", "adapters", "generation", "evaluation", "classification", "merge", "batching", "speed", "gguf_export", "ollama", "serving", "callbacks", "run_folder", "plan",
              "preference", "preference_training", "rewards", "grpo_training"},

@@ -48,7 +48,7 @@ def run_plain(spec: dict) -> dict:
     from ..data_files import load_dataset_for_training
     from ..allocator import tune_cpu_allocator
     from ..modeling import count_parameters
-    from .worker import finish, rss_bytes, step_timer, training_arguments
+    from .measure import finish, rss_bytes, step_timer, training_arguments
 
     args = spec["args"]
     rss_start = rss_bytes()

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from .worker import finish, rss_bytes, step_timer, training_arguments
+from .measure import finish, rss_bytes, step_timer, training_arguments
 
 REJECTED_WORD = "no"  # the rejected answer repeats another one-token word, so both answers have the same length
 GRPO_REWARD = "length_penalty"  # a reward that reads no data column; its value does not change the step's cost
