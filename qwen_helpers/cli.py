@@ -1,6 +1,6 @@
 """Shared plumbing of the training commands: parse flags with HfArgumentParser, plan the run, train, report, plot.
 
-The flags are parsed once; each argument dataclass checks its own values, and :func:`qwen_helpers.plan.plan_run`
+The flags are parsed once; each argument dataclass checks its own values, and :func:`qwen_helpers.training.plan.plan_run`
 checks them against each other, the data and the base, before any model loads.
 """
 
@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .quickflags import dataclass_parser, parse_command_flags
+from .run.quickflags import dataclass_parser, parse_command_flags
 
 
 def parse_training_args(method: str, argv: list[str] | None = None, **defaults):
@@ -21,8 +21,8 @@ def parse_training_args(method: str, argv: list[str] | None = None, **defaults):
     command = f"train/{method}/{json.dumps(defaults, sort_keys=True, default=str)}"
 
     def build_parser():
-        from .config import DataArguments, KitTrainingArguments, ModelArguments
-        from .methods import get_method
+        from .run.config import DataArguments, KitTrainingArguments, ModelArguments
+        from .run.methods import get_method
 
         kind = get_method(method)
         parser = dataclass_parser(ModelArguments, DataArguments, *([kind.arguments] if kind.arguments else []), KitTrainingArguments)
@@ -45,10 +45,10 @@ def run_training_command(method: str, argv: list[str] | None = None, **defaults)
     """Entry point body of train_lora / train_qlora / train_prompt_tuning."""
     model_args, data_args, method_args, training_args = parse_training_args(method, argv, **defaults)
 
-    from .callbacks import LossLineProgress, NanGuardCallback
-    from .plan import plan_run
-    from .plots import plot_loss
-    from .train import publish_run, report, train
+    from .training.callbacks import LossLineProgress, NanGuardCallback
+    from .training.plan import plan_run
+    from .notebook.plots import plot_loss
+    from .training.sft import publish_run, report, train
 
     plan = plan_run(model_args, data_args, training_args, method, method_args)  # every cross-flag check, once
     # publish=False: the loss plot joins the run's folder before it replaces --output_dir
@@ -65,7 +65,7 @@ def run_training_command(method: str, argv: list[str] | None = None, **defaults)
         print(f"evaluation skipped under FSDP/ZeRO-3; evaluate the saved adapter on one GPU: "
               f"python -m qwen_helpers.inference --adapter_path {result.output_dir} --data_path YOUR_TEST.json", flush=True)
     elif not data_args.is_raw_text():  # raw text has no answers to evaluate; its eval loss is in the history
-        from .classification import evaluate_run
+        from .evaluation.classification import evaluate_run
 
         evaluation = evaluate_run(result, data_args, plan.prompt_args)  # classification data only
         if evaluation:

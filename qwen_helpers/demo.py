@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .quickflags import command_prog
+from .run.quickflags import command_prog
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,13 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_demo(args: argparse.Namespace) -> DemoResult:
     """Answer, train LoRA on the first ``args.records`` records, answer again; the adapter is saved in a new folder."""
-    from .callbacks import LossLineProgress
-    from .config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
-    from .records import load_records
-    from .generation import generate
-    from .modeling import load_base_model, load_tokenizer
-    from .plots import plot_loss
-    from .train import train
+    from .training.callbacks import LossLineProgress
+    from .run.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
+    from .data.records import load_records
+    from .models.generation import generate
+    from .models.loading import load_base_model, load_tokenizer
+    from .notebook.plots import plot_loss
+    from .training.sft import train
 
     output_dir = Path(args.output_dir) if args.output_dir else REPO / "outputs" / time.strftime("demo-lora-%Y%m%d-%H%M%S")
     trained = load_records(REPO / "data" / "train.json")[: args.records]
@@ -111,7 +111,7 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
 
 def print_report(demo: DemoResult, model_path: str) -> None:
     """The trained records before -> after (memorised), the held-out prompts (noise), and where the files went."""
-    from .train import report
+    from .training.sft import report
 
     print(f"\n=== the {len(demo.trained)} trained records: {demo.exact} answered word for word after training (memorised) ===")
     for record, old, new in zip(demo.trained, demo.before, demo.after):

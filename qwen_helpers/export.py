@@ -4,9 +4,9 @@
     python -m qwen_helpers.export --adapter_path outputs/lora --output_dir outputs/lora_gguf --format gguf --gguf_type q8_0
     python -m qwen_helpers.export --check vllm --adapter_path outputs/lora --max_lora_rank 16
 
-The merge and its logits check live in :mod:`qwen_helpers.merge`; GGUF, Ollama and vLLM in
-gguf_export.py, ollama.py and serving.py. How the model is asked (thinking mode, system prompt, record
-fields) comes from the adapter's run_config.json (:mod:`qwen_helpers.prompt_settings`), never from the
+The merge and its logits check live in :mod:`qwen_helpers.deploy.merge`; GGUF, Ollama and vLLM in
+deploy/gguf.py, deploy/ollama.py and deploy/serving.py. How the model is asked (thinking mode, system prompt, record
+fields) comes from the adapter's run_config.json (:mod:`qwen_helpers.run.prompt_settings`), never from the
 current directory. Flags are checked before torch is imported.
 """
 
@@ -18,10 +18,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from .errors import command_boundary
-from .prompt_settings import (PromptSettings, data_format_flag, field_flag, read_records_as_trained,
+from .common.errors import command_boundary
+from .run.prompt_settings import (PromptSettings, data_format_flag, field_flag, read_records_as_trained,
                               settings_from_run_config, with_system_prompt)
-from .quickflags import dataclass_parser, parse_command_flags
+from .run.quickflags import dataclass_parser, parse_command_flags
 
 
 @dataclass
@@ -71,9 +71,9 @@ def parse_export_args(argv: list[str] | None = None) -> ExportArguments:
 def export_settings(args: ExportArguments, adapter=None) -> tuple[PromptSettings | None, PromptSettings]:
     """(what the adapter records or None, what the export uses: that record with --system on top, else the defaults).
 
-    ``adapter``: the folder already read (:class:`qwen_helpers.adapter_folder.AdapterFolder`), else --adapter_path.
+    ``adapter``: the folder already read (:class:`qwen_helpers.models.adapter_folder.AdapterFolder`), else --adapter_path.
     """
-    from .adapter_folder import read_adapter_folder
+    from .models.adapter_folder import read_adapter_folder
 
     adapter = read_adapter_folder(adapter or args.adapter_path)
     recorded = settings_from_run_config(adapter.run_config) if adapter.run_config else None
@@ -88,7 +88,7 @@ def verification_records(args: ExportArguments, settings: PromptSettings) -> lis
 
     Records without a system prompt get the one the Modelfile sets, as Ollama sends them.
     """
-    from .adapter_folder import AdapterError
+    from .models.adapter_folder import AdapterError
 
     if not Path(args.verify_data).is_file():
         raise AdapterError(f"--verify_data {args.verify_data} does not exist; pass a JSON/JSONL file of records "
@@ -104,9 +104,9 @@ def export_gguf(args: ExportArguments, folder: Path, records: list[dict], tools:
     Returns (verification, GGUF path). A llama.cpp crash while quantising or verifying becomes a failed verification
     that says so: the GGUF stays (unverified, if it was written) and no Modelfile is written for it.
     """
-    from .gguf_export import LlamaCrashError, convert_to_gguf, verify_gguf
-    from .modeling import load_tokenizer
-    from .ollama import write_modelfile
+    from .deploy.gguf import LlamaCrashError, convert_to_gguf, verify_gguf
+    from .models.loading import load_tokenizer
+    from .deploy.ollama import write_modelfile
 
     gguf_file = folder / f"model-{args.gguf_type}.gguf"
     try:
@@ -129,8 +129,8 @@ def crash_line(verification: dict, output_dir: Path, gguf_file: Path) -> str:
 def build_export(args: ExportArguments, adapter, folder: Path, records: list[dict], tools: dict, recorded,
                  settings: PromptSettings) -> tuple[int, dict]:
     """Merge into ``folder`` and, for --format gguf, convert, verify and write the Modelfile there; (exit status, report)."""
-    from .gguf_export import verification_summary
-    from .merge import merge_and_export
+    from .deploy.gguf import verification_summary
+    from .deploy.merge import merge_and_export
 
     output_dir = Path(args.output_dir)
     merge = merge_and_export(adapter, str(folder), model_path=args.model_path, overwrite=True, settings=recorded)
@@ -163,9 +163,9 @@ def run_export(args: ExportArguments) -> int:
     interrupted export leaves no half-written folder, and a failed verification leaves a complete folder whose
     export_report.json says what failed.
     """
-    from .files import atomic_write_text, new_staging_folder, remove_folders, swap_in
-    from .gguf_export import LLAMA_CPP_PYTHON_VERSION, check_gguf_tools
-    from .merge import check_export_dir, check_mergeable_adapter
+    from .common.files import atomic_write_text, new_staging_folder, remove_folders, swap_in
+    from .deploy.gguf import LLAMA_CPP_PYTHON_VERSION, check_gguf_tools
+    from .deploy.merge import check_export_dir, check_mergeable_adapter
 
     adapter = check_mergeable_adapter(args.adapter_path)  # read once; prompt tuning stops here, saying why
     gguf = args.format == "gguf"
@@ -192,8 +192,8 @@ def run_export(args: ExportArguments) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: export an adapter (--format hf|gguf), check it for vLLM (--check vllm), or fetch llama.cpp's converter."""
     args = parse_export_args(argv)
-    from .gguf_export import LLAMA_CPP_PYTHON_VERSION, fetch_converter
-    from .serving import check_vllm_adapter
+    from .deploy.gguf import LLAMA_CPP_PYTHON_VERSION, fetch_converter
+    from .deploy.serving import check_vllm_adapter
 
     if args.fetch_converter:
         print(f"llama.cpp's converter from llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} is in {fetch_converter()}")

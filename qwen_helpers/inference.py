@@ -6,8 +6,8 @@
 Merging has one command: ``python -m qwen_helpers.export --format hf --adapter_path outputs/lora --output_dir
 outputs/lora_merged``; ``--merge`` here only says so.
 
-The library behind it: :mod:`qwen_helpers.adapters` (load), :mod:`qwen_helpers.generation` (generate),
-:mod:`qwen_helpers.evaluation` (scores and comparisons).
+The library behind it: :mod:`qwen_helpers.models.adapters` (load), :mod:`qwen_helpers.models.generation` (generate),
+:mod:`qwen_helpers.evaluation.compare` (scores and comparisons).
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .checks import check_inference_inputs
-from .errors import command_boundary
-from .files import atomic_write_text
-from .flag_checks import check_sampling_flags
-from .metrics import format_table, scores_by_task
-from .prompt_settings import (PromptSettings, data_format_flag, field_flag, read_records_as_trained,
+from .models.checks import check_inference_inputs
+from .common.errors import command_boundary
+from .common.files import atomic_write_text
+from .run.flag_checks import check_sampling_flags
+from .evaluation.metrics import format_table, scores_by_task
+from .run.prompt_settings import (PromptSettings, data_format_flag, field_flag, read_records_as_trained,
                               recorded_prompt_settings)
-from .quickflags import dataclass_parser, parse_command_flags
-from .tool_calls import reference_tool_calls
+from .run.quickflags import dataclass_parser, parse_command_flags
+from .data.tool_calls import reference_tool_calls
 
 
 @dataclass
@@ -119,7 +119,7 @@ def parse_inference_args(argv: list[str] | None = None) -> InferenceArguments:
 
 def load_for_command(args: InferenceArguments):
     """The model the flags ask for: base + adapter, or the base alone when no --adapter_path is given."""
-    from .adapters import load_base_for_inference, load_model_with_adapter
+    from .models.adapters import load_base_for_inference, load_model_with_adapter
 
     if args.adapter_path:
         return load_model_with_adapter(args.adapter_path, args.model_path, args.load_in_4bit)
@@ -128,7 +128,7 @@ def load_for_command(args: InferenceArguments):
 
 def run_evaluation(args: InferenceArguments, model, tokenizer, records: list[dict] | None = None) -> None:
     """Answer every record of --data_path, write --output_file (JSON lines, whole or not at all), print the scores and the speed."""
-    from .generation import generate_timed, total_seconds
+    from .models.generation import generate_timed, total_seconds
 
     records = (records if records is not None else args.read_records())[: args.max_records]
     rows = generate_timed(model, tokenizer, records, args.max_new_tokens, args.batch_size, progress=True, **args.generation_kwargs())
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     records = args.read_records() if args.data_path else None  # a bad data file is reported before loading too
     model, tokenizer = load_for_command(args)
     if args.instruction:
-        from .generation import generate_answers
+        from .models.generation import generate_answers
 
         system = args.system_prompt()
         record = {"instruction": args.instruction, "input": args.input, **({"system": system} if system else {})}

@@ -15,14 +15,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .data import IGNORE_INDEX, build_messages, format_prompt, tokenize_example
-from .checks import check_model_path
-from .errors import FlagError, command_boundary
-from .flag_checks import RAW_TEXT_IGNORES
-from .prompt_settings import field_flag, field_map_of
-from .quickflags import dataclass_parser, parse_command_flags
-from .raw_text import document_blocks, is_raw_text
-from .records import DataValidationError, load_records
+from .data.encoding import IGNORE_INDEX, build_messages, format_prompt, tokenize_example
+from .models.checks import check_model_path
+from .common.errors import FlagError, command_boundary
+from .run.flag_checks import RAW_TEXT_IGNORES
+from .run.prompt_settings import field_flag, field_map_of
+from .run.quickflags import dataclass_parser, parse_command_flags
+from .data.raw_text import document_blocks, is_raw_text
+from .data.records import DataValidationError, load_records
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 
@@ -110,7 +110,7 @@ def _main_raw_text(args) -> int:
         if getattr(args, name) not in (None, *harmless):
             raise FlagError(f"--{name} {getattr(args, name)}: {why}; drop the flag (it applies to instruction or chat records).")
     check_model_path(args.model_path)
-    from .modeling import load_tokenizer
+    from .models.loading import load_tokenizer
 
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         tokenizer = load_tokenizer(args.model_path)
@@ -151,7 +151,7 @@ def _load(args: InspectArguments):
     if not 0 <= args.index < len(records):
         raise DataValidationError(f"--index {args.index}: {args.data_path} has {len(records)} records "
                                   f"(0 to {len(records) - 1}).")
-    from .modeling import load_tokenizer
+    from .models.loading import load_tokenizer
 
     return load_tokenizer(args.model_path), records[args.index]
 

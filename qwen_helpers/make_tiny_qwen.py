@@ -11,10 +11,10 @@ swapped in whole, so an interrupted build never leaves a half-written checkpoint
 import argparse
 import sys
 
-from .errors import FlagError, command_boundary
-from .files import check_output_folder, new_staging_folder, remove_folders, swap_in
-from .quickflags import command_prog
-from .tiny import REPLICAS, make_tiny_qwen
+from .common.errors import FlagError, command_boundary
+from .common.files import check_output_folder, new_staging_folder, remove_folders, swap_in
+from .run.quickflags import command_prog
+from .common.tiny import REPLICAS, make_tiny_qwen
 
 
 def parse_arguments(argv) -> argparse.Namespace:

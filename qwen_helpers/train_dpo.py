@@ -9,17 +9,17 @@ Every TrainingArguments and DPOConfig flag works too (``--beta``, ``--loss_type`
 
 import sys
 
-from .errors import command_boundary
-from .flag_checks import refuse_data_format_flag
-from .quickflags import dataclass_parser, parse_command_flags
+from .common.errors import command_boundary
+from .run.flag_checks import refuse_data_format_flag
+from .run.quickflags import dataclass_parser, parse_command_flags
 
 
 def parse_dpo_args(argv=None):
     """(model, data, LoRA, DPO config) arguments; flag mistakes are one line before the model loads."""
 
     def build_parser():
-        from .config import LoraArguments, ModelArguments
-        from .preference_training import KitDPOConfig, PreferenceDataArguments
+        from .run.config import LoraArguments, ModelArguments
+        from .training.dpo import KitDPOConfig, PreferenceDataArguments
 
         return dataclass_parser(ModelArguments, PreferenceDataArguments, LoraArguments, KitDPOConfig)
 
@@ -31,8 +31,8 @@ def parse_dpo_args(argv=None):
 def main(argv=None) -> int:
     model_args, data_args, lora_args, config = parse_dpo_args(argv)
 
-    from .plots import plot_preference
-    from .preference_training import finish_command, preference_summary, train_dpo
+    from .notebook.plots import plot_preference
+    from .training.dpo import finish_command, preference_summary, train_dpo
 
     result = train_dpo(model_args, data_args, lora_args, config)
     return finish_command(result, "dpo", f"DPO on {model_args.model_path}", plot_preference, preference_summary)

@@ -9,7 +9,7 @@ Every TrainingArguments flag works too; ``--load_in_4bit True`` gives QLoRA (see
 import sys
 
 from .cli import run_training_command
-from .errors import command_boundary
+from .common.errors import command_boundary
 
 
 @command_boundary  # a user error is one line on stderr and exit code 2 (--debug shows the traceback)

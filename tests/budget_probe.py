@@ -13,7 +13,7 @@ import os
 import runpy
 from pathlib import Path
 
-from qwen_helpers.batching import kit_trainer_class
+from qwen_helpers.training.batching import kit_trainer_class
 
 
 def examples_of(inputs) -> list[list[int]]:

@@ -32,14 +32,14 @@ DATA = REPO / "data"
 
 @pytest.fixture(scope="session")
 def tiny_path() -> str:
-    from qwen_helpers.tiny import resolve_model_path
+    from qwen_helpers.common.tiny import resolve_model_path
 
     return resolve_model_path("tiny")
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_path):
-    from qwen_helpers.modeling import load_tokenizer
+    from qwen_helpers.models.loading import load_tokenizer
 
     return load_tokenizer(tiny_path)
 

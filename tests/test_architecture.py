@@ -1,4 +1,5 @@
-"""The package's shape: every module imports on its own, imports point one way (leaves <- core <- commands), files stay small."""
+"""The package's shape: folders are floors, imports point down them (common <- data <- run <- models <- ... <- commands),
+no module imports in a cycle, every module imports on its own, files stay small."""
 
 import ast
 import json
@@ -10,23 +11,18 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "qwen_helpers"
 
-# Leaves import only other leaves; the core imports leaves and core; commands import anything.
-# widgets and plots are leaves that the core never imports (they draw; the core computes).
-LAYERS = {
-    "leaf": {"tiny", "adapter_folder", "records", "chat_records", "tool_calls", "chat_spans", "data", "data_files", "raw_text", "fingerprints", "metrics", "plots", "widgets", "precision", "methods", "config", "allocator",
-             "presets", "files", "errors", "checks", "flag_checks", "quickflags", "llama_child", "prompt_settings"},
-    "core": {"lora_variants", "modeling", "train", "held_out", "adapters", "generation", "evaluation", "classification", "merge", "batching", "speed", "gguf_export", "ollama", "serving", "callbacks", "run_folder", "plan",
-             "preference", "preference_training", "rewards", "grpo_training"},
-    "command": {"cli", "inference", "export", "train_lora", "train_qlora", "train_prompt_tuning", "demo", "benchmark", "make_tiny_qwen",
-                "inspect_data", "__main__", "train_dpo", "train_grpo"},
-}
-RANK = {"leaf": 0, "core": 1, "command": 2}
-DISPLAY_ONLY = {"widgets", "plots"}
+# The layers are the package's folders, lowest first. A module may import its own folder and the folders below it,
+# never above. The package root holds only the commands users run (``python -m qwen_helpers.X``); the benchmark is a
+# command too. ``notebook`` (widgets, plots) sits just below the commands, so no core module can import it.
+FLOORS = ["common", "data", "run", "models", "evaluation", "training", "deploy", "notebook", "benchmark"]
+COMMANDS = len(FLOORS)  # the root's floor
+# Floors that must not import each other although their ranks differ: training and deploy are siblings.
+SIBLINGS = {frozenset({"training", "deploy"})}
 MAX_LINES = 400
 
 
 def module_names() -> list[str]:
-    """Every module of the package, by dotted name under qwen_helpers ('benchmark.worker' for a subpackage's module)."""
+    """Every module of the package, by dotted name under qwen_helpers ('data.records'; a folder's __init__ as 'data')."""
     names = []
     for path in sorted(PACKAGE.rglob("*.py")):
         parts = path.relative_to(PACKAGE).with_suffix("").parts
@@ -37,39 +33,53 @@ def module_names() -> list[str]:
     return names
 
 
-def layer_of(module: str) -> str:
-    """The layer of a module (a subpackage's modules share the layer of the subpackage)."""
-    top = module.split(".")[0]
-    for layer, members in LAYERS.items():
-        if top in members:
-            return layer
-    raise AssertionError(f"qwen_helpers/{top}: no layer assigned; add it to LAYERS in tests/test_architecture.py.")
+def folder_of(module: str) -> str | None:
+    """The folder a module lives in (None for the package root)."""
+    return module.split(".")[0] if (PACKAGE / module.split(".")[0]).is_dir() else None
+
+
+def floor_of(module: str) -> int:
+    folder = folder_of(module)
+    if folder is None:
+        return COMMANDS
+    assert folder in FLOORS, f"qwen_helpers/{folder}/: a folder with no floor; add it to FLOORS in tests/test_architecture.py."
+    return FLOORS.index(folder)
+
+
+def path_of(module: str) -> Path:
+    path = PACKAGE / (module.replace(".", "/") + ".py")
+    return path if path.is_file() else PACKAGE / module.replace(".", "/") / "__init__.py"
 
 
 def package_imports(module: str) -> set[str]:
-    """Top-level qwen_helpers modules that ``module`` imports anywhere in its file (function-level imports included)."""
-    path = PACKAGE / (module.replace(".", "/") + ".py")
-    if not path.is_file():
-        path = PACKAGE / module.replace(".", "/") / "__init__.py"
+    """Modules of the package that ``module`` imports anywhere in its file (function-level imports included)."""
+    path = path_of(module)
     package_parts = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
-    own_top = module.split(".")[0]
-    return {name for name in imports_in(path.read_text(encoding="utf-8"), package_parts) if name != own_top}
+    return imports_in(path.read_text(encoding="utf-8"), package_parts) - {module}
+
+
+def _existing(parts: list[str]) -> str | None:
+    """The dotted name of the package module ``parts`` names, if it is one."""
+    if parts and ((PACKAGE.joinpath(*parts).with_suffix(".py")).is_file() or (PACKAGE.joinpath(*parts) / "__init__.py").is_file()):
+        return ".".join(parts)
+    return None
 
 
 def imports_in(source: str, package_parts: list[str]) -> set[str]:
-    """Top-level qwen_helpers names imported by ``source``, a file inside qwen_helpers/<package_parts>."""
+    """Package modules imported by ``source``, a file inside qwen_helpers/<package_parts>: ``from .x import y`` counts
+    y when y is a module, else x."""
     imported = set()
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ImportFrom) and node.level:
-            base = package_parts[: len(package_parts) - (node.level - 1)]
-            target = [*base, *(node.module.split(".") if node.module else [])]
-            imported.update([target[0]] if target else [alias.name for alias in node.names])
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "qwen_helpers":
-            rest = node.module.split(".")[1:]
-            imported.update([rest[0]] if rest else [alias.name for alias in node.names])
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == "qwen_helpers"):
+            if node.level:
+                target = [*package_parts[: len(package_parts) - (node.level - 1)], *(node.module.split(".") if node.module else [])]
+            else:
+                target = node.module.split(".")[1:]
+            for alias in node.names:
+                imported.add(_existing([*target, alias.name]) or _existing(target) or "")
         elif isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[1] for alias in node.names if alias.name.startswith("qwen_helpers."))
-    return {name for name in imported if (PACKAGE / f"{name}.py").is_file() or (PACKAGE / name).is_dir()}
+            imported.update(_existing(alias.name.split(".")[1:]) or "" for alias in node.names if alias.name.startswith("qwen_helpers."))
+    return {name for name in imported if name}
 
 
 # One interpreter imports the heavy libraries once, then forks a child per module; the child imports that module
@@ -115,22 +125,34 @@ def test_module_imports_alone_in_a_fresh_interpreter(module, imported_alone):
     assert imported_alone[module] == "", imported_alone[module]
 
 
-def test_imports_point_one_way():
+def test_imports_point_down_the_floors():
     problems = []
     for module in module_names():
-        layer = layer_of(module)
         for imported in package_imports(module):
-            if RANK[layer_of(imported)] > RANK[layer]:
-                problems.append(f"{module} ({layer}) imports {imported} ({layer_of(imported)})")
-            if imported in DISPLAY_ONLY and layer != "command" and module.split(".")[0] not in DISPLAY_ONLY:
-                problems.append(f"{module} ({layer}) imports {imported}, a display leaf only commands and notebooks use")
+            here, there = floor_of(module), floor_of(imported)
+            if there > here:
+                problems.append(f"{module} (floor {here}) imports {imported} (floor {there}, above it)")
+            elif frozenset({folder_of(module), folder_of(imported)}) in SIBLINGS:
+                problems.append(f"{module} imports {imported}: sibling floors stay apart")
     assert not problems, "upward imports:\n" + "\n".join(problems)
 
 
+def test_the_root_holds_only_commands():
+    """Every module at the package root is a command: a main() and a ``python -m qwen_helpers.X`` entry."""
+    not_commands = [path.name for path in PACKAGE.glob("*.py")
+                    if path.name not in ("__init__.py", "__main__.py")
+                    and not ("def main(" in (text := path.read_text(encoding="utf-8")) and 'if __name__ == "__main__"' in text)]
+    assert not not_commands, f"modules at the root that are not commands (move them into their layer's folder): {not_commands}"
+
+
+def test_every_folder_is_a_floor():
+    folders = sorted(path.parent.name for path in PACKAGE.glob("*/__init__.py"))
+    assert folders == sorted(FLOORS), f"folders {folders} vs FLOORS {sorted(FLOORS)}"
+
+
 def test_no_import_cycles():
-    graph = {module.split(".")[0]: set() for module in module_names()}
-    for module in module_names():
-        graph[module.split(".")[0]] |= package_imports(module)
+    """Over every module, the benchmark's included, with no folding: plain <-> worker would show."""
+    graph = {module: package_imports(module) for module in module_names()}
     visiting, done, cycles = set(), set(), []
 
     def visit(node, path):
@@ -141,7 +163,8 @@ def test_no_import_cycles():
             return
         visiting.add(node)
         for neighbour in sorted(graph.get(node, ())):
-            visit(neighbour, path + [node])
+            if neighbour != node.rsplit(".", 1)[0]:  # a module importing its own folder's __init__ is not a cycle
+                visit(neighbour, path + [node])
         visiting.discard(node)
         done.add(node)
 
@@ -161,7 +184,8 @@ def test_modules_stay_small():
 
 def test_the_import_parser_sees_hidden_imports():
     """Function-level, absolute and package-relative imports all count, so an upward import cannot hide in a function."""
-    source = "import torch\n\ndef f():\n    from .train import train\n    from qwen_helpers.cli import main\n    import qwen_helpers.demo\n"
-    assert imports_in(source, []) == {"train", "cli", "demo"}
-    assert imports_in("from ..modeling import load_base_model\n", ["benchmark"]) == {"modeling"}
-    assert RANK[layer_of("train")] > RANK[layer_of("precision")]
+    source = ("import torch\n\ndef f():\n    from ..training.sft import train\n    from qwen_helpers.cli import main\n"
+              "    import qwen_helpers.demo\n    from ..data import records\n")
+    assert imports_in(source, ["run"]) == {"training.sft", "cli", "demo", "data.records"}
+    assert imports_in("from ..models.loading import load_base_model\n", ["benchmark"]) == {"models.loading"}
+    assert floor_of("training.sft") > floor_of("run.precision") and floor_of("cli") == COMMANDS

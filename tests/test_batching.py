@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from qwen_helpers.batching import (
+from qwen_helpers.training.batching import (
     TokenBudgetBatchSampler,
     batch_cost,
     examples_in_batch,
@@ -13,9 +13,9 @@ from qwen_helpers.batching import (
     real_tokens_in_batch,
     resolve_padding_free,
 )
-from qwen_helpers.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
-from qwen_helpers.data import make_collator
-from qwen_helpers.data_files import load_dataset_for_training
+from qwen_helpers.run.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
+from qwen_helpers.data.encoding import make_collator
+from qwen_helpers.data.loading import load_dataset_for_training
 from tests.conftest import DATA
 
 
@@ -130,7 +130,7 @@ def test_padding_free_is_on_by_default_only_where_it_works():
 
 
 def test_training_with_a_token_budget_and_accumulation_logs_examples_per_step(tmp_path, small_train_file):
-    from qwen_helpers.train import train
+    from qwen_helpers.training.sft import train
 
     training_args = KitTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=3, token_budget=600, gradient_accumulation_steps=2,
                                          save_strategy="no", disable_tqdm=True, report_to="none")
@@ -143,7 +143,7 @@ def test_training_with_a_token_budget_and_accumulation_logs_examples_per_step(tm
 
 def test_flags_parse_and_bad_values_stop_before_loading(tmp_path, small_train_file):
     from qwen_helpers.cli import parse_training_args
-    from qwen_helpers.train import train
+    from qwen_helpers.training.sft import train
 
     *_, training_args = parse_training_args("lora", ["--padding_free", "False", "--token_budget", "2048", "--output_dir", str(tmp_path / "x")])
     assert training_args.padding_free is False and training_args.token_budget == 2048
@@ -156,7 +156,7 @@ def test_flags_parse_and_bad_values_stop_before_loading(tmp_path, small_train_fi
 
 
 def test_liger_reasons():
-    from qwen_helpers.speed import liger_problem
+    from qwen_helpers.training.speed import liger_problem
 
     assert "not installed" in liger_problem("qwen2", True, False)
     assert "CUDA" in liger_problem("qwen2", False, True)

@@ -23,7 +23,7 @@ from qwen_helpers.benchmark import (
 )
 from qwen_helpers.benchmark.estimate import causal_context
 from qwen_helpers.benchmark.plan import lognormal_lengths, records_of_length
-from qwen_helpers.presets import (
+from qwen_helpers.common.presets import (
     check_preset_fits_device,
     count_preset_parameters,
     lora_trainable_parameters,
@@ -63,9 +63,9 @@ def test_meta_instantiation_has_the_public_parameter_count(name):
 
 
 def test_trainable_counts_per_method_are_exact():
-    from qwen_helpers.config import LoraArguments, PromptTuningArguments
-    from qwen_helpers.modeling import count_parameters
-    from qwen_helpers.train import attach_adapter
+    from qwen_helpers.run.config import LoraArguments, PromptTuningArguments
+    from qwen_helpers.models.loading import count_parameters
+    from qwen_helpers.training.sft import attach_adapter
 
     config = preset_config("qwen2.5-0.5b")
     lora = attach_adapter(meta_model(config), "lora", "qwen2.5-0.5b", lora_args=LoraArguments(lora_r=8))
@@ -169,7 +169,7 @@ def test_causal_context_counts_the_keys_each_token_sees():
 
 
 def test_synthetic_records_have_the_asked_lengths(tokenizer):
-    from qwen_helpers.data import tokenize_example
+    from qwen_helpers.data.encoding import tokenize_example
 
     lengths = [64, 100, 333]
     records = records_of_length(tokenizer, lengths)
@@ -236,9 +236,9 @@ def test_estimate_on_committed_reference_rows_it_was_not_checked_against():
 
 
 def test_variant_rows_estimate_what_peft_builds():
-    from qwen_helpers.config import LoraArguments
-    from qwen_helpers.modeling import count_parameters
-    from qwen_helpers.train import attach_adapter
+    from qwen_helpers.run.config import LoraArguments
+    from qwen_helpers.models.loading import count_parameters
+    from qwen_helpers.training.sft import attach_adapter
 
     config = preset_config("qwen2.5-0.5b")
     dora = attach_adapter(meta_model(config), "lora", "qwen2.5-0.5b", lora_args=LoraArguments(lora_r=8, use_dora=True))

@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 from sklearn.metrics import classification_report, confusion_matrix
 
-from qwen_helpers.classification import (
+from qwen_helpers.evaluation.classification import (
     build_sequence_classifier,
     check_labels_known,
     classification_metrics,
@@ -17,10 +17,10 @@ from qwen_helpers.classification import (
     resolve_labels,
     score_labels,
 )
-from qwen_helpers.config import LoraArguments
-from qwen_helpers.data import IGNORE_INDEX, tokenize_example
-from qwen_helpers.records import load_records
-from qwen_helpers.modeling import load_base_model
+from qwen_helpers.run.config import LoraArguments
+from qwen_helpers.data.encoding import IGNORE_INDEX, tokenize_example
+from qwen_helpers.data.records import load_records
+from qwen_helpers.models.loading import load_base_model
 
 from conftest import DATA
 
@@ -143,8 +143,8 @@ def test_evaluate_run_after_any_method_labels_in_sample_figures(tmp_path, tiny_p
 
     from transformers import AutoModelForCausalLM
 
-    from qwen_helpers.classification import evaluate_run
-    from qwen_helpers.config import DataArguments
+    from qwen_helpers.evaluation.classification import evaluate_run
+    from qwen_helpers.run.config import DataArguments
 
     records = json.loads((DATA / "classify_train.json").read_text(encoding="utf-8"))[:15]
     data_file = tmp_path / "few.json"

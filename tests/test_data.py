@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from qwen_helpers.data import IGNORE_INDEX, format_prompt, length_stats, make_collator, tokenize_example, tokenize_records
-from qwen_helpers.records import DataValidationError, FieldMap, label_set, load_records
+from qwen_helpers.data.encoding import IGNORE_INDEX, format_prompt, length_stats, make_collator, tokenize_example, tokenize_records
+from qwen_helpers.data.records import DataValidationError, FieldMap, label_set, load_records
 
 RECORD = {"instruction": "翻译为英文", "input": "你好", "output": "Hello"}
 
@@ -189,7 +189,7 @@ def test_a_mapped_optional_field_that_no_record_has_is_an_error():
 
 
 def test_think_blocks_are_split_off_answers():
-    from qwen_helpers.records import split_reasoning
+    from qwen_helpers.data.records import split_reasoning
 
     assert split_reasoning("<think>\nstep 1\n</think>\n\nAnswer") == ("step 1", "Answer")
     assert split_reasoning("Plain answer") == (None, "Plain answer")
@@ -210,8 +210,8 @@ def test_think_tags_a_template_would_misread_are_refused_naming_the_record(outpu
 
 
 def test_reasoning_is_trained_inline_where_the_template_has_no_place_for_it():
-    from qwen_helpers.data import renders_reasoning
-    from qwen_helpers.modeling import load_tokenizer
+    from qwen_helpers.data.encoding import renders_reasoning
+    from qwen_helpers.models.loading import load_tokenizer
 
     (record,) = load_records([{"instruction": "2+2?", "output": "<think>\nadd them\n</think>\n\n4"}])
     qwen25, qwen3 = load_tokenizer("tiny-qwen2.5-instruct"), load_tokenizer("tiny-qwen3")

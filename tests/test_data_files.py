@@ -6,11 +6,11 @@ import os
 import pytest
 
 from qwen_helpers.benchmark.data_speed import DataSpeedArguments, generate_jsonl, markdown, run_data_benchmark, summarise
-from qwen_helpers.data import _encode_with_labels, build_messages, encode_conversations, token_ids, tokenize_example, tokenize_records
-from qwen_helpers.data_files import load_dataset_for_training
-from qwen_helpers.errors import KitError
-from qwen_helpers.modeling import load_tokenizer
-from qwen_helpers.records import DataValidationError, iter_records, load_records
+from qwen_helpers.data.encoding import _encode_with_labels, build_messages, encode_conversations, token_ids, tokenize_example, tokenize_records
+from qwen_helpers.data.loading import load_dataset_for_training
+from qwen_helpers.common.errors import KitError
+from qwen_helpers.models.loading import load_tokenizer
+from qwen_helpers.data.records import DataValidationError, iter_records, load_records
 
 from conftest import DATA
 

@@ -180,7 +180,7 @@ BUDGET = 150  # 16 examples of 36-108 tokens (max_length 256) make 7 padding-fre
 @pytest.mark.skipif(not gloo_available(), reason="torch.distributed with the gloo backend is not available in this PyTorch build")
 def test_token_budget_batches_under_ddp_are_per_rank_disjoint_and_even(tmp_path):
     """torchrun x 2 on train_lora --token_budget (tests/budget_probe.py records each rank's micro-batches, the command runs as is)."""
-    from qwen_helpers.files import staging_folders
+    from qwen_helpers.common.files import staging_folders
 
     records = json.loads((REPO / "data" / "train.json").read_text(encoding="utf-8"))[:16]
     data = tmp_path / "train16.json"
@@ -233,8 +233,8 @@ def test_token_budget_batches_under_ddp_are_per_rank_disjoint_and_even(tmp_path)
     assert [record["step"] for record in history if "loss" in record] == list(range(1, steps + 1))
 
 def test_launch_that_did_not_become_distributed_is_refused(monkeypatch, tmp_path):
-    from qwen_helpers.config import KitTrainingArguments
-    from qwen_helpers.plan import check_distributed_launch
+    from qwen_helpers.run.config import KitTrainingArguments
+    from qwen_helpers.training.plan import check_distributed_launch
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = KitTrainingArguments(output_dir=str(tmp_path), report_to="none")  # no LOCAL_RANK: a world of one

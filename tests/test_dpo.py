@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import DATA, REPO
-from qwen_helpers.data import IGNORE_INDEX, format_prompt, tokenize_example
-from qwen_helpers.modeling import load_tokenizer
-from qwen_helpers.preference import tokenize_pair, validate_preference
-from qwen_helpers.records import DataValidationError
+from qwen_helpers.data.encoding import IGNORE_INDEX, format_prompt, tokenize_example
+from qwen_helpers.models.loading import load_tokenizer
+from qwen_helpers.data.preference import tokenize_pair, validate_preference
+from qwen_helpers.data.records import DataValidationError
 
 # A seeded run the tiny random model can learn in 4 steps: chosen answers are short and varied, rejected ones are
 # a few fixed hedges ("I am not sure.", "很难说。"), so lowering the hedges raises the margin on unseen prompts too.
@@ -154,7 +154,7 @@ def test_an_sft_adapter_start_is_its_own_reference(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from qwen_helpers import train_dpo
-    from qwen_helpers.tiny import resolve_model_path
+    from qwen_helpers.common.tiny import resolve_model_path
 
     sft = get_peft_model(
         AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny")),
@@ -195,8 +195,8 @@ def test_an_interrupted_run_resumes_and_ends_at_the_same_step(tmp_path):
     from test_train_lora import InterruptAtSave
 
     from qwen_helpers import train_dpo as command
-    from qwen_helpers.files import staging_folders
-    from qwen_helpers.preference_training import train_dpo
+    from qwen_helpers.common.files import staging_folders
+    from qwen_helpers.training.dpo import train_dpo
     from qwen_helpers.train_dpo import parse_dpo_args
 
     output = tmp_path / "run"

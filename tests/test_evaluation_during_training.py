@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from qwen_helpers import train_lora
-from qwen_helpers.held_out import best_evaluation
-from qwen_helpers.metrics import scores_by_task
+from qwen_helpers.evaluation.held_out import best_evaluation
+from qwen_helpers.evaluation.metrics import scores_by_task
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 FAST = [
@@ -86,7 +86,7 @@ def digits(tmp_path):
     ],
 )
 def test_bad_evaluation_flags_are_one_line_and_exit_2_before_any_model_loads(flags, named, capsys, monkeypatch):
-    import qwen_helpers.train as train_module
+    import qwen_helpers.training.sft as train_module
 
     monkeypatch.setattr(train_module, "load_base_model", lambda *args, **kwargs: pytest.fail("a model was loaded"))
     assert train_lora.main(["--data_path", "data/train.json", "--output_dir", "outputs/never-written", *flags]) == 2
@@ -141,7 +141,7 @@ def test_best_checkpoint_is_saved_scored_as_inference_scores_it_and_logged_to_te
     """The seeded toy makes the first evaluation the best: eval loss with greater_is_better True picks the *highest*
     loss, and the loss falls on these records at this learning rate (asserted). The saved adapter must be checkpoint-2's
     weights, not the last step's, and its held-out metrics what `inference` measures on the same records with it."""
-    from qwen_helpers import train
+    from qwen_helpers.training import sft as train
 
     # a finished run drops its checkpoints; keep them here to compare the saved adapter with them
     monkeypatch.setattr(train, "drop_checkpoints", lambda folder: None)
@@ -251,7 +251,7 @@ def test_best_evaluation_skips_the_untrained_baseline_and_keeps_the_first_of_equ
 
 
 def test_loss_plot_draws_the_held_out_metric_on_a_second_axis_only_when_logged():
-    from qwen_helpers.plots import plot_loss
+    from qwen_helpers.notebook.plots import plot_loss
 
     history = [{"step": 0, "eval_loss": 12.0, "eval_exact_match": 0.0}, {"step": 5, "loss": 9.0},
                {"step": 5, "eval_loss": 8.0, "eval_exact_match": 25.0}]
@@ -264,13 +264,13 @@ def test_loss_plot_draws_the_held_out_metric_on_a_second_axis_only_when_logged()
 @pytest.mark.parametrize("padding_free", [True, False])
 def test_cheap_eval_loss_equals_the_trainers_own(tiny_path, tokenizer, digits, tmp_path, padding_free, monkeypatch):
     """Eval loss from logits only where the loss reads them is the Trainer's full-vocabulary one, padded or not."""
-    from qwen_helpers import batching
-    from qwen_helpers.batching import make_training_collator
-    from qwen_helpers.config import KitTrainingArguments, LoraArguments
-    from qwen_helpers.data import tokenize_records
-    from qwen_helpers.modeling import load_base_model
-    from qwen_helpers.records import load_records
-    from qwen_helpers.train import KitTrainer, attach_adapter
+    from qwen_helpers.training import batching
+    from qwen_helpers.training.batching import make_training_collator
+    from qwen_helpers.run.config import KitTrainingArguments, LoraArguments
+    from qwen_helpers.data.encoding import tokenize_records
+    from qwen_helpers.models.loading import load_base_model
+    from qwen_helpers.data.records import load_records
+    from qwen_helpers.training.sft import KitTrainer, attach_adapter
 
     data = tokenize_records(tokenizer, load_records(digits["test"]), 64).dataset
     lora = LoraArguments(lora_r=4, target_modules="all-linear")

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from qwen_helpers import export, generation, inference, train_lora
-from qwen_helpers.prompt_settings import (
+from qwen_helpers import export, inference, train_lora
+
+from qwen_helpers.models import generation
+from qwen_helpers.run.prompt_settings import (
     PROMPT_SETTINGS,
     SYSTEM_PROMPT_KEY,
     PromptSettings,
@@ -23,7 +25,7 @@ from qwen_helpers.prompt_settings import (
     shared_system_prompt,
     with_system_prompt,
 )
-from qwen_helpers.records import FieldMap, load_records
+from qwen_helpers.data.records import FieldMap, load_records
 from test_ollama import modelfile_system, modelfile_template, ollama_prompt
 
 from conftest import DATA
@@ -114,8 +116,8 @@ def test_shared_system_prompt_is_the_one_every_record_has():
 
 @pytest.mark.parametrize("trained_thinking", [True, False])
 def test_merged_chat_template_defaults_to_the_trained_mode(trained_thinking):
-    from qwen_helpers.modeling import load_tokenizer
-    from qwen_helpers.prompt_settings import template_with_thinking_default
+    from qwen_helpers.models.loading import load_tokenizer
+    from qwen_helpers.run.prompt_settings import template_with_thinking_default
 
     qwen3, qwen25 = load_tokenizer("tiny-qwen3"), load_tokenizer("tiny")
     conversation = [{"role": "user", "content": "早安"}]
@@ -166,9 +168,9 @@ def test_settings_do_not_depend_on_the_working_directory(thinking_adapter, elsew
 
 
 def test_modelfile_asks_in_the_trained_mode_with_the_trained_system_prompt(thinking_adapter, elsewhere, tmp_path):
-    from qwen_helpers.data import format_prompt
-    from qwen_helpers.modeling import load_tokenizer
-    from qwen_helpers.ollama import modelfile_text
+    from qwen_helpers.data.encoding import format_prompt
+    from qwen_helpers.models.loading import load_tokenizer
+    from qwen_helpers.deploy.ollama import modelfile_text
 
     _, settings = export.export_settings(
         export.parse_export_args(["--adapter_path", thinking_adapter, "--output_dir", str(tmp_path)])
@@ -253,7 +255,7 @@ def test_custom_field_names_are_read_as_trained_and_wrong_ones_fail_early(
 
 
 def test_vllm_check_serves_in_the_trained_mode(thinking_adapter, tmp_path):
-    from qwen_helpers.serving import check_vllm_adapter
+    from qwen_helpers.deploy.serving import check_vllm_adapter
 
     spaced = tmp_path / "my adapters" / "lora"
     shutil.copytree(thinking_adapter, spaced)
@@ -274,9 +276,9 @@ LLAMA_CPP_MISSING = importlib.util.find_spec("llama_cpp") is None
 def test_gguf_export_verifies_in_thinking_mode_and_counts_typed_control_tokens_apart(
     thinking_adapter, tmp_path, capsys
 ):
-    from qwen_helpers import gguf_export
-    from qwen_helpers.data import format_prompt, tokenize_prompt
-    from qwen_helpers.modeling import load_tokenizer
+    from qwen_helpers.deploy import gguf as gguf_export
+    from qwen_helpers.data.encoding import format_prompt, tokenize_prompt
+    from qwen_helpers.models.loading import load_tokenizer
 
     try:
         gguf_export.find_converter()

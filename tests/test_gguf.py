@@ -13,8 +13,10 @@ import types
 
 import pytest
 
-from qwen_helpers import export, gguf_export
-from qwen_helpers.gguf_export import FETCH_CONVERTER, INSTALL_EXTRA, LLAMA_CPP_PYTHON_VERSION, MissingToolError, check_gguf_tools
+from qwen_helpers import export
+
+from qwen_helpers.deploy import gguf as gguf_export
+from qwen_helpers.deploy.gguf import FETCH_CONVERTER, INSTALL_EXTRA, LLAMA_CPP_PYTHON_VERSION, MissingToolError, check_gguf_tools
 
 LLAMA_CPP_MISSING = importlib.util.find_spec("llama_cpp") is None
 needs_llama_cpp = pytest.mark.skipif(LLAMA_CPP_MISSING, reason=f"llama-cpp-python is not installed: {INSTALL_EXTRA} (CI's .ci/run installs it)")
@@ -135,7 +137,7 @@ def test_a_llama_cpp_crash_fails_the_export_in_one_line_and_this_process_survive
 
 
 def test_an_interrupted_export_leaves_no_folder(lora_adapter, tmp_path, monkeypatch):
-    from qwen_helpers import merge
+    from qwen_helpers.deploy import merge
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -203,7 +205,7 @@ def test_qwen3_f32_gguf_answers_exactly_like_transformers(converter, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from qwen_helpers.tiny import resolve_model_path
+    from qwen_helpers.common.tiny import resolve_model_path
 
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-qwen3"))
     config = LoraConfig(task_type="CAUSAL_LM", r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -214,7 +216,7 @@ def test_qwen3_f32_gguf_answers_exactly_like_transformers(converter, tmp_path):
 
 def test_typed_control_tokens_are_reported_apart_from_tokenisation_faults():
     """The verdict lines: a serving difference names the typed tokens; a genuine difference is called a fault."""
-    from qwen_helpers.gguf_export import tokenisation_lines
+    from qwen_helpers.deploy.gguf import tokenisation_lines
 
     rows = [{"serving_difference": True, "typed_control_tokens": ["<|im_end|>"]},
             {"serving_difference": False, "typed_control_tokens": []}]

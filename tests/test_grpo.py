@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from conftest import DATA, REPO
-from qwen_helpers import rewards
-from qwen_helpers.errors import FlagError
+from qwen_helpers.training import rewards
+from qwen_helpers.common.errors import FlagError
 
 
 def test_reward_functions_score_what_they_say():
@@ -75,10 +75,10 @@ def test_the_command_refuses_before_the_model_loads(flags, expected, tmp_path):
 def test_a_short_run_samples_scores_and_saves(tmp_path):
     from peft import PeftModel
 
-    from qwen_helpers.generation import stop_token_ids
-    from qwen_helpers.grpo_training import train_grpo
-    from qwen_helpers.modeling import load_base_model
-    from qwen_helpers.preference_training import publish
+    from qwen_helpers.models.generation import stop_token_ids
+    from qwen_helpers.training.grpo import train_grpo
+    from qwen_helpers.models.loading import load_base_model
+    from qwen_helpers.training.dpo import publish
     from qwen_helpers.train_grpo import parse_grpo_args
 
     output_dir = tmp_path / "grpo"
@@ -133,8 +133,8 @@ def test_an_interrupted_run_resumes_and_ends_at_the_same_step(tmp_path):
     from test_train_lora import InterruptAtSave
 
     from qwen_helpers import train_grpo as command
-    from qwen_helpers.files import staging_folders
-    from qwen_helpers.grpo_training import train_grpo
+    from qwen_helpers.common.files import staging_folders
+    from qwen_helpers.training.grpo import train_grpo
     from qwen_helpers.train_grpo import parse_grpo_args
 
     output = tmp_path / "run"

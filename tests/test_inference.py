@@ -8,9 +8,19 @@ import pytest
 import sacrebleu
 import torch
 
-from qwen_helpers import adapters, data, evaluation, generation, inference, precision
-from qwen_helpers.adapter_folder import AdapterError, read_adapter_folder
-from qwen_helpers.metrics import corpus_bleu, corpus_chrf, exact_match, generation_scores, scores_by_task
+from qwen_helpers import inference
+
+from qwen_helpers.models import adapters
+
+from qwen_helpers.data import encoding as data
+
+from qwen_helpers.evaluation import compare as evaluation
+
+from qwen_helpers.models import generation
+
+from qwen_helpers.run import precision
+from qwen_helpers.models.adapter_folder import AdapterError, read_adapter_folder
+from qwen_helpers.evaluation.metrics import corpus_bleu, corpus_chrf, exact_match, generation_scores, scores_by_task
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -23,8 +33,8 @@ def test_records():
 @pytest.fixture(scope="module")
 def lora_adapter(tmp_path_factory):
     """A LoRA adapter trained for 2 steps with the kit's one training path (so its B matrices are not zero)."""
-    from qwen_helpers.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
-    from qwen_helpers.train import train
+    from qwen_helpers.run.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
+    from qwen_helpers.training.sft import train
 
     folder = tmp_path_factory.mktemp("adapters")
     records = json.loads((DATA / "train.json").read_text(encoding="utf-8"))[:8]
@@ -218,7 +228,7 @@ def test_adapter_of_another_architecture_is_rejected(base_model, tmp_path):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    from qwen_helpers.tiny import TINY_DIMENSIONS
+    from qwen_helpers.common.tiny import TINY_DIMENSIONS
 
     (tmp_path / "qwen3_base").mkdir()
     Qwen3Config(vocab_size=base_model.config.vocab_size, head_dim=32, **TINY_DIMENSIONS).to_json_file(tmp_path / "qwen3_base" / "config.json")

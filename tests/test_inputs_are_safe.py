@@ -19,10 +19,10 @@ import pytest
 
 from qwen_helpers import export, inference, make_tiny_qwen, train_lora, train_prompt_tuning, train_qlora
 from qwen_helpers.benchmark import __main__ as benchmark
-from qwen_helpers.checks import check_adapter_folder
-from qwen_helpers.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
-from qwen_helpers.files import give_default_modes, model_fingerprint, new_staging_folder, recorded_path, swap_in
-from qwen_helpers.train import train
+from qwen_helpers.models.checks import check_adapter_folder
+from qwen_helpers.run.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
+from qwen_helpers.common.files import give_default_modes, model_fingerprint, new_staging_folder, recorded_path, swap_in
+from qwen_helpers.training.sft import train
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 

@@ -11,13 +11,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from qwen_helpers import train_lora, train_qlora
-from qwen_helpers.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
-from qwen_helpers.errors import FlagError
-from qwen_helpers.merge import merge_and_export
-from qwen_helpers.methods import build_lora_config
-from qwen_helpers.serving import check_vllm_adapter
-from qwen_helpers.tiny import resolve_model_path
-from qwen_helpers.train import train
+from qwen_helpers.run.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
+from qwen_helpers.common.errors import FlagError
+from qwen_helpers.deploy.merge import merge_and_export
+from qwen_helpers.run.methods import build_lora_config
+from qwen_helpers.deploy.serving import check_vllm_adapter
+from qwen_helpers.common.tiny import resolve_model_path
+from qwen_helpers.training.sft import train
 
 VARIANTS = {
     "dora": dict(use_dora=True),
@@ -113,10 +113,10 @@ def test_gaussian_start_reaches_peft():
     (train_qlora, ["--init_lora_weights", "olora"], "4-bit base"),
 ])
 def test_refused_variants_exit_2_in_one_line_before_a_model_loads(tmp_path, monkeypatch, capsys, command, flags, says):
-    from qwen_helpers import modeling
-    from qwen_helpers import train as training
+    from qwen_helpers.models import loading as modeling
+    from qwen_helpers.training import sft as training
 
-    for module in (modeling, training):  # train.py holds its own reference to the loader
+    for module in (modeling, training):  # training/sft.py holds its own reference to the loader
         monkeypatch.setattr(module, "load_base_model", lambda *args, **kwargs: pytest.fail("a model loaded"))
     assert command.main(["--output_dir", str(tmp_path / "out"), *flags]) == 2
     error = capsys.readouterr().err.strip()

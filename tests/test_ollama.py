@@ -11,8 +11,8 @@ import re
 
 import pytest
 
-from qwen_helpers.data import format_prompt
-from qwen_helpers.ollama import default_system_prompt, generation_prefix, modelfile_text, ollama_template
+from qwen_helpers.data.encoding import format_prompt
+from qwen_helpers.deploy.ollama import default_system_prompt, generation_prefix, modelfile_text, ollama_template
 
 # ------------------------------------------------------------------------------ a Go text/template subset
 
@@ -232,7 +232,7 @@ def test_qwen3_non_thinking_template_gets_the_empty_think_block(tokenizer):
 @pytest.mark.parametrize("enable_thinking", [True, False])
 def test_qwen3_modelfile_asks_in_the_mode_it_is_given(enable_thinking):
     """Thinking mode: nothing after the assistant header (the model opens its think block); else the empty block."""
-    from qwen_helpers.modeling import load_tokenizer
+    from qwen_helpers.models.loading import load_tokenizer
 
     qwen3 = load_tokenizer("tiny-qwen3")
     modelfile = modelfile_text("m.gguf", qwen3, enable_thinking=enable_thinking)

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from qwen_helpers import plan as planning
-from qwen_helpers import train as training
-from qwen_helpers.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments
-from qwen_helpers.errors import FlagError
-from qwen_helpers.methods import METHODS
-from qwen_helpers.plan import RunPlan, plan_run
+from qwen_helpers.training import plan as planning
+from qwen_helpers.training import sft as training
+from qwen_helpers.run.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments
+from qwen_helpers.common.errors import FlagError
+from qwen_helpers.run.methods import METHODS
+from qwen_helpers.training.plan import RunPlan, plan_run
 
 from conftest import DATA
 
@@ -84,8 +84,8 @@ def test_train_makes_no_decision_again(tmp_path, small_train_file, tokenizer, mo
                      "check_classification_flags", "check_evaluation_data", "plan_output_on_main_process",
                      "check_token_budget", "chat_tokens_to_train"):
             monkeypatch.setattr(module, name, decided_already, raising=False)
-    for target in ("qwen_helpers.flag_checks.check_training_flags", "qwen_helpers.modeling.load_tokenizer",
-                   "qwen_helpers.precision.decide_precision", "qwen_helpers.run_folder.check_output_dir"):
+    for target in ("qwen_helpers.run.flag_checks.check_training_flags", "qwen_helpers.models.loading.load_tokenizer",
+                   "qwen_helpers.run.precision.decide_precision", "qwen_helpers.training.run_folder.check_output_dir"):
         monkeypatch.setattr(target, decided_already)
     result = training.train(plan)
     assert isinstance(plan, RunPlan) and len(result.train_losses) == 1
@@ -102,7 +102,7 @@ def bad_value_message(capsys, argv) -> str:
 def test_a_bad_widget_value_is_refused_by_the_commands_check(tmp_path, capsys):
     """The same value through the command, a notebook panel and a dataclass: one check, one sentence."""
     pytest.importorskip("ipywidgets")
-    from qwen_helpers.widgets import config_panel
+    from qwen_helpers.notebook.widgets import config_panel
 
     command = bad_value_message(capsys, ["--weight_decay", "-0.5", "--output_dir", str(tmp_path / "run")])
     with pytest.raises(FlagError) as in_python:

@@ -2,7 +2,7 @@
 
 from matplotlib.figure import Figure
 
-from qwen_helpers import plots
+from qwen_helpers.notebook import plots
 
 
 def test_chinese_labels_fall_back_to_english_without_a_cjk_font(monkeypatch):

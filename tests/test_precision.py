@@ -5,10 +5,12 @@ import json
 import pytest
 import torch
 
-from qwen_helpers import precision, tiny
-from qwen_helpers.config import KitTrainingArguments, LoraArguments, ModelArguments, write_run_config
-from qwen_helpers.methods import METHODS, benchmark_runs, get_method
-from qwen_helpers.precision import decide_precision, quantization_compute_dtype
+from qwen_helpers.run import precision
+
+from qwen_helpers.common import tiny
+from qwen_helpers.run.config import KitTrainingArguments, LoraArguments, ModelArguments, write_run_config
+from qwen_helpers.run.methods import METHODS, benchmark_runs, get_method
+from qwen_helpers.run.precision import decide_precision, quantization_compute_dtype
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,7 @@ def test_plain_peft_loads_it_with_the_kit_loaders_logits(adapter, tiny_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qwen_helpers.adapters import load_model_with_adapter
+    from qwen_helpers.models.adapters import load_model_with_adapter
 
     with torch.no_grad():
         base = AutoModelForCausalLM.from_pretrained(tiny_path)
@@ -63,7 +63,7 @@ def test_plain_peft_loads_it_with_the_kit_loaders_logits(adapter, tiny_path):
 def test_export_hf_merges_with_its_logits_check(adapter, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from qwen_helpers.adapters import load_model_with_adapter
+    from qwen_helpers.models.adapters import load_model_with_adapter
 
     merged_dir = tmp_path / "merged"
     assert export.main(["--adapter_path", adapter, "--output_dir", str(merged_dir), "--format", "hf"]) == 0
@@ -79,7 +79,7 @@ def test_export_hf_merges_with_its_logits_check(adapter, tmp_path):
     __import__("importlib").util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed (gguf extra)"
 )
 def test_export_gguf_q8_0_is_verified_by_llama_cpp(adapter, tmp_path):
-    from qwen_helpers import gguf_export
+    from qwen_helpers.deploy import gguf as gguf_export
 
     try:
         gguf_export.find_converter()
@@ -95,7 +95,7 @@ def test_export_gguf_q8_0_is_verified_by_llama_cpp(adapter, tmp_path):
 
 
 def test_vllm_check_passes(adapter, capsys):
-    from qwen_helpers.serving import check_vllm_adapter
+    from qwen_helpers.deploy.serving import check_vllm_adapter
 
     result = check_vllm_adapter(adapter)
     assert result.passed, result.problems

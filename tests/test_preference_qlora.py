@@ -18,7 +18,7 @@ def four_bit_projections(model) -> list[str]:
 
 
 def test_dpo_trains_lora_on_a_4bit_base(tmp_path):
-    from qwen_helpers.preference_training import publish, train_dpo
+    from qwen_helpers.training.dpo import publish, train_dpo
     from qwen_helpers.train_dpo import parse_dpo_args
 
     output = tmp_path / "dpo"
@@ -34,8 +34,8 @@ def test_dpo_trains_lora_on_a_4bit_base(tmp_path):
 
 
 def test_grpo_trains_lora_on_a_4bit_base(tmp_path):
-    from qwen_helpers.grpo_training import train_grpo
-    from qwen_helpers.preference_training import publish
+    from qwen_helpers.training.grpo import train_grpo
+    from qwen_helpers.training.dpo import publish
     from qwen_helpers.train_grpo import parse_grpo_args
 
     output = tmp_path / "grpo"

@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 
 from conftest import DATA
-from qwen_helpers.data import IGNORE_INDEX, tokenize_example
-from qwen_helpers.preference import load_preference_records
+from qwen_helpers.data.encoding import IGNORE_INDEX, tokenize_example
+from qwen_helpers.data.preference import load_preference_records
 
 pytestmark = pytest.mark.replica
 TOKEN_ROWS = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
@@ -53,7 +53,7 @@ def base_sft_adapter(tmp_path_factory):
 @pytest.mark.parametrize("model_path, enable_thinking", [("tiny-qwen3", False), ("tiny-qwen3", True),
                                                           ("tiny-qwen2.5-base", False)])  # fmt: skip
 def test_dpo_runs_and_trains_the_sft_spans(model_path, enable_thinking, tmp_path):
-    from qwen_helpers.preference_training import publish, train_dpo
+    from qwen_helpers.training.dpo import publish, train_dpo
     from qwen_helpers.train_dpo import parse_dpo_args
 
     output = tmp_path / "dpo"
@@ -78,8 +78,8 @@ def test_dpo_runs_and_trains_the_sft_spans(model_path, enable_thinking, tmp_path
                                                                   ("tiny-qwen3", True, "think_format,language"),
                                                                   ("tiny-qwen2.5-base", False, "language")])  # fmt: skip
 def test_grpo_runs_and_saves(model_path, enable_thinking, reward, tmp_path):
-    from qwen_helpers.grpo_training import train_grpo
-    from qwen_helpers.preference_training import publish
+    from qwen_helpers.training.grpo import train_grpo
+    from qwen_helpers.training.dpo import publish
     from qwen_helpers.train_grpo import parse_grpo_args
 
     output = tmp_path / "grpo"

@@ -7,13 +7,13 @@ import torch
 from peft import PeftModel, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
 from qwen_helpers import train_prompt_tuning
-from qwen_helpers.config import PromptTuningArguments
-from qwen_helpers.data import format_prompt
-from qwen_helpers.records import load_records
-from qwen_helpers.generation import generate_new_tokens
-from qwen_helpers.modeling import load_base_model
-from qwen_helpers.methods import build_prompt_tuning_config
-from qwen_helpers.train import describe_text_init
+from qwen_helpers.run.config import PromptTuningArguments
+from qwen_helpers.data.encoding import format_prompt
+from qwen_helpers.data.records import load_records
+from qwen_helpers.models.generation import generate_new_tokens
+from qwen_helpers.models.loading import load_base_model
+from qwen_helpers.run.methods import build_prompt_tuning_config
+from qwen_helpers.training.sft import describe_text_init
 
 from conftest import DATA
 

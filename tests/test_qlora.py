@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen_helpers.config import KitTrainingArguments, LoraArguments, ModelArguments
-from qwen_helpers.data import make_collator, tokenize_example
-from qwen_helpers.records import load_records
-from qwen_helpers.train import attach_adapter, load_model_for_training
+from qwen_helpers.run.config import KitTrainingArguments, LoraArguments, ModelArguments
+from qwen_helpers.data.encoding import make_collator, tokenize_example
+from qwen_helpers.data.records import load_records
+from qwen_helpers.training.sft import attach_adapter, load_model_for_training
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 QUANTISED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -89,7 +89,7 @@ def test_quant_type_check_is_truthful(monkeypatch):
     """fp4 passes the check exactly when a real fp4 Linear4bit runs here; a failing backend gives the nf4 advice."""
     import bitsandbytes as bnb
 
-    from qwen_helpers import modeling
+    from qwen_helpers.models import loading as modeling
 
     try:
         bnb.nn.Linear4bit(64, 32, quant_type="fp4", compute_dtype=torch.float32).to("cpu")(torch.randn(2, 64))
@@ -130,8 +130,8 @@ def test_train_qlora_adapter_loads_with_plain_peft_on_a_4bit_base(qlora_adapter,
 def test_merged_model_matches_16bit_base_plus_adapter(qlora_adapter, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from qwen_helpers.merge import DEFAULT_PROMPTS, merge_and_export, max_logits_difference
-    from qwen_helpers.adapters import load_model_with_adapter
+    from qwen_helpers.deploy.merge import DEFAULT_PROMPTS, merge_and_export, max_logits_difference
+    from qwen_helpers.models.adapters import load_model_with_adapter
 
     report = merge_and_export(qlora_adapter, str(tmp_path / "merged"))
     assert report.max_abs_diff_vs_16bit_adapter < 1e-4
@@ -147,8 +147,8 @@ def test_merged_model_matches_16bit_base_plus_adapter(qlora_adapter, tmp_path):
 def test_export_refuses_prompt_tuning_and_a_full_folder(qlora_adapter, tmp_path):
     from safetensors.torch import save_file
 
-    from qwen_helpers.adapter_folder import AdapterError
-    from qwen_helpers.merge import ExportDirExistsError, merge_and_export
+    from qwen_helpers.models.adapter_folder import AdapterError
+    from qwen_helpers.deploy.merge import ExportDirExistsError, merge_and_export
 
     prompt_tuning = tmp_path / "prompt_tuning"
     prompt_tuning.mkdir()

@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from qwen_helpers import quickflags
-from qwen_helpers.errors import FlagError, option_names, parse_flags, strict_parse
+from qwen_helpers.run import quickflags
+from qwen_helpers.common.errors import FlagError, option_names, parse_flags, strict_parse
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def real_parsers():
     """The commands' real parsers, built as the commands build them."""
-    from qwen_helpers.config import DataArguments, KitTrainingArguments, ModelArguments
+    from qwen_helpers.run.config import DataArguments, KitTrainingArguments, ModelArguments
     from qwen_helpers.export import ExportArguments
     from qwen_helpers.inference import InferenceArguments
-    from qwen_helpers.methods import get_method
+    from qwen_helpers.run.methods import get_method
 
     parsers = {}
     for method in ("lora", "qlora", "prompt_tuning"):

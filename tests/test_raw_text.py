@@ -11,16 +11,18 @@ import pytest
 import torch
 
 from conftest import DATA
-from qwen_helpers import cli, flag_checks, inspect_data, raw_text, train_dpo, train_grpo, train_lora, train_prompt_tuning, train_qlora
-from qwen_helpers.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
-from qwen_helpers.errors import FlagError
-from qwen_helpers import modeling
-from qwen_helpers import train as train_module
-from qwen_helpers.prompt_settings import settings_from_run_config
-from qwen_helpers.batching import TokenBudgetBatchSampler, make_training_collator
-from qwen_helpers.data_files import load_dataset_for_training
-from qwen_helpers.raw_text import is_raw_text, iter_documents
-from qwen_helpers.records import DataValidationError, FieldMap, load_records
+from qwen_helpers import cli, inspect_data, train_dpo, train_grpo, train_lora, train_prompt_tuning, train_qlora
+from qwen_helpers.run import flag_checks
+from qwen_helpers.data import raw_text
+from qwen_helpers.run.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
+from qwen_helpers.common.errors import FlagError
+from qwen_helpers.models import loading as modeling
+from qwen_helpers.training import sft as train_module
+from qwen_helpers.run.prompt_settings import settings_from_run_config
+from qwen_helpers.training.batching import TokenBudgetBatchSampler, make_training_collator
+from qwen_helpers.data.loading import load_dataset_for_training
+from qwen_helpers.data.raw_text import is_raw_text, iter_documents
+from qwen_helpers.data.records import DataValidationError, FieldMap, load_records
 
 ENDOFTEXT = 151643  # Qwen's <|endoftext|>: the end of each document (the tiny model's eos is <|im_end|>, 151645)
 DOCUMENTS = [
@@ -108,8 +110,8 @@ def test_auto_detects_txt_files_and_text_records(tmp_path):
 @pytest.mark.parametrize("replica", ["tiny-qwen2.5-base", "tiny-qwen2.5-instruct", "tiny-qwen3", "tiny-qwen1.5-chat"])
 def test_documents_end_with_endoftext_on_base_and_instruct_checkpoints(replica):
     """The released files differ in eos (<|endoftext|> on base, <|im_end|> on instruct); a document ends the same on both."""
-    from qwen_helpers.modeling import load_tokenizer
-    from qwen_helpers.tiny import resolve_model_path
+    from qwen_helpers.models.loading import load_tokenizer
+    from qwen_helpers.common.tiny import resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path(replica))
     assert raw_text.document_end_id(tokenizer) == ENDOFTEXT == tokenizer.convert_tokens_to_ids("<|endoftext|>")

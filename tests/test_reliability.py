@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 
 from qwen_helpers import inference, make_tiny_qwen
-from qwen_helpers.adapter_folder import AdapterError, safetensors_shapes
-from qwen_helpers.checks import check_adapter_against_base
-from qwen_helpers.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
-from qwen_helpers.errors import FlagError, KitError, strip_debug_flag
-from qwen_helpers.files import atomic_write_text, new_staging_folder, staging_folders
-from qwen_helpers.train import train
+from qwen_helpers.models.adapter_folder import AdapterError, safetensors_shapes
+from qwen_helpers.models.checks import check_adapter_against_base
+from qwen_helpers.run.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
+from qwen_helpers.common.errors import FlagError, KitError, strip_debug_flag
+from qwen_helpers.common.files import atomic_write_text, new_staging_folder, staging_folders
+from qwen_helpers.training.sft import train
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
@@ -148,8 +148,8 @@ def test_non_finite_numbers_built_in_python_are_refused_before_the_model_loads(t
     ("", "names no label"),
 ])
 def test_bad_labels_are_refused_before_the_model_loads(tmp_path, monkeypatch, labels, expected):
-    from qwen_helpers import modeling
-    from qwen_helpers.config import PromptTuningArguments
+    from qwen_helpers.models import loading as modeling
+    from qwen_helpers.run.config import PromptTuningArguments
 
     monkeypatch.setattr(modeling, "load_tokenizer", lambda *a, **k: pytest.fail("the tokenizer loaded before --labels was checked"))
     args = KitTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, report_to="none")
@@ -175,8 +175,8 @@ def fake_hub_cache(cache: Path, model_id: str, config: dict, files: tuple[str, .
 def test_hub_ids_are_checked_in_the_local_cache_without_the_network(tmp_path, monkeypatch, capsys):
     from huggingface_hub import constants
 
-    from qwen_helpers.checks import check_model_path, hub_download_errors
-    from qwen_helpers.errors import ModelFolderError
+    from qwen_helpers.models.checks import check_model_path, hub_download_errors
+    from qwen_helpers.common.errors import ModelFolderError
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -308,7 +308,7 @@ def test_debug_flag_is_taken_out_and_a_trainer_debug_option_is_left():
 
 
 def test_debug_shows_the_traceback_and_unexpected_errors_keep_theirs(tmp_path, capsys):
-    from qwen_helpers.errors import command_boundary
+    from qwen_helpers.common.errors import command_boundary
 
     @command_boundary
     def main(argv):
@@ -510,7 +510,8 @@ def test_bad_inputs_end_to_end_in_a_fresh_interpreter(bad_inputs, tmp_path):
 
 
 def test_inspect_data_json_keeps_stdout_for_the_json_object(monkeypatch, capsys):
-    from qwen_helpers import inspect_data, modeling
+    from qwen_helpers import inspect_data
+    from qwen_helpers.models import loading as modeling
 
     real = modeling.load_tokenizer
 
@@ -533,7 +534,7 @@ def test_in_sample_evaluation_is_a_capped_seeded_sample_and_says_so(tmp_path, ti
 
     from transformers import AutoModelForCausalLM
 
-    from qwen_helpers.classification import evaluate_run, in_sample
+    from qwen_helpers.evaluation.classification import evaluate_run, in_sample
 
     records = json.loads((DATA / "classify_train.json").read_text(encoding="utf-8"))[:30]
     data_file = tmp_path / "labels.json"

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from qwen_helpers.data import (
+from qwen_helpers.data.encoding import (
     IGNORE_INDEX,
     chat_tokens_to_train,
     format_prompt,
@@ -21,10 +21,10 @@ from qwen_helpers.data import (
     tokenize_example,
     tokenize_prompt,
 )
-from qwen_helpers.records import load_records
+from qwen_helpers.data.records import load_records
 from qwen_helpers.inspect_data import inspect_record
-from qwen_helpers.modeling import load_tokenizer
-from qwen_helpers.tiny import REPLICAS
+from qwen_helpers.models.loading import load_tokenizer
+from qwen_helpers.common.tiny import REPLICAS
 
 from conftest import DATA
 
@@ -98,7 +98,7 @@ def test_base_checkpoints_are_detected_and_train_the_chat_tokens(replica):
 
 
 def test_generation_stops_at_both_end_tokens(replica):
-    from qwen_helpers.generation import stop_token_ids
+    from qwen_helpers.models.generation import stop_token_ids
 
     _, tokenizer = replica
     assert set(stop_token_ids(tokenizer)) == {IM_END, ENDOFTEXT}
@@ -179,9 +179,11 @@ def test_lora_trains_loads_with_plain_peft_generates_and_merges(model_path, chat
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from qwen_helpers import export, generation, train_lora
-    from qwen_helpers.adapters import load_model_with_adapter
-    from qwen_helpers.tiny import resolve_model_path
+    from qwen_helpers import export, train_lora
+
+    from qwen_helpers.models import generation
+    from qwen_helpers.models.adapters import load_model_with_adapter
+    from qwen_helpers.common.tiny import resolve_model_path
 
     adapter = tmp_path / "lora"
     assert train_lora.main(["--model_path", model_path, "--data_path", chat_file, "--output_dir", str(adapter), *FAST_RUN]) == 0
@@ -223,7 +225,7 @@ def test_prompt_tuning_trains_and_scores_labels(model_path, tmp_path):
 
 
 def test_predictions_keep_the_think_block_in_a_separate_field(qwen3, monkeypatch):
-    from qwen_helpers import generation
+    from qwen_helpers.models import generation
 
     answer = qwen3.encode("<think>\nadd them\n</think>\n\n4", add_special_tokens=False) + [IM_END]
     monkeypatch.setattr(generation, "generate_ids", lambda *args, **kwargs: [answer])
@@ -240,7 +242,7 @@ def test_make_tiny_qwen_like_writes_the_released_settings(tmp_path, like, templa
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from qwen_helpers.make_tiny_qwen import main
-    from qwen_helpers.tiny import chat_template
+    from qwen_helpers.common.tiny import chat_template
 
     folder = tmp_path / like
     assert main([str(folder), "--like", like]) == 0

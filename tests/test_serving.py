@@ -6,7 +6,7 @@ import shlex
 import pytest
 
 from qwen_helpers import export
-from qwen_helpers.serving import VLLM_MAX_LORA_RANKS, check_vllm_adapter, smallest_vllm_rank
+from qwen_helpers.deploy.serving import VLLM_MAX_LORA_RANKS, check_vllm_adapter, smallest_vllm_rank
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from qwen_helpers import tiny
+from qwen_helpers.common import tiny
 
 
 def _weights_digest(folder) -> str:

@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from qwen_helpers.data import IGNORE_INDEX, format_prompt, tokenize_example, tokenize_prompt, tokenize_records
-from qwen_helpers.metrics import scores_by_task, tool_call_exact_match
-from qwen_helpers.modeling import load_tokenizer
-from qwen_helpers.records import DataValidationError, load_records
-from qwen_helpers.tool_calls import parse_tool_calls
+from qwen_helpers.data.encoding import IGNORE_INDEX, format_prompt, tokenize_example, tokenize_prompt, tokenize_records
+from qwen_helpers.evaluation.metrics import scores_by_task, tool_call_exact_match
+from qwen_helpers.models.loading import load_tokenizer
+from qwen_helpers.data.records import DataValidationError, load_records
+from qwen_helpers.data.tool_calls import parse_tool_calls
 
 from conftest import DATA
 
@@ -79,7 +79,7 @@ def test_inspect_data_refuses_a_malformed_call_in_one_line_before_loading_a_mode
 
 
 def test_answers_that_call_tools_are_never_taken_for_classification_labels():
-    from qwen_helpers.records import detect_task
+    from qwen_helpers.data.records import detect_task
 
     records = load_records([{"messages": CONVERSATION[:3], "tools": [WEATHER]}] * 4)
     assert detect_task(records) == "generation"
@@ -104,7 +104,7 @@ def replica(request):
 
 
 def test_a_template_without_tool_calls_is_refused_naming_the_record(tmp_path):
-    from qwen_helpers.data_files import load_dataset_for_training
+    from qwen_helpers.data.loading import load_dataset_for_training
 
     path = tmp_path / "tools.jsonl"
     path.write_text(json.dumps(RECORD, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -177,7 +177,7 @@ def test_truncate_prompt_drops_a_whole_exchange_with_its_call_and_result(replica
 
 @pytest.mark.parametrize("model_path", ["tiny", *INSTRUCT_REPLICAS])
 def test_batched_tokenising_gives_the_per_record_labels(model_path, tmp_path):
-    from qwen_helpers.data_files import load_dataset_for_training
+    from qwen_helpers.data.loading import load_dataset_for_training
 
     tokenizer = load_tokenizer(model_path)
     records = load_records(DATA / "tools.json")

@@ -12,12 +12,14 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from qwen_helpers import modeling, precision
-from qwen_helpers.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
-from qwen_helpers.methods import build_lora_config
-from qwen_helpers.callbacks import NanGuardCallback
-from qwen_helpers.run_folder import OutputDirExistsError
-from qwen_helpers.train import train
+from qwen_helpers.models import loading as modeling
+
+from qwen_helpers.run import precision
+from qwen_helpers.run.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments
+from qwen_helpers.run.methods import build_lora_config
+from qwen_helpers.training.callbacks import NanGuardCallback
+from qwen_helpers.training.run_folder import OutputDirExistsError
+from qwen_helpers.training.sft import train
 
 ADAPTER_FILES = {"adapter_model.safetensors", "adapter_config.json", "run_config.json", "loss_history.json", "tokenizer.json"}
 
@@ -47,7 +49,7 @@ def test_command_writes_only_the_adapter_and_plain_peft_loads_it(tmp_path, small
     history = json.loads((output / "loss_history.json").read_text())
     assert [record["step"] for record in history if "loss" in record] == [1, 2, 3]
 
-    from qwen_helpers.adapters import load_model_with_adapter
+    from qwen_helpers.models.adapters import load_model_with_adapter
 
     kit_model, tokenizer = load_model_with_adapter(str(output))
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path), str(output)).eval()
@@ -121,8 +123,8 @@ class InterruptAtSave(TrainerCallback):
 
 
 def test_an_interrupted_run_is_resumed_and_a_finished_one_keeps_no_checkpoint(tmp_path, small_train_file):
-    from qwen_helpers.files import staging_folders
-    from qwen_helpers.run_folder import ResumeError
+    from qwen_helpers.common.files import staging_folders
+    from qwen_helpers.training.run_folder import ResumeError
 
     output = tmp_path / "run"
     model_args, data_args, training_args = _args(output, small_train_file, save_strategy="steps", save_steps=2)
@@ -218,7 +220,7 @@ def test_nan_guard_ignores_fp16_overflow_steps_but_not_a_nan_loss():
 
 
 def test_use_cpu_keeps_the_model_on_the_cpu_where_a_gpu_is_visible(tmp_path, monkeypatch):
-    from qwen_helpers.train import load_model_for_training
+    from qwen_helpers.training.sft import load_model_for_training
 
     monkeypatch.setattr(modeling, "_local_device", lambda: "cuda:0")  # what a GPU machine would pick by default
     training_args = KitTrainingArguments(output_dir=str(tmp_path), use_cpu=True)

@@ -4,8 +4,8 @@ import pytest
 
 pytest.importorskip("ipywidgets")
 
-from qwen_helpers.config import KitTrainingArguments, LoraArguments, PromptTuningArguments  # noqa: E402
-from qwen_helpers.widgets import config_panel, panel_row  # noqa: E402
+from qwen_helpers.run.config import KitTrainingArguments, LoraArguments, PromptTuningArguments  # noqa: E402
+from qwen_helpers.notebook.widgets import config_panel, panel_row  # noqa: E402
 
 
 def training_panel(tmp_path, **values):
@@ -72,8 +72,8 @@ def test_panels_wrap_instead_of_scrolling(tmp_path):
 
 def test_optional_fields_get_a_tri_state_choice_and_typed_text():
     """padding_free (bool | None) is auto/True/False; token_budget (int | None) reads as an int, empty as None."""
-    from qwen_helpers.config import KitTrainingArguments
-    from qwen_helpers.widgets import config_panel
+    from qwen_helpers.run.config import KitTrainingArguments
+    from qwen_helpers.notebook.widgets import config_panel
 
     panel = config_panel(KitTrainingArguments, ["padding_free", "token_budget"], output_dir="unused", padding_free=None, token_budget=None)
     assert panel.widgets["padding_free"].label == "auto"  # shown as a choice, not as an empty selection

@@ -1,6 +1,6 @@
 """Benchmark the training path users run: trainable parameters, peak memory, real tokens/s, kit vs plain HF.
 
-    estimate.py  the rows (from the method registry, qwen_helpers/methods.py), the memory estimate, FLOPs for MFU
+    estimate.py  the rows (from the method registry, qwen_helpers/run/methods.py), the memory estimate, FLOPs for MFU
     plan.py      the settings (BenchmarkArguments), the data, which rows run in which order
     worker.py    one row in its own process: the kit's ``train.train`` (or ``train_dpo`` / ``train_grpo``) timed by a TrainerCallback
     plain.py     the plain transformers + peft reference, same data, settings and timer

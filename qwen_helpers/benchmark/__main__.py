@@ -10,8 +10,8 @@ from __future__ import annotations
 import shlex
 import sys
 
-from ..errors import command_boundary
-from ..quickflags import dataclass_parser, parse_command_flags
+from ..common.errors import command_boundary
+from ..run.quickflags import dataclass_parser, parse_command_flags
 from .worker import WORKER_FLAG
 
 

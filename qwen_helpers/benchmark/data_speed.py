@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..errors import command_boundary
-from ..quickflags import dataclass_parser, parse_command_flags
+from ..common.errors import command_boundary
+from ..run.quickflags import dataclass_parser, parse_command_flags
 from .worker import worker_env
 
 ENGLISH = ("the model learns to answer short questions about travel food history science and daily life in clear simple "
@@ -78,8 +78,8 @@ def run_side(side: str, model_path: str, data_path: str, cache_dir: str, max_len
     import resource
 
     if side == "kit":
-        from ..data_files import load_dataset_for_training
-        from ..modeling import load_tokenizer
+        from ..data.loading import load_dataset_for_training
+        from ..models.loading import load_tokenizer
 
         tokenizer = load_tokenizer(model_path)
         rss_before, cpu_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, _cpu_seconds()
@@ -89,7 +89,7 @@ def run_side(side: str, model_path: str, data_path: str, cache_dir: str, max_len
         from datasets import load_dataset
         from transformers import AutoTokenizer
 
-        from ..tiny import resolve_model_path
+        from ..common.tiny import resolve_model_path
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_path))
         rss_before, cpu_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, _cpu_seconds()
@@ -178,7 +178,7 @@ def run_data_benchmark(args: DataSpeedArguments, command: str, echo=print) -> di
     import os
     import platform
 
-    from ..files import check_output_folder
+    from ..common.files import check_output_folder
 
     if args.output_dir:
         check_output_folder(args.output_dir, "--output_dir", inputs={"--model_path": args.model_path},

@@ -9,11 +9,11 @@ tuning, Liger); ``held_out_errors`` reports the error on the reference rows that
 
 from __future__ import annotations
 
-from ..methods import BenchmarkRun, benchmark_runs
+from ..run.methods import BenchmarkRun, benchmark_runs
 
 GIB = 2**30
 
-# The benchmark's rows come from the method registry (qwen_helpers/methods.py): each method names its rows.
+# The benchmark's rows come from the method registry (qwen_helpers/run/methods.py): each method names its rows.
 RUNS: dict[str, BenchmarkRun] = benchmark_runs()
 VARIANTS = ("lora_bf16", *(name for name, run in RUNS.items() if run.is_variant))  # --methods variants
 TRL_ROWS = tuple(name for name, run in RUNS.items() if run.objective != "sft")  # --methods trl: DPO and GRPO
@@ -39,7 +39,7 @@ def activation_bytes_per_token_per_layer(config, element: int, trainable_base: b
     Qwen3's q/k norms, LoRA's dropout masks and dropped inputs, and for full fine-tuning the inputs
     every weight gradient needs. Checked against H200 measurements of plain transformers + peft.
     """
-    from ..presets import linear_shapes
+    from ..common.presets import linear_shapes
 
     shapes = linear_shapes(config)
     hidden, inner = config.hidden_size, config.intermediate_size
@@ -82,7 +82,7 @@ def estimate_memory(
     completions (prompts x generations, as TRL counts them) of ``seq_len`` prompt + completion tokens.
     ``reference_model``: DPO's reference, or GRPO's KL term (the kit's beta 0.04; TRL's beta 0 skips it).
     """
-    from ..presets import LINEAR_NAMES, linear_shapes, lora_trainable_parameters, parameter_breakdown
+    from ..common.presets import LINEAR_NAMES, linear_shapes, lora_trainable_parameters, parameter_breakdown
 
     spec = RUNS[method]
     element = _bytes_per_element(dtype)
@@ -215,7 +215,7 @@ def parse_methods(methods: str, checkpointing: str = "both") -> list[tuple[str, 
 
 def device_precision(method: BenchmarkRun, device: str, bf16_supported: bool = True) -> tuple[str, str]:
     """The precision a method really runs in here, and a note when it differs from what it asks for (the kit's one policy)."""
-    from ..precision import decide_precision
+    from ..run.precision import decide_precision
 
     precision = decide_precision(method.precision == "fp16", method.precision == "bf16", device=device,
                                  bf16_supported=bf16_supported, missing_bf16="fp16")
@@ -238,7 +238,7 @@ def model_flops_per_token(config, context: float, trains_base: bool) -> float:
     A frozen base still needs the gradients with respect to its inputs (one more forward's worth), not
     those of its weights; recomputation under checkpointing is not counted (model FLOPs, as in MFU).
     """
-    from ..presets import parameter_breakdown
+    from ..common.presets import parameter_breakdown
 
     counts = parameter_breakdown(config)
     matmul = counts["linear"] + (counts["lm_head"] or counts["embedding"])

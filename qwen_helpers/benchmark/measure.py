@@ -43,7 +43,7 @@ def step_timer(warmup_steps: int):
     import torch
     from transformers import TrainerCallback
 
-    from ..modeling import synchronize
+    from ..models.loading import synchronize
 
     class StepTimer(TrainerCallback):
         """Synchronise the device at each step's end; time from the end of the last warm-up step to the end of the run.

@@ -44,10 +44,10 @@ def run_plain(spec: dict) -> dict:
     """Train the reference for warm-up + timed steps and return its row (same timer and figures as the kit's)."""
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
-    from ..data import IGNORE_INDEX
-    from ..data_files import load_dataset_for_training
-    from ..allocator import tune_cpu_allocator
-    from ..modeling import count_parameters
+    from ..data.encoding import IGNORE_INDEX
+    from ..data.loading import load_dataset_for_training
+    from ..training.allocator import tune_cpu_allocator
+    from ..models.loading import count_parameters
     from .measure import finish, rss_bytes, step_timer, training_arguments
 
     args = spec["args"]

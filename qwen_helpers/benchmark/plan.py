@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from ..files import unused_path
+from ..common.files import unused_path
 from .estimate import RUNS, device_precision, estimate_memory, parse_methods, run_id
 
 BATCHING_MODES = ("pad_max", "dynamic", "padding_free", "token_budget")
@@ -71,8 +71,8 @@ class BenchmarkArguments:
         if "grpo_lora" in trl and self.batch_size % 2:
             raise ValueError(f"--batch_size {self.batch_size}: grpo_lora needs an even number of completions per step "
                              "(prompts x at least 2 generations); pass an even --batch_size or drop grpo_lora.")
-        from ..presets import PRESETS, preset_names
-        from ..tiny import TINY_ALIASES
+        from ..common.presets import PRESETS, preset_names
+        from ..common.tiny import TINY_ALIASES
 
         if not self.model_path and self.preset not in PRESETS and self.preset not in TINY_ALIASES:
             raise ValueError(f"--preset {self.preset} is not known. Choose one of: {', '.join(preset_names())}, "
@@ -106,7 +106,7 @@ def records_of_length(tokenizer, lengths: list[int]) -> list[dict]:
     shorter of the template's default system prompt and an empty one (``--overflow truncate_prompt``
     never cuts inside a turn, so a record longer than asked would be dropped).
     """
-    from ..data import tokenize_example
+    from ..data.encoding import tokenize_example
 
     prompts = ({"instruction": "Repeat."}, {"instruction": "Repeat.", "system": ""})
     overheads = [len(tokenize_example(tokenizer, {**prompt, "output": ""})["input_ids"]) for prompt in prompts]
@@ -137,8 +137,8 @@ def lognormal_lengths(count: int, mean: int, longest: int, seed: int) -> list[in
 
 def prepare_data(args: BenchmarkArguments, model_path: str, folder: Path) -> tuple[str, list[int]]:
     """The data file both sides train on, and its example lengths (for the estimate and the MFU)."""
-    from ..data_files import load_dataset_for_training
-    from ..modeling import load_tokenizer
+    from ..data.loading import load_dataset_for_training
+    from ..models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(model_path)
     if args.data in ("synthetic", "lognormal"):
@@ -221,7 +221,7 @@ def plan_estimates(args: BenchmarkArguments, config, runs: list, device: str, bf
 
     ``runs`` are (method, checkpointing) pairs (fixed-shape workload) or planned row dicts.
     """
-    from ..config import LoraArguments
+    from ..run.config import LoraArguments
 
     targets = LoraArguments(target_modules=args.target_modules).target_module_list()
     lengths = lengths or [args.seq_len]

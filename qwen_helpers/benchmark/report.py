@@ -236,7 +236,7 @@ def workload(settings: dict) -> str:
 
 def write_results(result) -> None:
     """results.json, results.csv, results.md and the memory and throughput bar charts."""
-    from ..plots import plot_bars, plot_grouped_bars
+    from ..notebook.plots import plot_bars, plot_grouped_bars
 
     folder = result.folder
     folder.mkdir(parents=True, exist_ok=True)

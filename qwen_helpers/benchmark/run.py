@@ -37,7 +37,7 @@ def environment_info() -> dict:
     """Device and library versions, recorded with the results."""
     import importlib.metadata
 
-    from ..modeling import device_type
+    from ..models.loading import device_type
 
     versions = {}
     for package in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel"):
@@ -69,8 +69,8 @@ def model_config_and_path(args: BenchmarkArguments, device: str):
     """The model's config and a loadable folder: a real checkpoint, or a preset built once with random weights."""
     from transformers import AutoConfig
 
-    from ..presets import check_preset_fits_device, preset_config
-    from ..tiny import TINY_ALIASES, resolve_model_path
+    from ..common.presets import check_preset_fits_device, preset_config
+    from ..common.tiny import TINY_ALIASES, resolve_model_path
 
     if args.model_path:
         path = resolve_model_path(args.model_path)
@@ -79,7 +79,7 @@ def model_config_and_path(args: BenchmarkArguments, device: str):
     config = preset_config(args.preset)
     if args.preset in TINY_ALIASES:  # cached on disk already, built on a CPU in a second
         return config, resolve_model_path(args.preset)
-    code = f"from qwen_helpers.presets import preset_checkpoint; print(preset_checkpoint({args.preset!r}, {device!r}))"
+    code = f"from qwen_helpers.common.presets import preset_checkpoint; print(preset_checkpoint({args.preset!r}, {device!r}))"
     # Built in its own process, so this one never holds a CUDA context or the random weights
     process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=worker_env())
     if process.returncode != 0:
@@ -103,9 +103,9 @@ def check_options(args: BenchmarkArguments, device: str) -> None:
 
 def run_benchmark(args: BenchmarkArguments, echo=print, command: str | None = None) -> BenchmarkResult:
     """Estimate, then run every row in its own process (each kit row beside its plain reference), then write the files."""
-    from ..modeling import device_type
+    from ..models.loading import device_type
 
-    from ..files import check_not_an_input
+    from ..common.files import check_not_an_input
 
     device = device_type()
     check_options(args, device)

@@ -18,8 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import command_boundary
-from ..quickflags import dataclass_parser, parse_command_flags
+from ..common.errors import command_boundary
+from ..run.quickflags import dataclass_parser, parse_command_flags
 
 REFERENCE = "docs/benchmarks/reference-h200-2026-11-28"
 
@@ -80,7 +80,7 @@ def measure_decode(model_path: str, prompt_tokens: int, new_tokens: int, lora_r:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from ..modeling import device_type, load_base_model, synchronize
+    from ..models.loading import device_type, load_base_model, synchronize
 
     device = device_type()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -108,10 +108,10 @@ def measure_decode(model_path: str, prompt_tokens: int, new_tokens: int, lora_r:
 
 def run_suite(args: SuiteArguments, echo=print) -> Path:
     """Run every part, merge their rows into one results folder, add the decode figures, print the table."""
-    from ..modeling import device_type
+    from ..models.loading import device_type
     from .plan import BenchmarkArguments, BenchmarkResult
     from .report import add_speed_relative_to_full, markdown_table, write_results
-    from ..files import check_not_an_input
+    from ..common.files import check_not_an_input
     from .run import run_benchmark
 
     device = device_type() if args.device == "auto" else args.device

@@ -50,7 +50,7 @@ def generation_timer(warmup_steps: int):
     """
     from transformers import TrainerCallback
 
-    from ..modeling import synchronize
+    from ..models.loading import synchronize
 
     class GenerationTimer(TrainerCallback):
         def __init__(self):
@@ -86,7 +86,7 @@ def split_generation(row: dict, timer) -> dict:
 
 def run_trl(spec: dict) -> dict:
     """A DPO or GRPO row: the kit's TRL path on the benchmark's data, timed by the SFT rows' StepTimer."""
-    from ..config import LoraArguments, ModelArguments
+    from ..run.config import LoraArguments, ModelArguments
 
     args, method = spec["args"], spec["method_spec"]
     rss_start = rss_bytes()
@@ -96,7 +96,7 @@ def run_trl(spec: dict) -> dict:
     lora_args = LoraArguments(lora_r=args["lora_r"], target_modules=args["target_modules"])
     data_path = Path(spec["work_dir"]) / f"{method['objective']}-data.json"
     if method["objective"] == "dpo":
-        from ..preference_training import KitDPOConfig, PreferenceDataArguments, train_dpo
+        from ..training.dpo import KitDPOConfig, PreferenceDataArguments, train_dpo
 
         data_path.write_text(json.dumps(preference_pairs(records)), encoding="utf-8")
         config = KitDPOConfig(**training_arguments(spec, max_length=2 * args["seq_len"]))  # no pair is cut: sized to --seq_len
@@ -104,7 +104,7 @@ def run_trl(spec: dict) -> dict:
                            callbacks=[timer])
         generation = None
     else:
-        from ..grpo_training import KitGRPOConfig, PromptDataArguments, train_grpo
+        from ..training.grpo import KitGRPOConfig, PromptDataArguments, train_grpo
 
         data_path.write_text(json.dumps(grpo_prompts(records)), encoding="utf-8")
         completion = max(1, args["seq_len"] - _prompt_length(spec, records))
@@ -122,8 +122,8 @@ def run_trl(spec: dict) -> dict:
 
 def _prompt_length(spec: dict, records: list[dict]) -> int:
     """Tokens of the kit's rendered GRPO prompt (the chat template's prompt part, generation prompt included)."""
-    from ..data import format_prompt
-    from ..modeling import load_tokenizer
+    from ..data.encoding import format_prompt
+    from ..models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(spec["model_path"])
     text = format_prompt(tokenizer, {"messages": prompt_turns(records[0])}, False)

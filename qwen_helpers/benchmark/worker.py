@@ -84,9 +84,9 @@ def run_row(spec: dict) -> dict:
 
 def run_kit(spec: dict) -> dict:
     """The kit's training path as a user runs it (``train.train``: its collator, batching, Trainer and callbacks)."""
-    from ..config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments
-    from ..plan import plan_from_arguments
-    from ..train import train
+    from ..run.config import DataArguments, KitTrainingArguments, LoraArguments, ModelArguments, PromptTuningArguments
+    from ..training.plan import plan_from_arguments
+    from ..training.sft import train
 
     args, method = spec["args"], spec["method_spec"]
     rss_start = rss_bytes()

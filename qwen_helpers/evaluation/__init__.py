@@ -1,0 +1,1 @@
+"""Judge models: generation metrics, label scoring for classification, comparisons, evaluation during training."""

@@ -1,0 +1,1 @@
+"""What the notebooks draw: ipywidgets panels and matplotlib figures (the core never imports these)."""
