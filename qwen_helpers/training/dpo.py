@@ -231,22 +231,22 @@ def _train_into(
         data_report=notes[1],
         notes=notes,
     )
+    # export and inference ask as training did
+    save_adapter_run(trainer, tokenizer, "dpo", result.history, nan_guard.triggered, model_args, data_args, lora_args,
+                     shared_system_prompt(pair["chosen"] for pair in train_pairs))
+    return result
+
+
+def save_adapter_run(trainer, tokenizer, method: str, history: list[dict], stopped_by_nan_guard: bool, model_args, data_args,
+                     lora_args, system_prompt: str | None) -> None:
+    """The adapter, its tokenizer and run_config.json into ``trainer.args.output_dir`` (the staging folder): DPO's and GRPO's."""
+    config = trainer.args
     trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
-        write_run_config(
-            config.output_dir,
-            model_args,
-            data_args,
-            lora_args,
-            config,
-            method="dpo",
-            history=result.history,
-            stopped_by_nan_guard=nan_guard.triggered,
-            base_model=base_summary(base_config_of(trainer.model)),
-            **{SYSTEM_PROMPT_KEY: shared_system_prompt(pair["chosen"] for pair in train_pairs)},  # export and inference ask as training did
-        )
-    return result
+        write_run_config(config.output_dir, model_args, data_args, lora_args, config, method=method, history=history,
+                         stopped_by_nan_guard=stopped_by_nan_guard, base_model=base_summary(base_config_of(trainer.model)),
+                         **{SYSTEM_PROMPT_KEY: system_prompt})
 
 
 def publish(result: TrainResult) -> None:

@@ -17,15 +17,15 @@ from pathlib import Path
 from trl import GRPOConfig, GRPOTrainer
 
 from .callbacks import LossHistoryCallback, NanGuardCallback
-from ..models.checks import base_summary, check_model_path
-from ..run.config import KitTrainingArguments, LoraArguments, ModelArguments, write_run_config
+from ..models.checks import check_model_path
+from ..run.config import KitTrainingArguments, LoraArguments, ModelArguments
 from ..data.encoding import format_prompt
 from ..common.errors import FlagError
 from ..common.files import remove_folders
-from ..models.loading import base_config_of, count_parameters, load_tokenizer
+from ..models.loading import count_parameters, load_tokenizer
 from ..data.preference import prompt_messages
-from ..run.prompt_settings import SYSTEM_PROMPT_KEY, shared_system_prompt
-from .dpo import AdapterTrainerMixin, load_start_model
+from ..run.prompt_settings import shared_system_prompt
+from .dpo import AdapterTrainerMixin, load_start_model, save_adapter_run
 from ..data.records import DataValidationError, read_raw_records, validate_record
 from .rewards import COLUMNS_NEEDED, REWARDS, reward_names
 from .run_folder import complete_checkpoints, plan_output_on_main_process, resumed_history, training_inputs
@@ -174,21 +174,8 @@ def train_grpo(
         earlier_history = resumed_history(plan.resume_from)  # read first: --save_total_limit may delete it
         trainer.train(resume_from_checkpoint=plan.resume_from)
         history.history[:0] = earlier_history  # a resumed run's history covers every step
-        trainer.save_model(config.output_dir)
-        if trainer.is_world_process_zero():
-            tokenizer.save_pretrained(config.output_dir)
-            write_run_config(
-                config.output_dir,
-                model_args,
-                data_args,
-                lora_args,
-                config,
-                method="grpo",
-                history=history.history,
-                stopped_by_nan_guard=nan_guard.triggered,
-                base_model=base_summary(base_config_of(trainer.model)),
-                **{SYSTEM_PROMPT_KEY: shared_system_prompt(records)},  # export and inference ask as training did
-            )
+        save_adapter_run(trainer, tokenizer, "grpo", history.history, nan_guard.triggered, model_args, data_args, lora_args,
+                         shared_system_prompt(records))  # export and inference ask as training did
     except BaseException:
         if config.process_index == 0 and not complete_checkpoints(plan.staging):
             remove_folders([plan.staging])
