@@ -211,9 +211,9 @@ def test_inference_without_system_uses_the_recorded_one(thinking_adapter, elsewh
 
     def fake_generate(model, tokenizer, records, *args, **kwargs):
         asked.append((records[0], kwargs["enable_thinking"]))
-        return ["answer"]
+        return [{"prediction": "answer", "tool_calls": []}]
 
-    monkeypatch.setattr(generation, "generate", fake_generate)
+    monkeypatch.setattr(generation, "generate_timed", fake_generate)  # what inference's one answer goes through
     assert inference.main(["--adapter_path", thinking_adapter, "--instruction", "早安"]) == 0
     assert inference.main(["--adapter_path", thinking_adapter, "--instruction", "早安", "--system", "Be brief."]) == 0
     assert [(record.get("system"), thinking) for record, thinking in asked] == [(SYSTEM, True), ("Be brief.", True)]
