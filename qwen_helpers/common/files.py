@@ -16,6 +16,8 @@ from pathlib import Path
 
 from .errors import KitError
 
+RUN_CONFIG = "run_config.json"  # the kit's record of a run, beside every adapter (written by run.config.write_run_config)
+
 STAGING_MARK = ".staging-"  # .<name>.staging-XXXX beside the target: a run in progress (or interrupted)
 RETIRED_MARK = ".retired-"  # .<name>.retired-XXXX: the previous folder, for the instant of the swap
 

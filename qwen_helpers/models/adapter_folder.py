@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..common.errors import KitError
+from ..common.files import RUN_CONFIG
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-RUN_CONFIG = "run_config.json"  # the kit's record beside the adapter (written by config.write_run_config)
 
 
 class AdapterError(KitError, ValueError):

@@ -21,10 +21,9 @@ from transformers import TrainingArguments
 from .flag_checks import (check_data_flags, check_evaluation_flags, check_lora_flags, check_prompt_tuning_flags,
                           check_training_flags)
 from ..data.records import FieldMap
-from ..common.files import atomic_write_text
+from ..common.files import RUN_CONFIG, atomic_write_text
 from .precision import Precision, apply_precision_policy
 
-RUN_CONFIG = "run_config.json"  # the effective configuration, beside every adapter
 LOSS_HISTORY = "loss_history.json"
 
 

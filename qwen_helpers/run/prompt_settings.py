@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
-from ..common.files import atomic_write_text
+from ..common.files import RUN_CONFIG, atomic_write_text
 from ..data.records import FieldMap, iter_records, load_records, read_raw_records
 
 PROMPT_SETTINGS = "prompt_settings.json"  # in a merged folder: how the adapter it came from was trained to be asked
@@ -161,8 +161,6 @@ def settings_from_file(path: Path) -> PromptSettings:
 
 def recorded_prompt_settings(folder: str | os.PathLike | None) -> PromptSettings | None:
     """What a folder records: an adapter's run_config.json, or a merged model's prompt_settings.json; else None."""
-    from .config import RUN_CONFIG  # here, not above: the commands import this module before their flags are checked
-
     if not folder or not Path(folder).is_dir():
         return None
     if (Path(folder) / RUN_CONFIG).is_file():
