@@ -64,7 +64,7 @@ def run_training_command(method: str, argv: list[str] | None = None, **defaults)
     if sharded:  # rank 0 alone cannot run the model: the other ranks hold parts of its weights
         print(f"evaluation skipped under FSDP/ZeRO-3; evaluate the saved adapter on one GPU: "
               f"python -m qwen_helpers.inference --adapter_path {result.output_dir} --data_path YOUR_TEST.json", flush=True)
-    elif not data_args.is_raw_text():  # raw text has no answers to evaluate; its eval loss is in the history
+    elif plan.data.data_format != "text":  # raw text (as plan_run decided) has no answers to evaluate; its eval loss is in the history
         from .evaluation.classification import evaluate_run
 
         evaluation = evaluate_run(result, data_args, plan.prompt_args)  # classification data only

@@ -86,12 +86,6 @@ class DataArguments:
     def field_map(self) -> FieldMap:
         return FieldMap(self.instruction_field, self.input_field, self.output_field, self.system_field)
 
-    def is_raw_text(self) -> bool:
-        """True when the run trains on raw text (``--data_format text``, or auto-detected: see :mod:`qwen_helpers.data.raw_text`)."""
-        from ..data.raw_text import is_raw_text
-
-        return is_raw_text(self.data_path, self.data_format, self.field_map())
-
 
 @dataclass
 class LoraArguments:
