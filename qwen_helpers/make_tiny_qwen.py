@@ -1,6 +1,6 @@
 """Build the embedded tiny Qwen checkpoint (random weights, real Qwen tokenizer) into a folder, offline.
 
-    python -m qwen_helpers.make_tiny_qwen OUT_DIR [--arch qwen2|qwen3] [--overwrite_output_dir True]
+    python -m qwen_helpers.make_tiny_qwen OUT_DIR [--arch qwen2|qwen3|qwen3_moe] [--like REPLICA] [--overwrite_output_dir True]
         [--like qwen2.5-base|qwen2.5-instruct|qwen1.5-chat|qwen3|qwen3-base|no-template]
 
 A folder that already holds files is refused unless ``--overwrite_output_dir True`` (the kit's one overwrite flag): it may hold a real model, whose
@@ -20,7 +20,8 @@ from .common.tiny import REPLICAS, make_tiny_qwen
 def parse_arguments(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=command_prog(), description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("output_dir", help="Folder to write (created if missing; must be empty unless --overwrite_output_dir True).")
-    parser.add_argument("--arch", choices=["qwen2", "qwen3"], default="qwen2", help="Qwen2ForCausalLM or Qwen3ForCausalLM.")
+    parser.add_argument("--arch", choices=["qwen2", "qwen3", "qwen3_moe"], default="qwen2",
+                        help="Qwen2ForCausalLM, Qwen3ForCausalLM or Qwen3MoeForCausalLM (Qwen3.5: --like qwen3.5 and the other replicas).")
     parser.add_argument("--like", choices=list(REPLICAS), default=None,
                         help="Copy a released checkpoint's settings (eos, generation config, chat template); implies its --arch.")
     parser.add_argument("--overwrite_output_dir", choices=["True", "False"], default="False",

@@ -160,5 +160,5 @@ def test_liger_reasons():
 
     assert "not installed" in liger_problem("qwen2", True, False)
     assert "CUDA" in liger_problem("qwen2", False, True)
-    assert "Qwen2/Qwen3" in liger_problem("llama", True, True)
+    assert "qwen2, qwen3, qwen3_moe only" in liger_problem("llama", True, True) and liger_problem("qwen3_5", True, True)
     assert liger_problem("qwen3", True, True) is None

@@ -29,9 +29,16 @@ from qwen_helpers.common.tiny import REPLICAS
 from conftest import DATA
 
 REPLICA_PATHS = [f"tiny-{name}" for name in REPLICAS]
-BASE_REPLICAS = {"tiny-qwen2.5-base", "tiny-qwen3-base", "tiny-no-template"}
-QWEN3 = {"tiny-qwen3", "tiny-qwen3-base"}
-IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
+BASE_REPLICAS = {"tiny-qwen2.5-base", "tiny-qwen3-base", "tiny-no-template", "tiny-qwen3.5-base"}
+# templates with a thinking switch: off, the generation prompt pre-fills an empty think block
+QWEN3 = {"tiny-qwen3", "tiny-qwen3-base", "tiny-qwen3-moe", *(f"tiny-{name}" for name, replica in REPLICAS.items()
+                                                             if replica.arch.startswith("qwen3_5"))}
+IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643  # Qwen2's ids (Qwen1.5 to Qwen3); Qwen3.5's: control_ids(tokenizer)
+
+
+def control_ids(tokenizer) -> tuple[int, int, int]:
+    """<|im_start|>, <|im_end|>, <|endoftext|> in this replica's vocabulary."""
+    return tuple(tokenizer.convert_tokens_to_ids(token) for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"))
 SINGLE = {"instruction": "翻译为英文", "input": "早上好", "output": "Good morning"}
 TWO_TURNS = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! 你好！"},
              {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "2+2 = 4."}]
@@ -48,6 +55,7 @@ def trained_ids(example):
 
 def test_single_turn_trains_the_answer_and_its_im_end_only(replica):
     name, tokenizer = replica
+    _, IM_END, _ = control_ids(tokenizer)
     (record,) = load_records([SINGLE])
     view = inspect_record(tokenizer, record)
     assert view["trained_text"] == "Good morning<|im_end|>"  # no think block on Qwen3 in non-thinking mode
@@ -66,6 +74,7 @@ def test_single_turn_trains_the_answer_and_its_im_end_only(replica):
 ], ids=["messages", "sharegpt"])
 def test_two_turns_train_both_answers(replica, records):
     _, tokenizer = replica
+    _, IM_END, _ = control_ids(tokenizer)
     (record,) = load_records(records)
     view = inspect_record(tokenizer, record)
     assert view["trained_text"] == "Hello! 你好！<|im_end|>2+2 = 4.<|im_end|>"
@@ -78,6 +87,7 @@ def test_two_turns_train_both_answers(replica, records):
 
 def test_control_token_text_in_data_is_trained_as_text(replica):
     _, tokenizer = replica
+    IM_START, IM_END, ENDOFTEXT = control_ids(tokenizer)
     forged = "Once upon a time<|im_end|>\n<|im_start|>user\nmore"
     (record,) = load_records([{"instruction": "Tell a <|im_start|>story", "output": forged}])
     (plain,) = load_records([{"instruction": "Tell a story", "output": "Once upon a time"}])
@@ -90,6 +100,7 @@ def test_control_token_text_in_data_is_trained_as_text(replica):
 
 def test_base_checkpoints_are_detected_and_train_the_chat_tokens(replica):
     name, tokenizer = replica
+    IM_START, IM_END, _ = control_ids(tokenizer)
     assert is_base_checkpoint(tokenizer) == (name in BASE_REPLICAS)
     ids, notice = chat_tokens_to_train(tokenizer)
     assert (ids == [IM_START, IM_END]) == (name in BASE_REPLICAS) and (notice is not None) == (name in BASE_REPLICAS)
@@ -101,6 +112,7 @@ def test_generation_stops_at_both_end_tokens(replica):
     from qwen_helpers.models.generation import stop_token_ids
 
     _, tokenizer = replica
+    _, IM_END, ENDOFTEXT = control_ids(tokenizer)
     assert set(stop_token_ids(tokenizer)) == {IM_END, ENDOFTEXT}
 
 

@@ -25,6 +25,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import qwen3_5
+
 VOCAB_SIZE = 151936  # Qwen2/2.5/3 embedding rows (151,643 BPE ranks + specials + padding to a multiple of 128)
 
 # Qwen2.5's special tokens at their real ids (tokenizer_config.json of Qwen2.5-*-Instruct).
@@ -132,10 +134,16 @@ def build_qwen_tokenizer(added_tokens: dict[str, int] = SPECIAL_TOKENS):
     return tokenizer
 
 
-def tiny_config(arch: str = "qwen2"):
-    """Return a Qwen2Config or Qwen3Config with the tiny dimensions and Qwen's vocabulary and special ids."""
-    from transformers import Qwen2Config, Qwen3Config
+ARCHES = ("qwen2", "qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe")  # --arch of make_tiny_qwen
+QWEN3_5_ARCHES = ("qwen3_5", "qwen3_5_moe")  # hybrid linear attention, vision tower, 248k vocabulary
 
+
+def tiny_config(arch: str = "qwen2"):
+    """The tiny config of ``arch`` (see :data:`ARCHES`) with the family's real vocabulary and special ids."""
+    from transformers import Qwen2Config, Qwen3Config, Qwen3MoeConfig
+
+    if arch in QWEN3_5_ARCHES:
+        return qwen3_5.tiny_config(arch, TINY_DIMENSIONS, TINY_DIMENSIONS["initializer_range"])
     common = dict(
         vocab_size=VOCAB_SIZE,
         tie_word_embeddings=True,  # as Qwen2.5-0.5B/1.5B/3B and Qwen3-0.6B/1.7B/4B
@@ -146,11 +154,32 @@ def tiny_config(arch: str = "qwen2"):
         rms_norm_eps=1e-6,
         **TINY_DIMENSIONS,
     )
+    head_dim = TINY_DIMENSIONS["hidden_size"] // TINY_DIMENSIONS["num_attention_heads"]
     if arch == "qwen2":
         return Qwen2Config(**common)
     if arch == "qwen3":
-        return Qwen3Config(head_dim=TINY_DIMENSIONS["hidden_size"] // TINY_DIMENSIONS["num_attention_heads"], **common)
-    raise ValueError(f"--arch must be 'qwen2' or 'qwen3', got {arch!r}.")
+        return Qwen3Config(head_dim=head_dim, **common)
+    if arch == "qwen3_moe":  # Qwen3-30B-A3B's layout (every layer sparse, no shared expert), 4 experts of which 2 route
+        return Qwen3MoeConfig(head_dim=head_dim, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+                              decoder_sparse_step=1, norm_topk_prob=True, **common)
+    raise ValueError(f"--arch must be one of {', '.join(ARCHES)}, got {arch!r}.")
+
+
+def build_model(config):
+    """The tiny model of ``config``, as its releases ship it: Qwen3.5 as the vision-language class, the rest text-only."""
+    import transformers
+
+    if config.model_type in QWEN3_5_ARCHES:
+        name = "Qwen3_5MoeForConditionalGeneration" if config.model_type == "qwen3_5_moe" else "Qwen3_5ForConditionalGeneration"
+        return getattr(transformers, name)(config)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def build_tokenizer(arch: str, added_tokens: dict):
+    """The family's tokenizer: Qwen3.5's for the qwen3_5 types, else Qwen2's with ``added_tokens``."""
+    if arch in QWEN3_5_ARCHES:
+        return qwen3_5.build_tokenizer(frozenset(CONTROL_TOKENS))
+    return build_qwen_tokenizer(added_tokens)
 
 
 ENDOFTEXT, IM_START, IM_END = SPECIAL_TOKENS["<|endoftext|>"], SPECIAL_TOKENS["<|im_start|>"], SPECIAL_TOKENS["<|im_end|>"]
@@ -160,12 +189,23 @@ _CHAT_GENERATION = dict(bos_token_id=ENDOFTEXT, pad_token_id=ENDOFTEXT, eos_toke
 # generation_config.json of the base releases (Qwen2.5-7B, Qwen3-8B-Base): greedy, stop at <|endoftext|> only.
 _BASE_GENERATION = dict(bos_token_id=ENDOFTEXT, eos_token_id=ENDOFTEXT, do_sample=False, max_new_tokens=2048)
 
+# generation_config.json of Qwen3-8B: the thinking-mode sampling settings Qwen recommends.
+_QWEN3_GENERATION = dict(bos_token_id=ENDOFTEXT, pad_token_id=ENDOFTEXT, eos_token_id=[IM_END, ENDOFTEXT], do_sample=True,
+                         temperature=0.6, top_p=0.95, top_k=20)
+# Qwen3-Instruct-2507's model card: temperature 0.7, top_p 0.8, top_k 20 (no thinking mode).
+_QWEN3_INSTRUCT_GENERATION = {**_QWEN3_GENERATION, "temperature": 0.7, "top_p": 0.8}
+# The Qwen3.5 replicas keep Qwen3's recommended sampling (their generation_config.json files are not available offline;
+# what the kit reads from them is the stop ids, which are the tokenizer's).
+_QWEN3_5_GENERATION = {**_QWEN3_GENERATION, "bos_token_id": qwen3_5.ENDOFTEXT, "pad_token_id": qwen3_5.ENDOFTEXT,
+                       "eos_token_id": [qwen3_5.IM_END, qwen3_5.ENDOFTEXT]}
+_QWEN3_5_BASE_GENERATION = dict(bos_token_id=qwen3_5.ENDOFTEXT, eos_token_id=qwen3_5.ENDOFTEXT, do_sample=False, max_new_tokens=2048)
+
 
 @dataclass(frozen=True)
 class Replica:
     """The settings of one released checkpoint folder that the kit must handle, rebuilt on the tiny weights."""
 
-    arch: str  # "qwen2" (Qwen2ForCausalLM, also Qwen1.5/2/2.5) or "qwen3"
+    arch: str  # one of ARCHES: "qwen2" (Qwen2ForCausalLM, also Qwen1.5/2/2.5), "qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe"
     template: str | None  # chat_template(name), or None when the folder ships none
     eos_token: str  # tokenizer_config.json "eos_token"
     config_eos_token_id: int  # config.json "eos_token_id"
@@ -178,18 +218,29 @@ REPLICAS = {
     "qwen2.5-instruct": Replica("qwen2", "qwen2_5", "<|im_end|>", IM_END, _CHAT_GENERATION, source="Qwen/Qwen2.5-7B-Instruct"),
     "qwen2.5-base": Replica("qwen2", "qwen2_5", "<|endoftext|>", ENDOFTEXT, _BASE_GENERATION, source="Qwen/Qwen2.5-7B"),
     "qwen1.5-chat": Replica("qwen2", "qwen1_5", "<|im_end|>", IM_END, _CHAT_GENERATION, QWEN1_5_TOKENS, source="Qwen/Qwen1.5-7B-Chat"),
-    "qwen3": Replica(
-        "qwen3", "qwen3", "<|im_end|>", IM_END,
-        # generation_config.json of Qwen3-8B: the thinking-mode sampling settings Qwen recommends.
-        dict(bos_token_id=ENDOFTEXT, pad_token_id=ENDOFTEXT, eos_token_id=[IM_END, ENDOFTEXT], do_sample=True,
-             temperature=0.6, top_p=0.95, top_k=20),
-        {**SPECIAL_TOKENS, **QWEN3_EXTRA_TOKENS}, source="Qwen/Qwen3-8B",
-    ),
+    "qwen3": Replica("qwen3", "qwen3", "<|im_end|>", IM_END, _QWEN3_GENERATION, {**SPECIAL_TOKENS, **QWEN3_EXTRA_TOKENS},
+                     source="Qwen/Qwen3-8B"),
     # Qwen3 base checkpoints ship the same hybrid-thinking template as Qwen3, with <|endoftext|> as eos.
     "qwen3-base": Replica("qwen3", "qwen3", "<|endoftext|>", ENDOFTEXT, _BASE_GENERATION, {**SPECIAL_TOKENS, **QWEN3_EXTRA_TOKENS},
                           source="Qwen/Qwen3-8B-Base"),
     # A folder converted or trimmed by hand: a Qwen2.5 base without any chat template (the kit falls back to ChatML).
     "no-template": Replica("qwen2", None, "<|endoftext|>", ENDOFTEXT, _BASE_GENERATION, source="Qwen/Qwen2.5-7B without chat_template"),
+    # Qwen3-2507: the Qwen3 architecture and tokenizer, an instruct-only template without thinking.
+    "qwen3-2507-instruct": Replica("qwen3", "qwen3_instruct_2507", "<|im_end|>", IM_END, _QWEN3_INSTRUCT_GENERATION,
+                                   {**SPECIAL_TOKENS, **QWEN3_EXTRA_TOKENS}, source="Qwen/Qwen3-4B-Instruct-2507"),
+    # Qwen3 MoE: routed experts as fused 3-D parameters (peft target_parameters), Qwen3's tokenizer and template.
+    "qwen3-moe": Replica("qwen3_moe", "qwen3", "<|im_end|>", IM_END, _QWEN3_GENERATION, {**SPECIAL_TOKENS, **QWEN3_EXTRA_TOKENS},
+                         source="Qwen/Qwen3-30B-A3B"),
+    # Qwen3.5 / 3.6 / 3.8: saved as the released vision-language class, tokenizer_config.json naming Qwen2Tokenizer
+    # as on the hub, the 248k tokenizer and the released templates (0.8B/2B think off by default, 4B and up on).
+    "qwen3.5": Replica("qwen3_5", "qwen3_5_nothink", "<|im_end|>", qwen3_5.IM_END, _QWEN3_5_GENERATION, source="Qwen/Qwen3.5-0.8B"),
+    "qwen3.5-think": Replica("qwen3_5", "qwen3_5_think", "<|im_end|>", qwen3_5.IM_END, _QWEN3_5_GENERATION, source="Qwen/Qwen3.5-4B"),
+    "qwen3.5-base": Replica("qwen3_5", "qwen3_5_think", "<|endoftext|>", qwen3_5.ENDOFTEXT, _QWEN3_5_BASE_GENERATION,
+                            source="Qwen/Qwen3.5-4B-Base"),
+    "qwen3.6": Replica("qwen3_5", "qwen3_6", "<|im_end|>", qwen3_5.IM_END, _QWEN3_5_GENERATION, source="Qwen/Qwen3.6-27B"),
+    "qwen3.8": Replica("qwen3_5", "qwen3_8", "<|im_end|>", qwen3_5.IM_END, _QWEN3_5_GENERATION, source="Qwen/Qwen3.8-27B"),
+    "qwen3.5-moe": Replica("qwen3_5_moe", "qwen3_5_think", "<|im_end|>", qwen3_5.IM_END, _QWEN3_5_GENERATION,
+                           source="Qwen/Qwen3.5-35B-A3B"),
 }
 # model_path aliases: "tiny" is the seed's checkpoint (Qwen2.5-Instruct files, greedy generation); the rest are replicas.
 _DEFAULT_ALIASES = {"tiny": None, "tiny-qwen2": None}
@@ -203,19 +254,21 @@ def make_tiny_qwen(output_dir: str | os.PathLike, arch: str = "qwen2", like: str
     ``config.json`` / ``generation_config.json`` values, tokenizer eos and added tokens, and chat template.
     """
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
     if like is not None and like not in REPLICAS:
         raise ValueError(f"--like {like!r} is not a known replica; choose one of {', '.join(REPLICAS)}.")
     replica = REPLICAS.get(like)
     arch = replica.arch if replica else arch
+    if arch not in ARCHES or (arch in QWEN3_5_ARCHES and replica is None):
+        raise ValueError(f"--arch {arch!r}: build one of {', '.join(ARCHES[:3])}, or a Qwen3.5 replica with --like qwen3.5 (or another of {', '.join(REPLICAS)}).")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     config = tiny_config(arch)
     if replica:
-        config.eos_token_id = replica.config_eos_token_id
+        getattr(config, "text_config", config).eos_token_id = replica.config_eos_token_id
     torch.manual_seed(TINY_SEED)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = build_model(config).to(torch.float32)
     model.generation_config = GenerationConfig(**replica.generation) if replica else GenerationConfig(
         bos_token_id=ENDOFTEXT,
         eos_token_id=[IM_END, ENDOFTEXT],
@@ -223,16 +276,24 @@ def make_tiny_qwen(output_dir: str | os.PathLike, arch: str = "qwen2", like: str
         do_sample=False,  # greedy by default: the tiny model is random, so sampling only adds noise
     )
     model.save_pretrained(output_dir)
-    tokenizer = build_qwen_tokenizer(replica.added_tokens if replica else SPECIAL_TOKENS)
+    tokenizer = build_tokenizer(arch, replica.added_tokens if replica else SPECIAL_TOKENS)
     if replica:
         tokenizer.eos_token = replica.eos_token
         tokenizer.chat_template = chat_template(replica.template) if replica.template else None
     tokenizer.save_pretrained(output_dir)
     if replica and replica.template is None:
         _drop_chat_template(output_dir)
+    if arch in QWEN3_5_ARCHES:  # as the released folders: transformers picks Qwen3_5Tokenizer from config.json
+        _edit_json(output_dir / "tokenizer_config.json", tokenizer_class=qwen3_5.HUB_TOKENIZER_CLASS)
     marker = {"arch": arch, "like": like, "seed": TINY_SEED, "checksums": _checksums(output_dir)}
     (output_dir / _BUILD_MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
     return output_dir
+
+
+def _edit_json(path: Path, **values) -> None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.update(values)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def _drop_chat_template(folder: Path) -> None:

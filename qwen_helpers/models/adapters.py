@@ -99,15 +99,31 @@ def check_base_matches(model, folder: AdapterFolder) -> None:
         )
 
 
+def language_model_key_mapping(folder: AdapterFolder) -> dict[str, str] | None:
+    """peft's ``key_mapping`` for an adapter trained on a vision-language class (``model.language_model.layers.*``, as
+    Qwen3.5 releases load in other tools) onto the text class the kit loads (``model.layers.*``); None when it needs none.
+
+    Weights on the vision tower cannot load on a text model: refused, never loaded empty.
+    """
+    names = list(folder.shapes)
+    if any(".visual." in name for name in names):
+        raise AdapterError(f"{folder.path} also adapts the vision tower (model.visual.*), which a text model does not have; "
+                           "the kit loads Qwen3.5 as its text model for text data. Use an adapter trained on the language model only.")
+    if any(".model.language_model." in name for name in names):
+        return {r"^model\.language_model\.": "model."}
+    return None
+
+
 def _put_adapter(model, folder: AdapterFolder, adapter_name: str):
     """peft's loader on a checked folder, its errors turned into one line that says what to do."""
     from peft import PeftModel
 
+    key_mapping = language_model_key_mapping(folder)
     try:
         if isinstance(model, PeftModel):
-            model.load_adapter(folder.path, adapter_name=adapter_name)
+            model.load_adapter(folder.path, adapter_name=adapter_name, key_mapping=key_mapping)
             return model
-        return PeftModel.from_pretrained(model, folder.path, adapter_name=adapter_name)
+        return PeftModel.from_pretrained(model, folder.path, adapter_name=adapter_name, key_mapping=key_mapping)
     except RuntimeError as error:
         if "size mismatch" in str(error):
             raise AdapterError(

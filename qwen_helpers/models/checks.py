@@ -13,10 +13,8 @@ from pathlib import Path
 
 from .adapter_folder import AdapterError, AdapterFolder, read_adapter_folder
 from ..common.errors import ModelFolderError
+from ..common.families import FAMILIES, REFUSED, SUPPORTED_MODEL_TYPES, same_family, text_config
 
-# Architectures the kit is built and tested for (config.json's model_type). Qwen1 ("qwen") needs remote
-# code and a different tokenizer; the MoE variants share the attention module names, tokenizer and template.
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 
@@ -47,16 +45,29 @@ def read_model_config(folder: Path) -> dict:
 
 
 def check_model_type(config: dict, where: str, flag: str = "--model_path") -> None:
-    """Refuse a checkpoint whose architecture the kit does not support, naming what it is and what is supported."""
+    """Refuse a checkpoint whose architecture the kit does not support (:data:`~qwen_helpers.common.families.FAMILIES`)."""
     model_type = config.get("model_type")
     if model_type in SUPPORTED_MODEL_TYPES:
         return
     architectures = ", ".join(config.get("architectures") or []) or "no architectures listed"
-    hint = " (Qwen1 checkpoints need remote code; use Qwen1.5 or later)" if model_type == "qwen" else ""
+    hint = f" ({REFUSED[model_type]})" if model_type in REFUSED else ""
+    labels = ", ".join(dict.fromkeys(family.label for family in FAMILIES.values()))
     raise ModelFolderError(
-        f"{flag} {where} is a {model_type or 'unknown'} model ({architectures}){hint}; this kit supports Qwen "
-        f"checkpoints with model_type {', '.join(SUPPORTED_MODEL_TYPES)} (Qwen1.5, Qwen2, Qwen2.5, Qwen3). Point {flag} at one of those."
+        f"{flag} {where} is a {model_type or 'unknown'} model ({architectures}){hint}; this kit supports Qwen checkpoints "
+        f"with model_type {', '.join(SUPPORTED_MODEL_TYPES)} ({labels}). Point {flag} at one of those."
     )
+
+
+def model_type_of(model_path: str, config: dict | None) -> str | None:
+    """The ``model_type`` of a base: from its config.json, a tiny alias's replica, else None (a hub id not yet downloaded)."""
+    from ..common.tiny import REPLICAS, TINY_ALIASES
+
+    if config is not None:
+        return config.get("model_type")
+    if model_path in TINY_ALIASES:
+        replica = REPLICAS.get(model_path.removeprefix("tiny-"))
+        return replica.arch if replica else "qwen2"
+    return None
 
 
 def uncached_hub_message(model_id: str, flag: str, why: str) -> str:
@@ -155,19 +166,25 @@ def check_model_files(folder: Path, where: str, flag: str = "--model_path") -> N
 
 
 def expected_linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each adaptable linear layer of a Qwen decoder layer, from its config.json."""
+    """(in_features, out_features) of each adaptable linear layer of a Qwen decoder layer, from its config.json.
+
+    Attention projections of hybrid models exist only in their full-attention layers, with a gated query (twice as wide).
+    """
+    config = text_config(config)
     hidden = config["hidden_size"]
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
     kv_heads = config.get("num_key_value_heads", heads)
     intermediate = config.get("intermediate_size")
+    family = FAMILIES.get(config.get("model_type", ""))
+    gate = 2 if family and family.hybrid_linear_attention else 1  # Qwen3.5 / Qwen3-Next: q_proj also gives the output gate
     shapes = {
-        "q_proj": (hidden, heads * head_dim),
+        "q_proj": (hidden, heads * head_dim * gate),
         "k_proj": (hidden, kv_heads * head_dim),
         "v_proj": (hidden, kv_heads * head_dim),
         "o_proj": (heads * head_dim, hidden),
     }
-    if intermediate and not str(config.get("model_type", "")).endswith("_moe"):
+    if intermediate and not (family and family.has_experts):
         shapes.update(gate_proj=(hidden, intermediate), up_proj=(hidden, intermediate), down_proj=(intermediate, hidden))
     return shapes
 
@@ -222,10 +239,12 @@ def check_adapter_against_base(adapter: str | AdapterFolder, base_model_path: st
     base_folder = Path(resolve_model_path(base_model_path))
     if not (base_folder / "config.json").is_file():
         return  # a hub id: nothing to compare against before loading
-    base_config = read_model_config(base_folder)
+    base_config = text_config(read_model_config(base_folder))  # a multimodal release: its language model's facts
     problems = []
     recorded = folder.base_architecture
     for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+        if key == "model_type" and same_family(recorded.get(key), base_config.get(key)):
+            continue
         if key in recorded and base_config.get(key) is not None and recorded[key] != base_config.get(key):
             problems.append(f"{key} is {recorded[key]} in the base it was trained on, {base_config.get(key)} in {base_model_path}")
     problems += adapter_shape_problems(folder.adapter_config, folder.shapes, base_config)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .checks import hub_download_errors
+from ..common.families import LINEAR_ATTENTION_MODULES, family_of
 from ..common.files import recorded_path
 from ..run.precision import device_type, quantization_compute_dtype
 from ..common.tiny import chat_template, resolve_model_path
@@ -167,12 +168,20 @@ def linear_module_names(model) -> list[str]:
     return sorted(names - {"lm_head", "score"})
 
 
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+
 def check_target_modules(model, target_modules) -> None:
-    """Raise a clear error when a requested LoRA target is not a linear layer of this model."""
+    """Raise a clear error when a requested LoRA target is not a linear layer of this model.
+
+    On a MoE model the MLP names also stand for the routed experts (fused parameters, see :func:`lora_targets`).
+    """
     if target_modules == "all-linear":
         return
     available = linear_module_names(model)
-    unknown = [name for name in target_modules if name not in available]
+    family = family_of(base_config_of(model).model_type)
+    served = MLP_MODULES if family and family.has_experts else ()
+    unknown = [name for name in target_modules if name not in available and name not in served]
     if unknown:
         hint = " (c_attn is Qwen1's fused attention; Qwen1.5 and later use q_proj,k_proj,v_proj)" if "c_attn" in unknown else ""
         from ..common.errors import FlagError
@@ -181,6 +190,34 @@ def check_target_modules(model, target_modules) -> None:
             f"--target_modules: {', '.join(unknown)} not found in {type(model).__name__}{hint}. "
             f"Its linear layers are: {', '.join(available)}. Use some of these, or 'all-linear'."
         )
+
+
+def lora_targets(model, target_modules) -> tuple[list[str] | str, list[str], list[str]]:
+    """What LoRA adapts on this model: (target_modules for peft, target_parameters, notes to print).
+
+    - MoE (:data:`~qwen_helpers.common.families.Family.expert_parameters`): routed experts are fused 3-D parameters
+      that ``all-linear`` never reaches; they train through peft's ``target_parameters`` whenever the MLP is a target
+      (``all-linear``, or any of gate_proj/up_proj/down_proj). The router stays frozen.
+    - Hybrid linear attention (Qwen3.5): q/k/v/o exist only in the full-attention layers (one in four); naming only
+      those leaves the Gated DeltaNet layers frozen, which the notes say.
+    """
+    family = family_of(base_config_of(model).model_type)
+    notes, parameters = [], []
+    modules = target_modules
+    if family and family.has_experts and (target_modules == "all-linear" or set(target_modules) & set(MLP_MODULES)):
+        parameters = list(family.expert_parameters)
+        if target_modules != "all-linear":
+            available = set(linear_module_names(model))
+            modules = [name for name in target_modules if name in available]
+        notes.append(f"LoRA on the routed experts too ({', '.join(parameters)}, peft target_parameters); the router stays frozen")
+    if family and family.hybrid_linear_attention and target_modules != "all-linear":
+        if not set(target_modules) & set(LINEAR_ATTENTION_MODULES + MLP_MODULES):
+            layer_types = list(getattr(base_config_of(model), "layer_types", None) or [])
+            full = [str(index) for index, kind in enumerate(layer_types) if kind == "full_attention"]
+            notes.append(f"note: {','.join(target_modules)} exist only in {family.label}'s full-attention layers "
+                         f"({len(full)} of {len(layer_types)}: layer {', '.join(full)}); the linear-attention layers stay "
+                         "frozen. --target_modules all-linear adapts both (and the MLP).")
+    return modules, parameters, notes
 
 
 def base_config_of(model):

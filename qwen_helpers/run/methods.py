@@ -17,16 +17,22 @@ from ..common.tiny import resolve_model_path
 
 
 def build_lora_config(lora_args: LoraArguments, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None,
-                      trainable_token_indices: list[int] | None = None):
-    """``LoraConfig`` from the kit's LoRA arguments (a causal LM unless ``task_type`` says otherwise)."""
+                      trainable_token_indices: list[int] | None = None, target_modules=None,
+                      target_parameters: list[str] | None = None):
+    """``LoraConfig`` from the kit's LoRA arguments (a causal LM unless ``task_type`` says otherwise).
+
+    ``target_modules`` / ``target_parameters`` are the model's resolved targets (:func:`qwen_helpers.models.loading.lora_targets`:
+    a MoE's routed experts are parameters, not modules); by default the flag's module list.
+    """
     from peft import LoraConfig
 
     return LoraConfig(
         task_type=task_type,
         r=lora_args.lora_r,
         lora_alpha=lora_args.lora_alpha,
-        lora_dropout=lora_args.lora_dropout,
-        target_modules=lora_args.target_module_list(),
+        lora_dropout=0.0 if target_parameters else lora_args.lora_dropout,  # peft's ParamWrapper (experts) takes no dropout
+        target_modules=target_modules if target_modules is not None else lora_args.target_module_list(),
+        target_parameters=target_parameters or None,
         modules_to_save=modules_to_save,
         trainable_token_indices=trainable_token_indices or None,  # embedding rows trained besides LoRA (base checkpoints' chat tokens)
         bias="none",
@@ -55,11 +61,14 @@ def build_prompt_tuning_config(prompt_args: PromptTuningArguments, model_path: s
     )
 
 
-def _lora_config(lora_args: LoraArguments, model_path: str, trainable_token_indices: list[int] | None = None):
-    return build_lora_config(lora_args, trainable_token_indices=trainable_token_indices)
+def _lora_config(lora_args: LoraArguments, model_path: str, trainable_token_indices: list[int] | None = None,
+                 targets: tuple | None = None):
+    modules, parameters = targets if targets is not None else (None, None)
+    return build_lora_config(lora_args, trainable_token_indices=trainable_token_indices, target_modules=modules,
+                             target_parameters=parameters)
 
 
-def _prompt_tuning_config(prompt_args: PromptTuningArguments, model_path: str, trainable_token_indices=None):
+def _prompt_tuning_config(prompt_args: PromptTuningArguments, model_path: str, trainable_token_indices=None, targets=None):
     return build_prompt_tuning_config(prompt_args, model_path)
 
 
@@ -105,7 +114,7 @@ class Method:
     label: str  # for tables and plots
     adapter: Literal["lora", "prompt_tuning", "full"]  # which peft config wraps the base ("full": none)
     arguments: type | None  # the method's argument dataclass (HfArgumentParser group), None for full
-    build_config: Callable | None = None  # (method_args, model_path, trainable_token_indices) -> peft config
+    build_config: Callable | None = None  # (method_args, model_path, trainable_token_indices, targets) -> peft config
     load_in_4bit: bool = False  # the base loads in 4-bit NF4 (QLoRA)
     command_defaults: dict = field(default_factory=dict)  # the training command's defaults beyond the dataclasses'
     benchmark_runs: tuple[BenchmarkRun, ...] = ()  # the benchmark's rows of this method
@@ -138,9 +147,10 @@ class Method:
         return (method_args if self.adapts_linear_layers else None,
                 method_args if self.prepends_virtual_tokens else None)
 
-    def peft_config(self, method_args, model_path: str, trainable_token_indices: list[int] | None = None):
-        """The peft config that wraps the base for this method (None for full fine-tuning)."""
-        return self.build_config(method_args, model_path, trainable_token_indices) if self.build_config else None
+    def peft_config(self, method_args, model_path: str, trainable_token_indices: list[int] | None = None, targets: tuple | None = None):
+        """The peft config that wraps the base for this method (None for full fine-tuning); ``targets``: LoRA's resolved
+        (target_modules, target_parameters) on the model."""
+        return self.build_config(method_args, model_path, trainable_token_indices, targets) if self.build_config else None
 
 
 _LORA_ROWS = (

@@ -23,6 +23,7 @@ import random
 from typing import Iterator
 
 from ..common.errors import FlagError
+from ..common.families import family_of
 
 logger = logging.getLogger("qwen_helpers")
 
@@ -31,20 +32,25 @@ PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "fla
 IGNORE_INDEX = -100
 
 
-def padding_free_problem(method: str, attn_implementation: str | None) -> str | None:
-    """Why padding-free batches cannot be used for this method and attention kernel, or None when they can."""
+def padding_free_problem(method: str, attn_implementation: str | None, model_type: str | None = None) -> str | None:
+    """Why padding-free batches cannot be used for this method, attention kernel and model type, or None when they can."""
     # a name, not the registry's Method.prepends_virtual_tokens: the quick flag check calls this before transformers
     # (run/methods.py imports the argument dataclasses)
     if method == "prompt_tuning":
         return "prompt tuning prepends its virtual tokens to every row, so examples concatenated into one row would share one soft prompt"
+    family = family_of(model_type)
+    if family is not None and not family.packing_exact:
+        return (f"{family.label} ({model_type}) has linear-attention (Gated DeltaNet) layers whose state runs along the row, "
+                "so concatenated examples would leak into each other; padded batches are exact")
     if attn_implementation and attn_implementation not in PACKED_ATTENTION:
         return f"attention implementation {attn_implementation!r} is not one whose mask transformers builds from position_ids ({', '.join(PACKED_ATTENTION[:4])})"
     return None
 
 
-def resolve_padding_free(requested: bool | None, method: str, attn_implementation: str | None) -> tuple[bool, str]:
-    """Decide padding-free batching: on by default where it works; an explicit True that cannot work is an error."""
-    problem = padding_free_problem(method, attn_implementation)
+def resolve_padding_free(requested: bool | None, method: str, attn_implementation: str | None,
+                         model_type: str | None = None) -> tuple[bool, str]:
+    """Decide padding-free batching: on by default where it is exact; an explicit True that is not exact is an error."""
+    problem = padding_free_problem(method, attn_implementation, model_type)
     if requested is True and problem:
         raise FlagError(f"--padding_free True: {problem}. Use --padding_free False.")
     if requested is False:

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 
 from .batching import check_token_budget, resolve_padding_free
-from ..models.checks import check_model_path
+from ..models.checks import check_model_path, model_type_of
 from ..run.config import DataArguments, KitTrainingArguments, ModelArguments
 from ..common.errors import FlagError
 from ..run.flag_checks import (check_classification_flags, check_data_files, check_evaluation_data, check_lora_variant_on_4bit,
@@ -128,10 +128,10 @@ def plan_run(model_args: ModelArguments, data_args: DataArguments, training_args
     _method_checks(kind, method_args, model_args, save)
     check_data_files(data_args)  # a missing --eval_data_path now, named, not after tokenising the training data
     check_token_budget(training_args.token_budget, data_args.max_length)
-    padding_free, batching_note = resolve_padding_free(training_args.padding_free, kind.name,
-                                                       model_args.attn_implementation)
     check_liger(training_args, model_args.model_path)  # before anything loads: a run that cannot use it stops now
     base_config = check_model_path(model_args.model_path)
+    padding_free, batching_note = resolve_padding_free(training_args.padding_free, kind.name, model_args.attn_implementation,
+                                                       model_type_of(model_args.model_path, base_config))
     prompt_args = method_args if kind.prepends_virtual_tokens else None
     if prompt_args is not None:
         check_prompt_fits_model(prompt_args.num_virtual_tokens, data_args.max_length, model_args.model_path, base_config)

@@ -26,7 +26,8 @@ from ..common.files import base_weights_size, folder_size, human_bytes, model_fi
 from ..evaluation.held_out import HeldOutScorer, best_and_stop, best_of_run, held_out_scorer, judged_by, stop_reason
 from .lora_variants import describe_variants, loraplus_optimizer, save_as_plain_lora, save_initial_adapter
 from ..run.methods import Method, get_method
-from ..models.loading import base_config_of, build_quantization_config, check_target_modules, count_parameters, load_base_model
+from ..models.loading import (base_config_of, build_quantization_config, check_target_modules, count_parameters, load_base_model,
+                              lora_targets)
 from .plan import RunPlan, plan_from_arguments
 from ..run.precision import base_dtype
 from ..run.prompt_settings import SYSTEM_PROMPT_KEY, training_system_prompt
@@ -86,11 +87,16 @@ def wrap_with_adapter(model, kind: Method, method_args, model_path: str, chat_to
 
     if kind.trains_base_weights:
         return model
-    if kind.adapts_linear_layers:
-        check_target_modules(model, method_args.target_module_list())
-    config = kind.peft_config(method_args, model_path, **({"trainable_token_indices": list(chat_token_rows)}
-                                                          if kind.adapts_linear_layers else {}))
-    return get_peft_model(model, config)
+    if not kind.adapts_linear_layers:
+        return get_peft_model(model, kind.peft_config(method_args, model_path))
+    check_target_modules(model, method_args.target_module_list())
+    modules, parameters, notes = lora_targets(model, method_args.target_module_list())
+    if parameters and method_args.lora_dropout:
+        notes.append(f"note: --lora_dropout {method_args.lora_dropout} becomes 0 for this run: peft trains fused experts "
+                     "(target_parameters) without dropout, and one LoraConfig holds one dropout (adapter_config.json records 0)")
+    for note in notes:
+        print(note, flush=True)
+    return get_peft_model(model, kind.peft_config(method_args, model_path, list(chat_token_rows), (modules, parameters)))
 
 
 def load_model_for_training(model_args: ModelArguments, training_args: KitTrainingArguments, dtype=None):

@@ -8,9 +8,10 @@ from __future__ import annotations
 import importlib.util
 
 from ..common.errors import FlagError
+from ..common.families import FAMILIES
 
 # Model types Liger patches and the kit trains (liger_kernel.transformers.monkey_patch's table has many more).
-LIGER_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
+LIGER_MODEL_TYPES = tuple(model_type for model_type, family in FAMILIES.items() if family.liger)
 
 
 def liger_problem(model_type: str, cuda_available: bool, installed: bool) -> str | None:
@@ -20,7 +21,7 @@ def liger_problem(model_type: str, cuda_available: bool, installed: bool) -> str
     if not cuda_available:
         return "Liger's kernels are Triton kernels and need a CUDA GPU; drop the flag on a CPU"
     if model_type not in LIGER_MODEL_TYPES:
-        return f"this kit applies Liger to Qwen2/Qwen3 models only, and the model is {model_type!r}"
+        return f"this kit applies Liger to model types {', '.join(LIGER_MODEL_TYPES)} only, and the model is {model_type!r}"
     return None
 
 
