@@ -6,6 +6,7 @@ import functools
 import importlib.metadata
 import os
 from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -83,13 +84,24 @@ def build_quantization_config(model_args, compute_dtype: torch.dtype):
 
     check_bitsandbytes(model_args.bnb_4bit_quant_type)
     compute_dtype = quantization_compute_dtype(model_args.bnb_4bit_compute_dtype, compute_dtype)
+    family = family_of(model_type_at(model_args.model_path))
     return BitsAndBytesConfig(
         load_in_4bit=True,
+        # the family's modules 4-bit cannot serve (Qwen3.5's 16-wide in_proj_a/b, the vision tower), lm_head as by default
+        llm_int8_skip_modules=list(family.keep_out_of_4bit) if family and family.keep_out_of_4bit else None,
         bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=model_args.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_quant_storage=torch.uint8,
     )
+
+
+def model_type_at(model_path: str) -> str | None:
+    """The ``model_type`` of a base folder or tiny alias (None for a hub id not downloaded yet)."""
+    from .checks import model_type_of, read_model_config
+
+    folder = Path(resolve_model_path(model_path))
+    return model_type_of(model_path, read_model_config(folder) if (folder / "config.json").is_file() else None)
 
 
 def load_base_model(model_path: str = "tiny", dtype: torch.dtype = torch.float32, quantization_config=None,
