@@ -2,19 +2,25 @@
 
     record ``tool_calls`` (OpenAI/HF style, arguments a JSON string or an object) ──normalize_tool_call──▶
         {"type": "function", "function": {"name", "arguments": {...}}}  (what the chat template renders)
-    generated text ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` ──parse_tool_calls──▶
-        [{"name", "arguments"}] and the text around the blocks
+    generated text, either form of block ──parse_tool_calls──▶ [{"name", "arguments"}] and the text around the blocks
+        JSON (Qwen2.5, Qwen3)      ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``
+        XML (Qwen3.5 and later)    ``<tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>\\n</function>\\n</tool_call>``
 
 Qwen2.5's template writes ``arguments | tojson`` (a string argument would come out quoted twice) and Qwen3's
 writes a string as it is, so arguments are always parsed to an object first: both forms give the same tokens.
+Qwen3.5's writes each argument as a ``<parameter=...>`` block; :func:`parse_parameter_value` reads its value back.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from typing import NoReturn
 
-TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)  # Qwen's hermes-style blocks
+TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)  # Qwen's blocks, either form
+XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*)</function>", re.DOTALL)  # a whole block's content (fullmatch)
+XML_PARAMETER = re.compile(r"\s*<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.DOTALL)  # the template's newlines are optional
+PYTHON_CONSTANTS = {"True": True, "False": False, "None": None}  # what ``value | string`` writes for JSON true, false, null
 
 
 def parse_arguments(arguments) -> dict:
@@ -63,17 +69,64 @@ def normalize_tools(tools, bare_specs: bool = False) -> list[dict]:
     return result
 
 
+def refuse_constant(name: str) -> NoReturn:
+    """``json.loads``'s hook for ``NaN`` and ``Infinity``: the template writes a non-finite float as ``nan``/``inf``."""
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_parameter_value(value: str) -> object:
+    """An XML ``<parameter>`` value as the argument Qwen3.5's template wrote it from (its newlines already taken off).
+
+    The template writes an object or a list as ``tojson``, a number or a bool or null as Python's ``str``
+    (``3``, ``0.5``, ``1e+20``, ``True``, ``False``, ``None``) and a string as it is. So ``True``/``False``/``None``
+    read back as those values, and a value that is exactly a JSON number, object or list reads back as one;
+    anything else (``true``, ``"quoted"``, ``007``, ``NaN``, a number with spaces around it) stays a string, as
+    written. The text cannot tell a string argument ``"3"``, ``"[1]"`` or ``"True"`` from the number, list or bool
+    the template writes the same way: it reads back as the number, list or bool.
+    """
+    if value in PYTHON_CONSTANTS:
+        return PYTHON_CONSTANTS[value]
+    if value != value.strip():  # json.loads would skip the spaces a string argument kept
+        return value
+    try:
+        parsed = json.loads(value, parse_constant=refuse_constant)
+    except ValueError:
+        return value
+    return parsed if isinstance(parsed, (int, float, dict, list)) and not isinstance(parsed, bool) else value
+
+
+def parse_xml_call(content: str) -> dict:
+    """One XML block's content as ``{"name", "arguments"}``; ValueError when a part is missing or left open."""
+    function = XML_FUNCTION.fullmatch(content)
+    if function is None:
+        raise ValueError("no <function=NAME>...</function>")
+    body, position, arguments = function[2], 0, {}
+    while parameter := XML_PARAMETER.match(body, position):
+        if "<parameter=" in parameter[2]:
+            raise ValueError(f"parameter {parameter[1]!r} is not closed")
+        arguments[parameter[1]] = parse_parameter_value(parameter[2])
+        position = parameter.end()
+    if body[position:].strip():
+        raise ValueError(f"not a closed <parameter=...> block: {body[position:]!r:.40}")
+    return {"name": function[1], "arguments": arguments}
+
+
 def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
     """The text without its well-formed ``<tool_call>`` blocks, and those blocks as ``[{"name", "arguments"}]``.
 
-    A block whose JSON does not parse, or lacks a name or object arguments, stays in the text: a malformed
-    call is shown to the user as the model wrote it, never dropped and never a crash.
+    A block starting ``<function=`` is read as XML (:func:`parse_xml_call`), any other as JSON. A block whose
+    JSON does not parse or lacks a name or object arguments, or whose XML has no ``<function=NAME>`` or an
+    unclosed part, stays in the text: a malformed call is shown to the user as the model wrote it, never
+    dropped and never a crash.
     """
     calls, kept, last = [], [], 0
     for match in TOOL_CALL_BLOCK.finditer(text):
         try:
-            call = json.loads(match[1])
-            parsed = {"name": call["name"], "arguments": parse_arguments(call.get("arguments", {}))}
+            if match[1].startswith("<function="):
+                parsed = parse_xml_call(match[1])
+            else:
+                call = json.loads(match[1])
+                parsed = {"name": call["name"], "arguments": parse_arguments(call.get("arguments", {}))}
         except (ValueError, TypeError, KeyError):
             continue
         if not isinstance(parsed["name"], str):
