@@ -178,3 +178,16 @@ def test_an_explicit_padding_free_on_a_hybrid_model_is_refused():
 
     with pytest.raises(FlagError, match="Gated DeltaNet"):
         resolve_padding_free(True, "lora", "sdpa", "qwen3_5")
+
+
+@pytest.mark.parametrize("model_path, default", [("tiny", None), ("tiny-qwen3", True), ("tiny-qwen3.5", False),
+                                                 ("tiny-qwen3.5-think", True), ("tiny-qwen3.6", True), ("tiny-qwen3.8", True),
+                                                 ("tiny-qwen3-2507-instruct", None)])
+def test_each_templates_own_thinking_default_is_read_and_a_different_choice_is_said(model_path, default):
+    from qwen_helpers.data.chat_spans import thinking_default
+    from qwen_helpers.training.plan import thinking_notice
+
+    replica = load_tokenizer(model_path)
+    assert thinking_default(replica) is default
+    assert (thinking_notice(replica, False) is not None) == (default is True)
+    assert (thinking_notice(replica, True) is not None) == (default is False)

@@ -185,7 +185,7 @@ FAST_RUN = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--max_len
 
 
 @pytest.mark.replica
-@pytest.mark.parametrize("model_path", command_params({"tiny-qwen2.5-base", "tiny-qwen3"}))
+@pytest.mark.parametrize("model_path", command_params({"tiny-qwen2.5-base", "tiny-qwen3", "tiny-qwen3.5", "tiny-qwen3.5-moe"}))
 def test_lora_trains_loads_with_plain_peft_generates_and_merges(model_path, chat_file, tmp_path):
     from peft import PeftModel
     from safetensors import safe_open

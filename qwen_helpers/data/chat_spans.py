@@ -20,6 +20,17 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool, enable_
     )
 
 
+def thinking_default(tokenizer) -> bool | None:
+    """The template's own thinking mode when a request does not choose one: True (Qwen3, Qwen3.5-4B and up, Qwen3.6,
+    Qwen3.8), False (Qwen3.5-0.8B/2B), None when the template has no switch (Qwen2.5, Qwen3-2507)."""
+    messages = [{"role": "user", "content": "x"}]
+    on, off = (render(tokenizer, messages, True, mode) for mode in (True, False))
+    if on == off:
+        return None
+    default = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return default == on
+
+
 # Private-use characters that mark where each message's text sits in the rendered template, so data can be
 # told from scaffolding: "\ue000c3\ue002" opens the content of message 3, "\ue001c3\ue002" closes it.
 _OPEN, _CLOSE, _END = "\ue000", "\ue001", "\ue002"

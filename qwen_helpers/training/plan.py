@@ -57,6 +57,7 @@ class RunPlan:
     save: bool
     tokenizer: object = field(repr=False, compare=False)
     base_config: dict | None = field(default=None, repr=False, compare=False)
+    thinking_notice: str | None = None
 
     @property
     def lora_args(self):
@@ -71,7 +72,8 @@ class RunPlan:
         notes = [self.training.precision_notice, f"device: {self.training.device}"]
         if self.output.resume_from:
             notes.append(f"resuming from {self.output.resume_from}")
-        return [*notes, self.batching_note, *([self.chat_token_notice] if self.chat_token_notice else [])]
+        notes += [self.batching_note, *([self.chat_token_notice] if self.chat_token_notice else [])]
+        return [*notes, *([self.thinking_notice] if self.thinking_notice else [])]
 
 
 def check_distributed_launch(training_args: KitTrainingArguments) -> None:
@@ -159,7 +161,23 @@ def plan_run(model_args: ModelArguments, data_args: DataArguments, training_args
         batching_note=batching_note, task=task, labels=tuple(labels) if labels else None,
         chat_token_rows=tuple(rows), chat_token_notice=notice, enable_thinking=data_args.enable_thinking,
         output=output, target_dir=training_args.output_dir, save=save, tokenizer=tokenizer, base_config=base_config,
+        thinking_notice=thinking_notice(tokenizer, data_args.enable_thinking),
     )
+
+
+def thinking_notice(tokenizer, enable_thinking: bool) -> str | None:
+    """One line when the run's thinking mode is not the template's own default (chosen, so it is said)."""
+    from ..data.chat_spans import thinking_default
+
+    default = thinking_default(tokenizer)
+    if default is None or default == enable_thinking:
+        return None
+    if enable_thinking:
+        return ("thinking: on (--enable_thinking True); this checkpoint's template answers without thinking unless asked, "
+                "and every prompt of this run (inference, merge, serving) asks in thinking mode, as recorded")
+    return ("thinking: off (--enable_thinking False, the kit's default: answers are trained without reasoning); this "
+            "checkpoint's template thinks by default, and prompts of this run pre-fill an empty think block as trained. "
+            "Records with reasoning: pass --enable_thinking True")
 
 
 def plan_from_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: KitTrainingArguments,
