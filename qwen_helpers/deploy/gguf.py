@@ -135,7 +135,10 @@ def convert_to_gguf(hf_dir: str, gguf_file: str, gguf_type: str, converter: str)
         raise ValueError(f"--gguf_type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}.")
     direct = gguf_type if gguf_type in CONVERTER_TYPES else "f32"
     converted = Path(gguf_file) if direct == gguf_type else Path(gguf_file).with_suffix(".f32-intermediate.gguf")
-    result = subprocess.run([sys.executable, converter, hf_dir, "--outfile", str(converted), "--outtype", direct],
+    # Qwen3.5's config counts a multi-token-prediction layer whose weights transformers drops on load, so a merge has
+    # none: without --no-mtp the converter writes a block count the weights do not fill and llama.cpp refuses the file.
+    no_mtp = ["--no-mtp"] if json.loads((Path(hf_dir) / "config.json").read_text()).get("mtp_num_hidden_layers") else []
+    result = subprocess.run([sys.executable, converter, hf_dir, "--outfile", str(converted), "--outtype", direct, *no_mtp],
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"llama.cpp's converter failed on {hf_dir} (exit {result.returncode}):\n{result.stderr[-3000:]}")

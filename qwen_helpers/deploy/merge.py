@@ -156,10 +156,6 @@ def merge_and_export(adapter_path: str | AdapterFolder, output_dir: str, model_p
             "weights: merge on the CPU in fp32 instead (CUDA_VISIBLE_DEVICES= python -m qwen_helpers.export --format hf ...)."
         )
     started = time.time()
-    if getattr(merged.config, "mtp_num_hidden_layers", 0):
-        # Qwen3.5's multi-token-prediction layer: transformers drops its weights on load, so the merge has none; a
-        # config that still counts one makes llama.cpp look for weights that are not there.
-        merged.config.mtp_num_hidden_layers = 0
     merged.save_pretrained(output_dir)
     if settings is not None:
         tokenizer.chat_template = template_with_thinking_default(tokenizer.chat_template, settings.enable_thinking)
