@@ -226,3 +226,19 @@ def test_typed_control_tokens_are_reported_apart_from_tokenisation_faults():
     fault = tokenisation_lines({"prompts": 2, "serving_differences": 0, "tokenisation_faults": 1,
                                 "per_prompt": [rows[1]] * 2})
     assert "identical ids on 1/2" in fault[0] and "DIFFERENTLY" in fault[1] and len(fault) == 2
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("like, expert_parameters", [("tiny-qwen3.5", None), ("tiny-qwen3.5-moe", ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])])
+def test_qwen3_5_f32_gguf_answers_exactly_like_transformers(converter, tmp_path, like, expert_parameters):
+    """Qwen3.5 (hybrid Gated DeltaNet, 248k vocabulary, an MTP layer in the config) and its MoE, LoRA on every linear
+    layer and, for the MoE, on the routed experts: llama.cpp's qwen35/qwen35moe converter and the same verification."""
+    from peft import LoraConfig, get_peft_model
+
+    from qwen_helpers.models.loading import load_base_model
+
+    config = LoraConfig(task_type="CAUSAL_LM", r=8, target_modules="all-linear", target_parameters=expert_parameters,
+                        init_lora_weights=False, lora_dropout=0.0)
+    get_peft_model(load_base_model(like), config).save_pretrained(tmp_path / "lora")
+    report = exported(str(tmp_path / "lora"), tmp_path / "out", "f32")
+    assert report["code"] == 0 and report["verification"]["identical_tokenisation"] and report["verification"]["identical_greedy_answers"]
