@@ -10,7 +10,7 @@ import torch
 
 from qwen_helpers.common import qwen3_5
 from qwen_helpers.common.errors import ModelFolderError
-from qwen_helpers.common.families import FAMILIES, family_of, families_table
+from qwen_helpers.common.families import FAMILIES, SUPPORTED_MODEL_TYPES, family_of, families_table
 from qwen_helpers.models.checks import check_model_type
 from qwen_helpers.models.loading import load_tokenizer
 from qwen_helpers.training.batching import make_padding_free_collator, resolve_padding_free
@@ -108,10 +108,21 @@ def test_unsupported_types_are_refused_in_one_line(model_type, words):
     assert "\n" not in str(error.value) and "qwen3_5" in str(error.value)
 
 
-def test_every_family_is_supported():
-    for model_type in FAMILIES:
+def test_every_family_is_supported_but_the_untested_one():
+    assert set(FAMILIES) - set(SUPPORTED_MODEL_TYPES) == {"qwen3_next"}
+    for model_type in SUPPORTED_MODEL_TYPES:
         check_model_type({"model_type": model_type}, "somewhere")
-    assert "qwen3_5_moe" in families_table() and families_table().count("\n") == len(set(FAMILIES.values())) + 1
+    with pytest.raises(ModelFolderError, match="no replica"):
+        check_model_type({"model_type": "qwen3_next"}, "somewhere")
+    assert "qwen3_5_moe" in families_table() and "qwen3_next" not in families_table()
+    assert families_table().count("\n") == len({FAMILIES[name] for name in SUPPORTED_MODEL_TYPES}) + 1
+
+
+def test_the_families_doc_shows_the_table_the_code_uses():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "families.md").read_text(encoding="utf-8")
+    assert families_table() in doc, "docs/families.md: paste python -c 'from qwen_helpers.common.families import families_table; print(families_table())'"
 
 
 # ------------------------------------------------------------------------------------ packed equals padded, per type

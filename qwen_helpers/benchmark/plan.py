@@ -216,6 +216,17 @@ def tokens_per_step(row: dict, args: BenchmarkArguments, lengths: list[int], bud
     return args.batch_size, longest  # dynamic padding: the longest example bounds the peak
 
 
+def estimate_gap(config) -> str | None:
+    """Why the memory and FLOP estimates do not model this architecture (None for the dense Qwen2/Qwen3 they do)."""
+    from ..common.families import family_of
+
+    family = family_of(getattr(config, "model_type", None))
+    if family and (family.hybrid_linear_attention or family.has_experts):
+        return (f"the memory and FLOP estimates model dense Qwen2/Qwen3 layers, not {family.label}'s "
+                f"{'linear attention' if family.hybrid_linear_attention else 'routed experts'}; measured figures only")
+    return None
+
+
 def plan_estimates(args: BenchmarkArguments, config, runs: list, device: str, bf16_supported: bool = True, lengths: list[int] | None = None) -> list[dict]:
     """The memory estimate of every run, in the precision it will really use on this device.
 
@@ -227,9 +238,14 @@ def plan_estimates(args: BenchmarkArguments, config, runs: list, device: str, bf
     lengths = lengths or [args.seq_len]
     budget = default_token_budget(args, lengths)
     estimates = []
+    unmodelled = estimate_gap(config)
     for run in runs:
         row = run if isinstance(run, dict) else {"side": "kit", "method": run[0], "gradient_checkpointing": run[1], "batching": "pad_max"}
         precision, _ = device_precision(RUNS[row["method"]], device, bf16_supported)
+        if unmodelled:  # measured only: a row never carries a number the estimate cannot stand behind
+            estimates.append({"method": row["method"], "gradient_checkpointing": row["gradient_checkpointing"], "dtype": precision,
+                              "parts": {}, "total_bytes": 0, "unmodelled": unmodelled})
+            continue
         batch, tokens = tokens_per_step(row, args, lengths, budget)
         estimates.append(estimate_memory(config, row["method"], tokens, batch, row["gradient_checkpointing"], precision, args.lora_r, targets,
                                          num_virtual_tokens=args.num_virtual_tokens, use_liger=args.use_liger_kernel))

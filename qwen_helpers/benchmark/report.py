@@ -39,7 +39,10 @@ def finish_row(row: dict, planned: dict, estimate: dict, config, environment: di
     measured = row.get("peak_above_start_bytes", measured_peak(row)) if environment["device"] != "cuda" else measured_peak(row)
     row["estimate_ratio"] = estimate["total_bytes"] / measured if measured and row.get("status") == "ok" else None
     row["mfu"] = None
-    if row.get("status") == "ok" and environment.get("peak_flops"):
+    if estimate.get("unmodelled"):
+        row["estimate_bytes"] = row["estimate_ratio"] = None
+        row["estimate_note"] = estimate["unmodelled"]
+    elif row.get("status") == "ok" and environment.get("peak_flops"):
         virtual = num_virtual_tokens if method.method.prepends_virtual_tokens else 0
         flops = model_flops_per_token(config, causal_context(lengths, virtual), method.method.trains_base_weights)
         row["mfu"] = row["tokens_per_second"] * flops / environment["peak_flops"]
@@ -251,7 +254,7 @@ def write_results(result) -> None:
     if not ok:
         return
     measured = {row["run"]: measured_peak(row) / GIB for row in ok}
-    memory = {"measured": measured, "estimate": {row["run"]: row["estimate_bytes"] / GIB for row in ok}}
+    memory = {"measured": measured, "estimate": {row["run"]: row["estimate_bytes"] / GIB for row in ok if row["estimate_bytes"] is not None}}
     plot_grouped_bars(memory, "peak memory (GiB)", "Peak memory per run").savefig(folder / "memory.png", dpi=100)
     throughput = {row["run"]: row["tokens_per_second"] for row in ok}
     plot_bars(throughput, "real tokens / s", "Training throughput per run").savefig(folder / "throughput.png", dpi=100)

@@ -152,6 +152,8 @@ def _name(row: dict) -> str:
 
 
 def _estimate_summary(planned: list[dict], estimates: list[dict]) -> str:
+    if estimates and estimates[0].get("unmodelled"):
+        return f"  none: {estimates[0]['unmodelled']}"
     return "\n".join(f"  {_name(row)}: {estimate['total_bytes'] / GIB:.2f} GiB" for row, estimate in zip(planned, estimates))
 
 
