@@ -48,6 +48,11 @@ def test_moe_adapter_carries_the_routed_experts_and_merges(chat_file, tmp_path, 
         assert all(weights.get_tensor(key).abs().sum() > 0 for key in experts)  # they trained (B starts at zero)
         assert any(".linear_attn.in_proj_qkv." in key for key in weights.keys())  # all-linear covers Gated DeltaNet
         assert not any("visual" in key or ".mlp.gate." in key for key in weights.keys())  # no vision tower, no router
+    from qwen_helpers.deploy.serving import check_vllm_adapter
+
+    vllm = check_vllm_adapter(str(adapter))
+    assert any("routed experts" in problem for problem in vllm.problems) and vllm.rank == 8  # not r x experts
+    assert not any("does not exist" in problem for problem in vllm.problems)
     merged = tmp_path / "merged"
     assert export.main(["--format", "hf", "--adapter_path", str(adapter), "--output_dir", str(merged)]) == 0  # checks logits
     merged_config = json.loads((merged / "config.json").read_text())
@@ -130,3 +135,55 @@ def test_grpo_on_qwen3_5(tmp_path):
                             *[flag for flag in FAST if flag not in ("--max_length", "128")]]) == 0
     with safe_open(output / "adapter_model.safetensors", "pt") as weights:
         assert weights.keys()
+
+
+LOW_EFFORT = "Reasoning effort is set to low."  # Qwen3.8's template's own words for reasoning_effort="low"
+
+
+def test_reasoning_effort_travels_from_training_to_inference_merge_and_vllm(chat_file, tmp_path):
+    from transformers import AutoTokenizer
+
+    from qwen_helpers import export, train_lora
+    from qwen_helpers.data.encoding import format_prompt
+    from qwen_helpers.deploy.serving import check_vllm_adapter
+    from qwen_helpers.models.adapters import load_model_with_adapter
+
+    adapter = tmp_path / "effort"
+    assert train_lora.main(["--model_path", "tiny-qwen3.8", "--data_path", chat_file, "--output_dir", str(adapter),
+                            "--enable_thinking", "True", "--reasoning_effort", "low", *FAST]) == 0
+    assert json.loads((adapter / "run_config.json").read_text())["reasoning_effort"] == "low"
+    record = {"instruction": "翻译为英文", "input": "早上好"}
+    _, tokenizer = load_model_with_adapter(str(adapter))
+    assert LOW_EFFORT in format_prompt(tokenizer, record, enable_thinking=True)  # the adapter is asked as it was trained
+    merged = tmp_path / "merged"
+    assert export.main(["--format", "hf", "--adapter_path", str(adapter), "--output_dir", str(merged)]) == 0
+    rendered = AutoTokenizer.from_pretrained(merged).apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                                          add_generation_prompt=True)
+    assert LOW_EFFORT in rendered and rendered.endswith("<think>\n")  # plain transformers on the merged folder, no kwargs
+    assert '"reasoning_effort": "low"' in check_vllm_adapter(str(adapter)).command()
+
+
+@pytest.mark.parametrize("model_path, flags, words", [
+    ("tiny-qwen3.5", ["--preserve_thinking", "True"], "does not read preserve_thinking"),
+    ("tiny-qwen3.8", ["--reasoning_effort", "low"], "thinking mode only"),
+    ("tiny", ["--enable_thinking", "True", "--reasoning_effort", "medium"], "does not read reasoning_effort"),
+])
+def test_a_template_option_the_template_does_not_read_is_refused_before_loading(model_path, flags, words, chat_file, tmp_path, capsys):
+    from qwen_helpers import train_lora
+
+    assert train_lora.main(["--model_path", model_path, "--data_path", chat_file, "--output_dir", str(tmp_path / "x"), *flags, *FAST]) == 2
+    error = capsys.readouterr().err.strip()
+    assert words in error and "\n" not in error and not (tmp_path / "x").exists()
+
+
+def test_preserve_thinking_false_drops_earlier_reasoning_on_qwen3_8():
+    from qwen_helpers.models.loading import load_tokenizer
+    from qwen_helpers.run.prompt_settings import template_with_options
+
+    tokenizer = load_tokenizer("tiny-qwen3.8")
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reasoning_content": "EARLIER"},
+                {"role": "user", "content": "c"}]
+    render = lambda: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # noqa: E731
+    assert "EARLIER" in render()  # Qwen3.8 keeps history reasoning by default
+    tokenizer.chat_template = template_with_options(tokenizer.chat_template, {"preserve_thinking": False})
+    assert "EARLIER" not in render()

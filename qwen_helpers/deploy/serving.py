@@ -53,6 +53,11 @@ class VllmCheck:
     is_lora: bool = True
     enable_thinking: bool | None = None  # the trained mode, where it is recorded and the base's template has the switch
     system_prompt: str | None = None  # the system prompt every training record shared
+    template_options: dict = field(default_factory=dict)  # reasoning_effort / preserve_thinking the adapter was trained with
+
+    def template_kwargs(self) -> dict:
+        """The chat-template arguments every request should get: the trained thinking mode and template options."""
+        return {**({"enable_thinking": self.enable_thinking} if self.enable_thinking is not None else {}), **self.template_options}
 
     @property
     def passed(self) -> bool:
@@ -63,8 +68,8 @@ class VllmCheck:
         name = Path(self.adapter_path).resolve().name
         words = ["vllm", "serve", self.base, "--enable-lora", "--lora-modules", f"{name}={self.adapter_path}",
                  "--max-lora-rank", str(self.max_lora_rank)]
-        if self.enable_thinking is not None:
-            words += ["--default-chat-template-kwargs", json.dumps({"enable_thinking": self.enable_thinking})]
+        if self.template_kwargs():
+            words += ["--default-chat-template-kwargs", json.dumps(self.template_kwargs())]
         return shlex.join(words)
 
     def asking_notes(self) -> list[str]:
@@ -73,7 +78,9 @@ class VllmCheck:
         if self.enable_thinking is not None:
             mode = "thinking" if self.enable_thinking else "non-thinking"
             notes.append(f"trained in {mode} mode: the command sets it as the default; a request can also pass "
-                         f'"chat_template_kwargs": {json.dumps({"enable_thinking": self.enable_thinking})}')
+                         f'"chat_template_kwargs": {json.dumps(self.template_kwargs())}')
+        elif self.template_options:
+            notes.append(f"trained with the template options {json.dumps(self.template_options)}: the command sets them as defaults")
         if self.system_prompt:
             notes.append(f"trained with the system prompt {self.system_prompt!r}: vLLM adds none of its own, "
                          "send it as the first message")
@@ -237,6 +244,8 @@ def check_vllm_adapter(adapter_path: str | AdapterFolder, model_path: str | None
         raise AdapterError(f"The base {base_name} is not a local model folder with a config.json; pass --model_path with the folder you will serve.")
     check_base_fingerprint(folder, base_name)  # not the base it was trained on
     shapes = adapter_tensor_shapes(folder)
+    experts = {name for name in shapes if ".mlp.experts." in name}  # peft target_parameters on fused experts
+    shapes = {name: shape for name, shape in shapes.items() if name not in experts}  # the rest, checked as modules
     rank = adapter_rank(info, shapes)
     check = VllmCheck(adapter_path=adapter_path, base=base_path, rank=rank, max_lora_rank=max_lora_rank)
     check.problems += config_problems(info)
@@ -247,7 +256,11 @@ def check_vllm_adapter(adapter_path: str | AdapterFolder, model_path: str | None
     if settings is not None:
         check.system_prompt = settings.system_prompt
         check.enable_thinking = settings.enable_thinking if has_thinking_switch(base_chat_template(base_path)) else None
+        check.template_options = dict(settings.template_options)
     problems, notes = tensor_problems(shapes)
+    if experts:
+        problems.append(f"it adapts the routed experts (peft target_parameters on {', '.join(info.get('target_parameters') or [])}), "
+                        f"whose loading from a peft adapter depends on the vLLM release and model, so this check cannot promise it; {MERGE_INSTEAD}")
     check.problems += problems
     check.notes += notes + variant_notes(info, folder.run_config)
     if rank > max_lora_rank:

@@ -17,6 +17,7 @@ from .checks import check_adapter
 from ..run.config import ModelArguments
 from .loading import base_config_of, build_quantization_config, load_base_model, load_tokenizer, release_memory
 from ..run.precision import inference_dtype
+from ..run.prompt_settings import recorded_template_options, template_with_options
 from ..common.tiny import resolve_model_path
 
 PROMPT_TUNING_CANNOT_MERGE = (
@@ -62,7 +63,10 @@ def load_base_for_inference(model_path: str = "tiny", load_in_4bit: bool = False
         quantization_config = build_quantization_config(model_args, inference_dtype(run_config))
     model = load_base_model(model_path, inference_dtype(run_config), quantization_config=quantization_config)
     model.eval()
-    return model, load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path)
+    if run_config:  # the template options the adapter was trained with become the defaults of every prompt
+        tokenizer.chat_template = template_with_options(tokenizer.chat_template, recorded_template_options(run_config))
+    return model, tokenizer
 
 
 def _recorded_base_config(folder: AdapterFolder) -> tuple[str | None, dict | None]:

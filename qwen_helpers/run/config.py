@@ -23,6 +23,7 @@ from .flag_checks import (check_data_flags, check_evaluation_flags, check_lora_f
 from ..data.records import FieldMap
 from ..common.files import RUN_CONFIG, atomic_write_text
 from .precision import Precision, apply_precision_policy
+from .prompt_settings import TEMPLATE_OPTIONS
 
 LOSS_HISTORY = "loss_history.json"
 
@@ -51,7 +52,26 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class TemplateOptions:
+    """Chat-template options beyond thinking mode, for every command that renders prompts; recorded in run_config.json
+    and made the template's defaults wherever the adapter is used (:func:`qwen_helpers.run.prompt_settings.template_with_options`)."""
+
+    reasoning_effort: Literal["xhigh", "medium", "low"] | None = field(
+        default=None,
+        metadata={"help": "Qwen3.8: the template's reasoning_effort (thinking mode), for training and every later prompt; default: the template's (xhigh)."},
+    )
+    preserve_thinking: bool | None = field(
+        default=None,
+        metadata={"help": "Qwen3.6/3.8: keep earlier turns' reasoning in the prompt (the template's preserve_thinking); default: the template's."},
+    )
+
+    def template_options(self) -> dict:
+        """The chat-template options this run sets (reasoning_effort, preserve_thinking), recorded and reused everywhere."""
+        return {name: getattr(self, name) for name in TEMPLATE_OPTIONS if getattr(self, name) is not None}
+
+
+@dataclass
+class DataArguments(TemplateOptions):
     """Where the training data is and how it becomes tokens."""
 
     data_path: str = field(default="data/train.json", metadata={"help": "Training data: JSON array or JSONL of records."})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
@@ -22,6 +23,9 @@ from ..data.records import FieldMap, iter_records, load_records, read_raw_record
 PROMPT_SETTINGS = "prompt_settings.json"  # in a merged folder: how the adapter it came from was trained to be asked
 SYSTEM_PROMPT_KEY = "training_system_prompt"  # in run_config.json
 THINKING_DEFAULT_MARK = "{#- qwen_helpers: enable_thinking defaults to the trained mode -#}"
+# Chat-template options beyond enable_thinking that a run may set (Qwen3.6's preserve_thinking, Qwen3.8's reasoning_effort)
+TEMPLATE_OPTIONS = ("reasoning_effort", "preserve_thinking")
+OPTION_DEFAULT_MARK = "{#- qwen_helpers: option defaults of the trained run -#}"
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class PromptSettings:
     system_prompt: str | None = None
     fields: FieldMap = FieldMap()
     data_format: str = "auto"
+    template_options: tuple[tuple[str, object], ...] = ()  # (name, value) of TEMPLATE_OPTIONS the run set
 
     def to_json(self) -> dict:
         return {
@@ -39,6 +44,7 @@ class PromptSettings:
             SYSTEM_PROMPT_KEY: self.system_prompt,
             "field_map": vars(self.fields),
             "data_format": self.data_format,
+            **dict(self.template_options),
         }
 
 
@@ -146,7 +152,7 @@ def settings_from_run_config(run: dict) -> PromptSettings:
         system_prompt = (
             training_system_prompt(data_path, fields, data_format) if data_path and data_path.is_file() else None
         )
-    return PromptSettings(bool(run.get("enable_thinking", False)), system_prompt, fields, data_format)
+    return PromptSettings(bool(run.get("enable_thinking", False)), system_prompt, fields, data_format, recorded_template_options(run))
 
 
 def settings_from_file(path: Path) -> PromptSettings:
@@ -156,6 +162,7 @@ def settings_from_file(path: Path) -> PromptSettings:
         saved.get(SYSTEM_PROMPT_KEY),
         FieldMap(**saved.get("field_map", {})),
         saved.get("data_format", "auto"),
+        recorded_template_options(saved),
     )
 
 
@@ -197,5 +204,50 @@ def template_with_thinking_default(chat_template, enable_thinking: bool):
     if not has_thinking_switch(chat_template):
         return chat_template
     for earlier in (thinking_default(True), thinking_default(False)):
-        chat_template = chat_template.removeprefix(earlier)
+        chat_template = chat_template.replace(earlier, "", 1)  # wherever it sits: option defaults may come first
     return thinking_default(enable_thinking) + chat_template
+
+
+def recorded_template_options(saved: dict) -> tuple[tuple[str, object], ...]:
+    """The template options a run_config.json or prompt_settings.json records (those set, in TEMPLATE_OPTIONS order)."""
+    return tuple((name, saved[name]) for name in TEMPLATE_OPTIONS if saved.get(name) is not None)
+
+
+def apply_template_options(tokenizer, options: dict, enable_thinking: bool, where: str):
+    """Check a run's template options against the checkpoint's template, then make them its defaults; returns the tokenizer."""
+    check_template_options(tokenizer.chat_template, options, where, enable_thinking)
+    tokenizer.chat_template = template_with_options(tokenizer.chat_template, options)
+    return tokenizer
+
+
+def check_template_options(chat_template, options: dict, where: str, enable_thinking: bool = True) -> None:
+    """An option set for a template that never reads it would do nothing: refused, naming the templates that do."""
+    from ..common.errors import FlagError
+
+    if "reasoning_effort" in options and not enable_thinking:
+        raise FlagError("--reasoning_effort: Qwen3.8's template reads it in thinking mode only, and this run is in "
+                        "non-thinking mode; add --enable_thinking True, or drop --reasoning_effort.")
+    for name in options:
+        if not (isinstance(chat_template, str) and name in chat_template):
+            readers = {"reasoning_effort": "Qwen3.8's", "preserve_thinking": "Qwen3.6's and Qwen3.8's"}[name]
+            raise FlagError(f"--{name}: the chat template of {where} does not read {name} ({readers} does), so the flag "
+                            "would change nothing. Drop it, or use a checkpoint whose template has it.")
+
+
+def template_with_options(chat_template, options: dict | tuple):
+    """The chat template with ``options`` as its defaults: every render that does not pass them gets the run's values.
+
+    Applied to the tokenizer when training starts and when an adapter loads, so training, evaluation, inference, the
+    merged folder's template and the GGUF check all render as trained; a request that passes an option still decides.
+    """
+    options = dict(options)
+    if not isinstance(chat_template, str):
+        return chat_template
+    names = "|".join(TEMPLATE_OPTIONS)
+    earlier = rf"(?:\{{%- if (?:{names}) is not defined %\}}\{{%- set (?:{names}) = [^%]*%\}}\{{%- endif %\}})*"
+    chat_template = re.sub(earlier + re.escape(OPTION_DEFAULT_MARK) + "\n", "", chat_template, count=1)
+    if not options:
+        return chat_template
+    lines = "".join(f"{{%- if {name} is not defined %}}{{%- set {name} = {json.dumps(value)} %}}{{%- endif %}}"
+                    for name, value in options.items())
+    return f"{lines}{OPTION_DEFAULT_MARK}\n{chat_template}"

@@ -18,9 +18,10 @@ from trl import DPOConfig, DPOTrainer
 
 from .callbacks import LossHistoryCallback, NanGuardCallback
 from ..models.checks import base_summary, check_model_path
-from ..run.config import KitTrainingArguments, LoraArguments, ModelArguments, write_run_config
+from ..run.config import KitTrainingArguments, LoraArguments, ModelArguments, TemplateOptions, write_run_config
 from ..common.errors import FlagError
 from ..common.files import remove_folders, swap_in
+from ..run.prompt_settings import apply_template_options
 from ..models.loading import base_config_of, count_parameters, load_tokenizer
 from ..data.preference import load_preference_records, tokenize_preference
 from ..run.prompt_settings import SYSTEM_PROMPT_KEY, shared_system_prompt
@@ -29,7 +30,7 @@ from .sft import TrainResult, attach_adapter, load_model_for_training
 
 
 @dataclass
-class PreferenceDataArguments:
+class PreferenceDataArguments(TemplateOptions):
     """Preference pairs and where DPO starts."""
 
     data_path: str = field(
@@ -193,6 +194,7 @@ def _train_into(
     from transformers import set_seed
 
     tokenizer = load_tokenizer(model_args.model_path)
+    apply_template_options(tokenizer, data_args.template_options(), data_args.enable_thinking, model_args.model_path)
     train_data, dropped = tokenize_preference(tokenizer, train_pairs, config.max_length, data_args.enable_thinking)
     eval_data = (
         tokenize_preference(tokenizer, eval_pairs, config.max_length, data_args.enable_thinking)[0]

@@ -18,10 +18,11 @@ from trl import GRPOConfig, GRPOTrainer
 
 from .callbacks import LossHistoryCallback, NanGuardCallback
 from ..models.checks import check_model_path
-from ..run.config import KitTrainingArguments, LoraArguments, ModelArguments
+from ..run.config import KitTrainingArguments, LoraArguments, ModelArguments, TemplateOptions
 from ..data.encoding import format_prompt
 from ..common.errors import FlagError
 from ..common.files import remove_folders
+from ..run.prompt_settings import apply_template_options
 from ..models.loading import count_parameters, load_tokenizer
 from ..data.preference import prompt_messages
 from ..run.prompt_settings import shared_system_prompt
@@ -33,7 +34,7 @@ from .sft import TrainResult
 
 
 @dataclass
-class PromptDataArguments:
+class PromptDataArguments(TemplateOptions):
     """Prompts to sample answers for, the rewards that score them, and where GRPO starts."""
 
     data_path: str = field(
@@ -153,6 +154,7 @@ def train_grpo(
     config.output_dir = plan.staging
     try:
         tokenizer = load_tokenizer(model_args.model_path)
+        apply_template_options(tokenizer, data_args.template_options(), data_args.enable_thinking, model_args.model_path)
         dataset = prompt_dataset(tokenizer, records, data_args.enable_thinking)
         model = load_start_model(model_args, data_args, lora_args, config, tokenizer)
         model.generation_config.eos_token_id = stop_token_ids(tokenizer)  # TRL stops at these (and the tokenizer's eos)

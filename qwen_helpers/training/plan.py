@@ -25,6 +25,7 @@ from ..run.flag_checks import (check_classification_flags, check_data_files, che
                           check_prompt_fits_model, check_raw_text_flags, check_resume_flags)
 from ..evaluation.held_out import held_out_task
 from ..run.methods import Method, get_method
+from ..run.prompt_settings import apply_template_options
 from ..run.precision import Precision
 from .run_folder import OutputPlan, plan_output_on_main_process, training_inputs
 from .speed import check_liger
@@ -154,6 +155,7 @@ def plan_run(model_args: ModelArguments, data_args: DataArguments, training_args
         runs_in = copy.copy(training_args)
         runs_in.output_dir = output.staging
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_args.model_path)
+    apply_template_options(tokenizer, data_args.template_options(), data_args.enable_thinking, model_args.model_path)
     rows, notice = chat_tokens_to_train(tokenizer, method_args.train_chat_tokens) if kind.adapts_linear_layers else ([], None)
     return RunPlan(
         model=model_args, data=data_args, training=runs_in, method=kind, method_args=method_args,
