@@ -187,3 +187,30 @@ def test_preserve_thinking_false_drops_earlier_reasoning_on_qwen3_8():
     assert "EARLIER" in render()  # Qwen3.8 keeps history reasoning by default
     tokenizer.chat_template = template_with_options(tokenizer.chat_template, {"preserve_thinking": False})
     assert "EARLIER" not in render()
+
+
+def test_prompt_tuning_on_qwen3_5_trains_classifies_and_generates(tmp_path):
+    """Soft prompts on a hybrid model: the virtual tokens pass through the Gated DeltaNet layers as through attention."""
+    from qwen_helpers import inference, train_prompt_tuning
+    from qwen_helpers.data.records import load_records
+
+    eval_file = tmp_path / "eval.json"
+    eval_file.write_text(json.dumps(load_records(DATA / "classify_test.json")[::10], ensure_ascii=False), encoding="utf-8")
+    output = tmp_path / "prompt_tuning"
+    assert train_prompt_tuning.main(["--model_path", "tiny-qwen3.5", "--data_path", str(DATA / "classify_train.json"),
+                                     "--eval_data_path", str(eval_file), "--output_dir", str(output), "--num_virtual_tokens", "4",
+                                     *[flag for flag in FAST if flag not in ("--learning_rate", "1e-2")]]) == 0
+    adapter = json.loads((output / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "PROMPT_TUNING" and adapter["num_virtual_tokens"] == 4
+    with safe_open(output / "adapter_model.safetensors", "pt") as weights:
+        (embedding,) = [weights.get_tensor(key) for key in weights.keys()]
+    from pathlib import Path
+
+    from qwen_helpers.common.families import text_config
+    from qwen_helpers.common.tiny import resolve_model_path
+
+    hidden = text_config(json.loads((Path(resolve_model_path("tiny-qwen3.5")) / "config.json").read_text()))["hidden_size"]
+    assert tuple(embedding.shape) == (4, hidden)  # 4 virtual tokens of the text model's width (not the vision tower's)
+    metrics = json.loads((output / "classification_metrics.json").read_text(encoding="utf-8"))
+    assert metrics["examples"] == len(load_records(eval_file)) and len(metrics["predictions"]) == metrics["examples"]
+    assert inference.main(["--adapter_path", str(output), "--instruction", "这个耳机音质很好", "--max_new_tokens", "4"]) == 0
