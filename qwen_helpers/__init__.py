@@ -7,8 +7,8 @@ import warnings
 for _old_name in ("is_gradient_checkpointing", "gradient_checkpointing_enable"):
     warnings.filterwarnings("ignore", message=f"`{_old_name}` is deprecated", category=FutureWarning)
 
-# On AVX512-BF16 CPUs bitsandbytes tries to fetch an optional kernel from the Hugging Face hub and logs a
-# warning when it cannot; its own CPU kernels are used instead, so there is nothing for a user to fix.
-import logging
+# On AVX512-BF16 CPUs importing bitsandbytes (peft does) asks the Hugging Face hub for an optional kernel; the kit
+# lets that import reach an offline hub only, and keeps the failed lookup's warning quiet (its own CPU kernels serve).
+from .common.offline_imports import import_bitsandbytes_offline
 
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+import_bitsandbytes_offline()
