@@ -58,8 +58,10 @@ def trained_text(tokenizer, example) -> str:
     ({"messages": CONVERSATION[:3] + CONVERSATION[4:]}, r"record 0: turn order system -> user -> assistant -> assistant"),
     ({"conversations": [SHAREGPT["conversations"][1], {"from": "function_call", "value": "{get_weather"}]},
      r"record 0, turn 1: the function_call value is not valid JSON"),
+    (with_turn(1, tool_calls=[{"type": "function", "function": {"name": "get_weather", "arguments": {}}}]),
+     r"record 0, turn 1: a user turn has 'tool_calls', but only the assistant calls tools"),
 ], ids=["malformed-arguments", "arguments-not-object", "no-name", "empty-calls", "tool-spec", "tools-string", "tool-without-call",
-        "call-without-result", "sharegpt-call"])
+        "call-without-result", "sharegpt-call", "user-calls"])
 def test_bad_tool_records_get_one_line_naming_file_record_and_turn(tmp_path, record, message):
     path = tmp_path / "tools.jsonl"
     path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")

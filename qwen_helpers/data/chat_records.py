@@ -97,6 +97,9 @@ def _turn(turn: Any, at: str, file_format: str, role_key: str, text_key: str) ->
     if role not in ROLES:
         allowed = ROLES if file_format == "messages" else sorted(SHAREGPT_ROLES)
         raise DataValidationError(f"{at}: unknown role {turn[role_key]!r}; the roles this kit trains on are {', '.join(allowed)}.")
+    if calls_key and role != "assistant" and turn.get(calls_key):  # null or [] carry nothing; calls would vanish unrendered
+        raise DataValidationError(f"{at}: a {role} turn has 'tool_calls', but only the assistant calls tools (the templates "
+                                  "render calls on assistant turns only). Move the calls to the assistant turn that makes them, or remove the field.")
     calls = turn.get(calls_key) if role == "assistant" and calls_key else None
     if file_format == "sharegpt" and turn[role_key] == "function_call":  # LLaMA-Factory: the value is the call(s) as JSON
         calls, turn = _sharegpt_calls(turn[text_key], at), {**turn, text_key: ""}
