@@ -106,6 +106,7 @@ def test_unsupported_types_are_refused_in_one_line(model_type, words):
     with pytest.raises(ModelFolderError, match=words) as error:
         check_model_type({"model_type": model_type, "architectures": ["X"]}, "somewhere")
     assert "\n" not in str(error.value) and "qwen3_5" in str(error.value)
+    assert "Qwen3-Next" not in str(error.value) and "qwen3_next" not in str(error.value)  # refused too: not offered
 
 
 def test_every_family_is_supported_but_the_untested_one():

@@ -51,7 +51,7 @@ def check_model_type(config: dict, where: str, flag: str = "--model_path") -> No
         return
     architectures = ", ".join(config.get("architectures") or []) or "no architectures listed"
     hint = f" ({REFUSED[model_type]})" if model_type in REFUSED else ""
-    labels = ", ".join(dict.fromkeys(family.label for family in FAMILIES.values()))
+    labels = ", ".join(dict.fromkeys(FAMILIES[model_type].label for model_type in SUPPORTED_MODEL_TYPES))
     raise ModelFolderError(
         f"{flag} {where} is a {model_type or 'unknown'} model ({architectures}){hint}; this kit supports Qwen checkpoints "
         f"with model_type {', '.join(SUPPORTED_MODEL_TYPES)} ({labels}). Point {flag} at one of those."
