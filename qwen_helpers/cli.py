@@ -47,7 +47,7 @@ def run_training_command(method: str, argv: list[str] | None = None, **defaults)
 
     from .training.callbacks import LossLineProgress, NanGuardCallback
     from .training.plan import plan_run
-    from .notebook.plots import plot_loss
+    from .notebook.plots import plot_loss, save_figure
     from .training.sft import publish_run, report, train
 
     plan = plan_run(model_args, data_args, training_args, method, method_args)  # every cross-flag check, once
@@ -57,8 +57,8 @@ def run_training_command(method: str, argv: list[str] | None = None, **defaults)
     if not result.trainer.is_world_process_zero():
         return 0
     metric = training_args.metric_for_best_model
-    figure = plot_loss(result.history, title=f"{method} on {model_args.model_path}", metric=metric)
-    figure.savefig(Path(result.output_dir) / "loss_plot.png", dpi=100)
+    save_figure(plot_loss(result.history, title=f"{method} on {model_args.model_path}", metric=metric),
+                Path(result.output_dir) / "loss_plot.png")
     publish_run(result)
     print(report(result, model_args.model_path), flush=True)
     if sharded:  # rank 0 alone cannot run the model: the other ranks hold parts of its weights

@@ -77,7 +77,7 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     from .data.records import load_records
     from .models.generation import generate
     from .models.loading import load_base_model, load_tokenizer
-    from .notebook.plots import plot_loss
+    from .notebook.plots import plot_loss, save_figure
     from .training.sft import train
 
     output_dir = Path(args.output_dir) if args.output_dir else REPO / "outputs" / time.strftime("demo-lora-%Y%m%d-%H%M%S")
@@ -103,7 +103,7 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
         lora_args=LoraArguments(lora_r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"),
         callbacks=[LossLineProgress()],
     )
-    plot_loss(result.history, title=f"LoRA on {args.model_path}").savefig(output_dir / "loss_plot.png", dpi=100)
+    save_figure(plot_loss(result.history, title=f"LoRA on {args.model_path}"), output_dir / "loss_plot.png")
     model = result.model.eval()
     after, held_out_after = generate(model, result.tokenizer, trained, max_new_tokens=24), generate(model, result.tokenizer, held_out, max_new_tokens=24)
     return DemoResult(trained, held_out, before, after, held_out_before, held_out_after, output_dir, result)

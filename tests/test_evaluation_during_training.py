@@ -261,6 +261,17 @@ def test_loss_plot_draws_the_held_out_metric_on_a_second_axis_only_when_logged()
     assert len(plot_loss([{"step": 1, "loss": 3.0}, {"step": 1, "eval_loss": 4.0}]).axes) == 1
 
 
+def test_a_saved_figure_is_closed(tmp_path):
+    """Commands save a plot per run; pyplot would keep every one open (a long-lived process warns past 20)."""
+    import matplotlib.pyplot as plt
+
+    from qwen_helpers.notebook.plots import plot_loss, save_figure
+
+    before = plt.get_fignums()
+    save_figure(plot_loss([{"step": 1, "loss": 3.0}]), tmp_path / "loss_plot.png")
+    assert (tmp_path / "loss_plot.png").stat().st_size > 0 and plt.get_fignums() == before
+
+
 @pytest.mark.parametrize("padding_free", [True, False])
 def test_cheap_eval_loss_equals_the_trainers_own(tiny_path, tokenizer, digits, tmp_path, padding_free, monkeypatch):
     """Eval loss from logits only where the loss reads them is the Trainer's full-vocabulary one, padded or not."""

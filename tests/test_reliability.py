@@ -96,6 +96,40 @@ def test_sigterm_during_overwrite_leaves_the_old_folder_then_resume_continues(tm
     assert [record["step"] for record in history if "loss" in record] == list(range(1, total + 1))  # every step, before and after the resume
 
 
+def test_ctrl_c_prints_one_line_and_the_resumed_run_counts_only_its_own_steps(tmp_path, small_train_file):
+    from qwen_helpers.training.run_folder import complete_checkpoints
+
+    output = tmp_path / "run"
+    run = subprocess.Popen(command("train_lora", *quick_training_flags(small_train_file, output, 200)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and run.poll() is None:
+            if any(complete_checkpoints(folder) for folder in staging_folders(output)):
+                break
+            time.sleep(0.5)
+        assert run.poll() is None, "the run ended before it could be interrupted:\n" + run.stdout.read()[-3000:]
+        run.send_signal(signal.SIGINT)
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    said = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
+    assert len(said) == 1 and f"--output_dir {output} is as it was" in said[0] and "--resume_from_checkpoint True" in said[0], stderr[-2000:]
+    assert not output.exists()  # nothing published
+    (staging,) = staging_folders(output)
+    step = int(complete_checkpoints(staging)[0].name.split("-")[1])
+    assert f"(step {step})" in said[0]
+
+    resumed = subprocess.run(command("train_lora", *quick_training_flags(small_train_file, output, step + 2), "--resume_from_checkpoint", "True"),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    # one example per step (batch 1); counting from step 0 after a resume used to print 1 / (step + 1)
+    printed = [float(value) for value in re.findall(r"examples/step ([\d.]+)", resumed.stdout)]
+    assert len(printed) == 2 and printed == [1.0, 1.0], resumed.stdout[-2000:]
+
+
 def test_overwrite_in_process_replaces_every_old_file(tmp_path, small_train_file):
     output = tmp_path / "run"
     output.mkdir()
@@ -302,6 +336,13 @@ def test_make_tiny_qwen_refuses_a_folder_that_holds_a_model(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- the command boundary
 
 
+def test_negative_numbers_reach_the_flag_they_follow():
+    from qwen_helpers.common.errors import attach_negative_values
+
+    assert attach_negative_values(["--learning_rate", "-1e-3", "--x", "-1", "--y", "-z", "--w=-2"]) == [
+        "--learning_rate=-1e-3", "--x=-1", "--y", "-z", "--w=-2"]
+
+
 def test_debug_flag_is_taken_out_and_a_trainer_debug_option_is_left():
     assert strip_debug_flag(["--x", "1", "--debug"]) == (["--x", "1"], True)
     assert strip_debug_flag(["--debug", "False", "--x", "1"]) == (["--x", "1"], False)
@@ -367,8 +408,10 @@ CLASSIFY = ["--data_path", "data/classify_train.json"]  # answers 中性, 正面
 HUB_ID = "Qwen/Qwen2.5-0.5B-Instruct"
 BAD_INPUTS = [  # (command, flags, text the one line must contain); {root} is the fixture folder
     ("train_lora", ["--learning_rate", "-1"], "--learning_rate"),
+    ("train_lora", ["--learning_rate", "-1e-3"], "--learning_rate must be above 0, got -0.001"),  # argparse took -1e-3 for a flag
     ("train_lora", ["--learning_rate", "inf"], "--learning_rate inf: not a finite number"),
     ("train_lora", ["--max_grad_norm", "nan"], "--max_grad_norm nan: not a finite number"),
+    ("train_lora", ["--loraplus_lr_ratio", "inf"], "(e.g. --loraplus_lr_ratio 16)"),  # an example the next check accepts
     ("train_lora", ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size"),
     ("train_lora", ["--lora_alpha", "-32"], "--lora_alpha"),
     ("train_lora", ["--num_train_epochs", "0"], "--num_train_epochs"),
@@ -425,6 +468,8 @@ BAD_INPUTS = [  # (command, flags, text the one line must contain); {root} is th
     ("inspect_data", ["--model_path", "{root}/no_such_model"], "--model_path {root}/no_such_model: no such folder"),
     ("inspect_data", ["--model_path", "{root}/gpt2"], "is a gpt2 model (GPT2LMHeadModel)"),
     ("inspect_data", ["--model_path", "tiny-qwen3", "--data_path", "{root}/think_mid.json"], "the answer holds"),
+    ("train_grpo", ["--data_path", "data/pretrain.txt"], "data/pretrain.txt is raw text"),  # was "malformed JSON"
+    ("train_dpo", ["--data_path", "data/pretrain.txt"], "this command needs preference records"),
 ]
 # The end-to-end path (python -m, the quick answer to a typo before torch, the process's exit code) on a few representative rows,
 # run from an empty folder, where a refused run must not leave an ./outputs folder behind.

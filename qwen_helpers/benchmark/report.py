@@ -239,7 +239,7 @@ def workload(settings: dict) -> str:
 
 def write_results(result) -> None:
     """results.json, results.csv, results.md and the memory and throughput bar charts."""
-    from ..notebook.plots import plot_bars, plot_grouped_bars
+    from ..notebook.plots import plot_bars, plot_grouped_bars, save_figure
 
     folder = result.folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -255,6 +255,6 @@ def write_results(result) -> None:
         return
     measured = {row["run"]: measured_peak(row) / GIB for row in ok}
     memory = {"measured": measured, "estimate": {row["run"]: row["estimate_bytes"] / GIB for row in ok if row["estimate_bytes"] is not None}}
-    plot_grouped_bars(memory, "peak memory (GiB)", "Peak memory per run").savefig(folder / "memory.png", dpi=100)
+    save_figure(plot_grouped_bars(memory, "peak memory (GiB)", "Peak memory per run"), folder / "memory.png")
     throughput = {row["run"]: row["tokens_per_second"] for row in ok}
-    plot_bars(throughput, "real tokens / s", "Training throughput per run").savefig(folder / "throughput.png", dpi=100)
+    save_figure(plot_bars(throughput, "real tokens / s", "Training throughput per run"), folder / "throughput.png")

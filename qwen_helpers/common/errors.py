@@ -19,6 +19,7 @@ import sys
 import traceback
 
 EXIT_USER_ERROR = 2  # argparse's own exit code for bad flags; every expected user error uses it
+EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
 DEBUG_FLAG = "--debug"
 
 
@@ -97,11 +98,18 @@ def strict_parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> arg
     return namespace
 
 
+# A value each float flag accepts, for the example in refuse_non_finite's sentence (a flag not listed gets none)
+FINITE_EXAMPLES = {"learning_rate": "2e-4", "loraplus_lr_ratio": "16", "max_grad_norm": "1.0", "weight_decay": "0.0",
+                   "warmup_steps": "0.03", "lora_dropout": "0.05", "temperature": "0.7", "top_p": "0.9",
+                   "repetition_penalty": "1.1", "beta": "0.1"}
+
+
 def refuse_non_finite(values: dict) -> None:
     """Refuse inf and nan in any float flag: Python's float() takes them, and a run or a sampler given one makes NaN."""
     for name, value in values.items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise FlagError(f"--{name} {value}: not a finite number; give an ordinary number (e.g. --{name} 0.5).")
+            example = f" (e.g. --{name} {FINITE_EXAMPLES[name]})" if name in FINITE_EXAMPLES else ""
+            raise FlagError(f"--{name} {value}: not a finite number; give an ordinary number{example}.")
 
 
 @contextlib.contextmanager
@@ -152,6 +160,30 @@ def strip_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
     return argv, debug
 
 
+def attach_negative_values(argv: list[str]) -> list[str]:
+    """``--flag -1e-3`` as ``--flag=-1e-3``: argparse takes a negative number written with an exponent for a flag
+    ("expected one argument"), so the value would never reach the check that explains what is wrong with it."""
+    joined, index = [], 0
+    while index < len(argv):
+        token = argv[index]
+        value = argv[index + 1] if index + 1 < len(argv) else None
+        if token.startswith("--") and "=" not in token and value is not None and value.startswith("-") and _is_number(value):
+            joined.append(f"{token}={value}")
+            index += 2
+        else:
+            joined.append(token)
+            index += 1
+    return joined
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def report_error(error: BaseException, debug: bool = False) -> int:
     """Print a user error as one ``error: ...`` line on stderr (its traceback first under --debug); return exit code 2."""
     if debug:
@@ -160,8 +192,13 @@ def report_error(error: BaseException, debug: bool = False) -> int:
     return EXIT_USER_ERROR
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a training run; the message says what was kept and how to continue."""
+
+
 def command_boundary(main):
-    """Wrap a command's ``main(argv)``: a :class:`KitError` becomes one line on stderr and exit code 2.
+    """Wrap a command's ``main(argv)``: a :class:`KitError` becomes one line on stderr and exit code 2, Ctrl-C one
+    ``interrupted: ...`` line and exit code 130.
 
     ``--debug`` anywhere in argv shows the traceback as well. Unexpected errors are not caught: their
     traceback is what a bug report needs.
@@ -170,9 +207,16 @@ def command_boundary(main):
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None, *args, **kwargs) -> int:
         argv, debug = strip_debug_flag(sys.argv[1:] if argv is None else argv)
+        argv = attach_negative_values(argv)
         try:
             return main(argv, *args, **kwargs)
         except KitError as error:
             return report_error(error, debug)
+        except KeyboardInterrupt as interruption:
+            if debug:
+                traceback.print_exception(interruption)
+            said = str(interruption) if isinstance(interruption, RunInterrupted) else "stopped by Ctrl-C."
+            print(f"interrupted: {said}", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
 
     return wrapper

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from .encoding import tokenize_example, tokenize_prompt
+from .raw_text import refuse_raw_text
 from .records import DataValidationError, read_raw_records, validate_record
 
 
@@ -87,6 +88,7 @@ def load_preference_records(path: str | os.PathLike) -> list[dict]:
         raise DataValidationError(
             f"{path}: no such preference file. Check --data_path (paths are relative to {Path.cwd()})."
         )
+    refuse_raw_text(path, "preference records: a prompt (or messages), a chosen and a rejected answer; data/preference.json shows them")
     pairs = [validate_preference(record, index, str(path)) for index, record in enumerate(read_raw_records(path))]
     if not pairs:
         raise DataValidationError(f"{path}: no records found.")

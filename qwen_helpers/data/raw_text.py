@@ -57,6 +57,15 @@ def is_raw_text(path, data_format: str = "auto", fields: FieldMap = FieldMap()) 
     return file.suffix.lower() in TEXT_SUFFIXES or detect_format(_first_record(file), fields) == "text"
 
 
+def refuse_raw_text(path, needs: str) -> None:
+    """One line when a command that needs records (DPO's pairs, GRPO's prompts) is given raw text."""
+    if is_raw_text(path):
+        raise DataValidationError(
+            f"{path} is raw text (plain text, or records holding only 'text'), which only continued pre-training reads "
+            f"(train_lora / train_qlora --data_format text); this command needs {needs}."
+        )
+
+
 def iter_documents(path) -> Iterator[str]:
     """Every document of a raw-text file, checked: plain text split at blank lines, or the ``text`` of JSON records."""
     file = Path(path)

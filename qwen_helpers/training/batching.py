@@ -214,7 +214,7 @@ def _build_kit_trainer():
                 # masking_utils only reads packed examples from position_ids when no cache is passed
                 raise ValueError("--use_cache True cannot train padding-free batches (the attention mask would then span examples); "
                                  "drop --use_cache or pass --padding_free False.")
-            self._examples_since_log, self._step_at_last_log = 0, 0
+            self._examples_since_log, self._counting_since_step = 0, 0
             self.budget_sampler = None
             if token_budget:
                 self.budget_sampler = TokenBudgetBatchSampler(
@@ -256,14 +256,16 @@ def _build_kit_trainer():
             return output
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            if self._examples_since_log == 0:  # the first micro-batch counted: since this step (a resumed run starts late)
+                self._counting_since_step = self.state.global_step
             self._examples_since_log += examples_in_batch(inputs)
             return super().training_step(model, inputs, num_items_in_batch)
 
         def log(self, logs, start_time=None):
-            steps = self.state.global_step - self._step_at_last_log
+            steps = self.state.global_step - self._counting_since_step
             if "loss" in logs and steps > 0:  # training logs only; per process (each rank has its own budget)
                 logs["examples_per_step"] = self._examples_since_log / steps
-                self._examples_since_log, self._step_at_last_log = 0, self.state.global_step
+                self._examples_since_log = 0
             super().log(logs, start_time)
 
     return KitTrainer

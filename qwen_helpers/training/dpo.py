@@ -25,7 +25,7 @@ from ..run.prompt_settings import apply_template_options
 from ..models.loading import base_config_of, count_parameters, load_tokenizer
 from ..data.preference import load_preference_records, tokenize_preference
 from ..run.prompt_settings import SYSTEM_PROMPT_KEY, shared_system_prompt
-from .run_folder import complete_checkpoints, drop_checkpoints, plan_output_on_main_process, resumed_history, training_inputs
+from .run_folder import drop_checkpoints, keep_only_what_resumes, plan_output_on_main_process, resumed_history, training_inputs
 from .sft import TrainResult, attach_adapter, load_model_for_training
 
 
@@ -175,14 +175,10 @@ def train_dpo(
     target = config.output_dir
     config = copy.copy(config)
     config.output_dir = plan.staging
-    try:
+    with keep_only_what_resumes(plan.staging, target, config.process_index == 0):
         result = _train_into(
             model_args, data_args, lora_args, config, train_pairs, eval_pairs, callbacks, plan.resume_from
         )
-    except BaseException:
-        if config.process_index == 0 and not complete_checkpoints(plan.staging):
-            remove_folders([plan.staging])
-        raise
     result.target_dir, result.stale_runs = target, plan.stale
     return result
 
@@ -271,9 +267,9 @@ def finish_command(result: TrainResult, name: str, title: str, plot, summary) ->
 
     if not result.trainer.is_world_process_zero():
         return 0
-    plot(result.history, title=title).savefig(
-        Path(result.output_dir) / f"{name}_plot.png", dpi=100
-    )
+    from ..notebook.plots import save_figure
+
+    save_figure(plot(result.history, title=title), Path(result.output_dir) / f"{name}_plot.png")
     publish(result)
     print("\n".join(summary(result.history)), flush=True)
     print(f"adapter saved to {result.output_dir}/ (metrics: loss_history.json, plot: {name}_plot.png)", flush=True)

@@ -21,15 +21,15 @@ from ..models.checks import check_model_path
 from ..run.config import KitTrainingArguments, LoraArguments, ModelArguments, TemplateOptions
 from ..data.encoding import format_prompt
 from ..common.errors import FlagError
-from ..common.files import remove_folders
 from ..run.prompt_settings import apply_template_options
 from ..models.loading import count_parameters, load_tokenizer
 from ..data.preference import prompt_messages
 from ..run.prompt_settings import shared_system_prompt
 from .dpo import AdapterTrainerMixin, load_start_model, save_adapter_run
+from ..data.raw_text import refuse_raw_text
 from ..data.records import DataValidationError, read_raw_records, validate_record
 from .rewards import COLUMNS_NEEDED, REWARDS, reward_names
-from .run_folder import complete_checkpoints, plan_output_on_main_process, resumed_history, training_inputs
+from .run_folder import keep_only_what_resumes, plan_output_on_main_process, resumed_history, training_inputs
 from .sft import TrainResult
 
 
@@ -94,6 +94,7 @@ def load_prompt_records(path: str | Path, rewards: list[str]) -> list[dict]:
         raise DataValidationError(
             f"{path}: no such prompt file. Check --data_path (paths are relative to {Path.cwd()})."
         )
+    refuse_raw_text(path, "prompt records: a 'prompt' (or 'messages') and the columns its rewards read; data/grpo_toy.json shows them")
     records = []
     for index, record in enumerate(read_raw_records(path)):
         at = f"{path}, record {index}"
@@ -152,7 +153,7 @@ def train_grpo(
     plan = plan_output_on_main_process(config, staged=True, inputs=inputs)
     target, config = config.output_dir, copy.copy(config)
     config.output_dir = plan.staging
-    try:
+    with keep_only_what_resumes(plan.staging, target, config.process_index == 0):
         tokenizer = load_tokenizer(model_args.model_path)
         apply_template_options(tokenizer, data_args.template_options(), data_args.enable_thinking, model_args.model_path)
         dataset = prompt_dataset(tokenizer, records, data_args.enable_thinking)
@@ -178,10 +179,6 @@ def train_grpo(
         history.history[:0] = earlier_history  # a resumed run's history covers every step
         save_adapter_run(trainer, tokenizer, "grpo", history.history, nan_guard.triggered, model_args, data_args, lora_args,
                          shared_system_prompt(records))  # export and inference ask as training did
-    except BaseException:
-        if config.process_index == 0 and not complete_checkpoints(plan.staging):
-            remove_folders([plan.staging])
-        raise
     return TrainResult(
         model=trainer.model,
         tokenizer=tokenizer,

@@ -8,6 +8,7 @@ no checkpoints. No output folder may be, hold or lie inside one of the run's inp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..models.adapter_folder import safetensors_shapes
-from ..common.errors import KitError
+from ..common.errors import KitError, RunInterrupted
 from ..common.files import (OutputExistsError, check_not_an_input, is_nonempty_folder, new_staging_folder, remove_folders,
                     staging_folders)
 
@@ -85,6 +86,33 @@ def complete_checkpoints(folder: str | os.PathLike) -> list[Path]:
             continue
         found.append((int(match.group(1)), path))
     return [path for _, path in sorted(found, reverse=True)]
+
+
+@contextlib.contextmanager
+def keep_only_what_resumes(staging: str | os.PathLike | None, target: str, clean_up: bool = True):
+    """Around a run writing into ``staging``: on an error or Ctrl-C the staging folder stays only if it holds a
+    complete checkpoint to resume (``clean_up`` is the main process's job), and Ctrl-C becomes one
+    :class:`RunInterrupted` that says so (the command prints it as one line; a notebook shows it as the interrupt)."""
+    try:
+        yield
+    except BaseException as error:
+        checkpoints = complete_checkpoints(staging) if staging else []
+        if clean_up and staging and not checkpoints:
+            remove_folders([staging])
+        if isinstance(error, KeyboardInterrupt) and not isinstance(error, RunInterrupted):
+            raise RunInterrupted(interruption_message(target, checkpoints)) from None
+        raise
+
+
+def interruption_message(target: str, checkpoints: list[Path]) -> str:
+    """What a Ctrl-C kept: the output folder as it was, and the checkpoint to continue from, if any."""
+    if not checkpoints:
+        return (f"training stopped before its first complete checkpoint, so nothing was saved; --output_dir {target} is as it "
+                "was. Checkpoints come every --save_steps with --save_strategy steps.")
+    step = _CHECKPOINT.match(checkpoints[0].name).group(1)
+    return (f"training stopped; --output_dir {target} is as it was. Its last complete checkpoint (step {step}) is "
+            f"{checkpoints[0]}: run the same command with --resume_from_checkpoint True to continue from it, or with "
+            "--overwrite_output_dir True to start again.")
 
 
 def drop_checkpoints(folder: str | os.PathLike) -> None:

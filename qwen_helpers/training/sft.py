@@ -31,7 +31,7 @@ from ..models.loading import (base_config_of, build_quantization_config, check_t
 from .plan import RunPlan, plan_from_arguments
 from ..run.precision import base_dtype
 from ..run.prompt_settings import SYSTEM_PROMPT_KEY, training_system_prompt
-from .run_folder import complete_checkpoints, drop_checkpoints, resumed_history
+from .run_folder import drop_checkpoints, keep_only_what_resumes, resumed_history
 from .speed import apply_cpu_allocator_setting
 
 logger = logging.getLogger("qwen_helpers")
@@ -199,13 +199,8 @@ def train(plan: RunPlan, *arguments, callbacks: list | None = None, publish: boo
     """
     if not isinstance(plan, RunPlan):
         plan = plan_from_arguments(plan, *arguments, **argument_kwargs)
-    try:
+    with keep_only_what_resumes(plan.output.staging, plan.target_dir, plan.save and plan.training.process_index == 0):
         return _train_into(plan, callbacks, publish)
-    except BaseException:  # an error or Ctrl-C: keep the staging folder only if it holds something to resume
-        staging = plan.output.staging
-        if plan.save and plan.training.process_index == 0 and not complete_checkpoints(staging):
-            remove_folders([staging])
-        raise
 
 
 def _train_into(plan: RunPlan, callbacks, publish) -> TrainResult:
