@@ -5,6 +5,7 @@ what a random model happens to write. Notebook 02b shows what the tiny model can
 """
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,8 @@ def digits(tmp_path):
             ],
             "--eval_generate_records records, and that is 0",
         ),
+        (["--eval_strategy", "steps", "--eval_data_path", "data/test.json", "--eval_steps", "0"], "--eval_steps must be above 0"),
+        (["--metric_for_best_model", "eval_chrf"], "--metric_for_best_model eval_chrf picks among evaluations, and this run has none"),
     ],
 )
 def test_bad_evaluation_flags_are_one_line_and_exit_2_before_any_model_loads(flags, named, capsys, monkeypatch):
@@ -92,6 +95,17 @@ def test_bad_evaluation_flags_are_one_line_and_exit_2_before_any_model_loads(fla
     assert train_lora.main(["--data_path", "data/train.json", "--output_dir", "outputs/never-written", *flags]) == 2
     error = capsys.readouterr().err.strip()
     assert named in error and len(error.splitlines()) == 1, error
+
+
+def test_held_out_data_without_evaluations_during_training_is_evaluated_once_at_the_end(tmp_path, digits, capsys):
+    output = tmp_path / "final"
+    assert train_lora.main(["--data_path", digits["train"], "--eval_data_path", digits["test"], "--output_dir", str(output),
+                            "--max_steps", "3", "--per_device_train_batch_size", "4", "--save_strategy", "no",
+                            "--disable_tqdm", "True", "--report_to", "none"]) == 0
+    history = json.loads((output / "loss_history.json").read_text())
+    evaluations = [record for record in history if "eval_loss" in record]
+    assert [record["step"] for record in evaluations] == [3] and math.isfinite(evaluations[0]["eval_loss"])
+    assert "eval loss" in capsys.readouterr().out
 
 
 def test_early_stopping_stops_a_run_whose_held_out_metric_stalls(tmp_path, digits, capsys):

@@ -292,7 +292,13 @@ def check_evaluation_flags(args) -> None:
             f"and --eval_strategy "
             f"{_strategy(args.eval_strategy)}: pass --save_strategy best (a checkpoint only when the metric improves).",
         )
+    if evaluating and _strategy(args.eval_strategy) == "steps" and args.eval_steps is not None:
+        _require(args.eval_steps > 0, f"--eval_steps must be above 0 (steps between evaluations, or a fraction of the run "
+                 f"below 1), got {args.eval_steps:g}.")
     name = best_metric_name(args.metric_for_best_model)
+    if name is not None:
+        _require(evaluating, f"--metric_for_best_model {args.metric_for_best_model} picks among evaluations, and this run has "
+                 "none: add --eval_data_path HELD_OUT.json --eval_strategy steps --eval_steps 20, or drop the flag.")
     if name is not None:
         known = ("loss", *GENERATION_METRICS, *CLASSIFICATION_METRICS)
         _require(

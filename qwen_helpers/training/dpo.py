@@ -26,7 +26,7 @@ from ..models.loading import base_config_of, count_parameters, load_tokenizer
 from ..data.preference import load_preference_records, tokenize_preference
 from ..run.prompt_settings import SYSTEM_PROMPT_KEY, shared_system_prompt
 from .run_folder import drop_checkpoints, keep_only_what_resumes, plan_output_on_main_process, resumed_history, training_inputs
-from .sft import TrainResult, attach_adapter, load_model_for_training
+from .sft import TrainResult, attach_adapter, evaluate_once_at_the_end, load_model_for_training
 
 
 @dataclass
@@ -217,6 +217,7 @@ def _train_into(
         print("\n".join(filter(None, notes)), flush=True)
     earlier_history = resumed_history(resume_from)  # read first: the run may delete that checkpoint (--save_total_limit)
     trainer.train(resume_from_checkpoint=resume_from)
+    evaluate_once_at_the_end(trainer, eval_data is not None, nan_guard.triggered)
     result = TrainResult(
         model=trainer.model,
         tokenizer=tokenizer,

@@ -203,6 +203,13 @@ def train(plan: RunPlan, *arguments, callbacks: list | None = None, publish: boo
         return _train_into(plan, callbacks, publish)
 
 
+def evaluate_once_at_the_end(trainer, has_eval_data: bool, stopped_by_nan_guard: bool) -> None:
+    """--eval_data_path without --eval_strategy: one evaluation of the final adapter (logged, printed, in the loss
+    history), so held-out data given to a run is never read for nothing."""
+    if has_eval_data and trainer.args.eval_strategy == "no" and not stopped_by_nan_guard:
+        trainer.evaluate()
+
+
 def _train_into(plan: RunPlan, callbacks, publish) -> TrainResult:
     """The body of :func:`train`: load, attach, train, save into the staging folder, publish."""
     model_args, data_args, training_args = plan.model, plan.data, plan.training
@@ -255,6 +262,7 @@ def _train_into(plan: RunPlan, callbacks, publish) -> TrainResult:
     resume_from = plan.output.resume_from
     earlier_history = resumed_history(resume_from)  # read first: the run may delete that checkpoint (--save_total_limit)
     trainer.train(resume_from_checkpoint=resume_from)
+    evaluate_once_at_the_end(trainer, eval_data is not None, nan_guard.triggered)
     result = TrainResult(
         model=model,
         tokenizer=tokenizer,
