@@ -11,8 +11,8 @@ a native crash there becomes a failed step with one line, never a dead command, 
 
 Verification is always on: the GGUF is loaded with llama-cpp-python, the evaluation prompts (in the
 thinking mode the adapter was trained in) must tokenise to the kit's ids, and greedy answers from the
-kit's ids are compared with the merged transformers model (identical tokens expected for f32/f16;
-agreement rate and log-prob gap for quantised types). A prompt whose text holds typed control-token
+kit's ids are compared with the merged transformers model (identical tokens expected for f32, and for f16 but
+for near-ties its rounding flips; agreement rate and log-prob gap for quantised types). A prompt whose text holds typed control-token
 text (``<|im_end|>`` written in a record) is a known serving difference, counted apart: the kit keeps it
 as text, llama.cpp and Ollama turn it into the control token.
 
@@ -52,6 +52,12 @@ QUANTIZE_TYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}  # written by llama.cpp
 GGUF_TYPES = CONVERTER_TYPES + tuple(QUANTIZE_TYPES)
 LLAMA_CHILD = Path(__file__).with_name("llama_child.py")  # every llama.cpp call runs there, in a child process
 EXACT_TYPES = ("f32", "f16")  # same weights as transformers (f16: rounded once): greedy tokens must be identical
+# f16 rounds every weight once, which can flip a near-tie: where transformers' top two tokens are within TIE_NATS,
+# llama.cpp may pick the other. Such a flip (and only such a flip) is allowed for f16, judged position by position on
+# transformers' own answer (teacher-forced), so one flip cannot hide a later real difference.
+ROUNDED_EXACT_TYPES = ("f16",)
+TIE_NATS = 0.02
+TOP_LOGPROBS = 8  # transformers' log-probs kept per answer position: a token outside them is no near-tie
 
 
 class MissingToolError(KitError, RuntimeError):
@@ -207,6 +213,8 @@ class PromptComparison:
     first_divergence: int | None  # index of the first differing new token, None if identical
     agreement: float  # share of transformers' answer tokens that are also llama.cpp's argmax, fed the same prefix
     mean_logprob_gap: float  # mean |log p_transformers - log p_llama.cpp| of transformers' answer tokens
+    near_ties: int = 0  # positions where llama.cpp's argmax is transformers' runner-up within TIE_NATS
+    mismatches: int = 0  # positions where llama.cpp's argmax differs otherwise: a real difference
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -241,15 +249,32 @@ def transformers_side(model, tokenizer, record: dict, max_new_tokens: int, enabl
     prompt_ids = tokenize_prompt(tokenizer, record, enable_thinking)
     reference = generate_ids(model, tokenizer, [record], max_new_tokens, enable_thinking)[0]
     logprobs = answer_logprobs(model, prompt_ids, reference).astype(np.float64)
+    top = np.argpartition(-logprobs, TOP_LOGPROBS, axis=-1)[:, :TOP_LOGPROBS] if len(reference) else np.zeros((0, 0), int)
     return {"text": text, "prompt_ids": prompt_ids, "reference": reference,
+            "top_logprobs": [{int(token): float(logprobs[row, token]) for token in top[row]} for row in range(len(reference))],
             "served_ids": tokenizer(text, add_special_tokens=False)["input_ids"],  # control-token text parsed
             "typed_control_tokens": typed_control_tokens(tokenizer, record),
             "reference_logprobs": [float(logprobs[row, token]) for row, token in enumerate(reference)]}
 
 
+def near_ties_and_mismatches(hf: dict, gguf: dict) -> tuple[int, int]:
+    """Where llama.cpp's argmax on transformers' answer (teacher-forced) differs: near-ties (transformers' own top two
+    within TIE_NATS) and the rest, real differences."""
+    ties = mismatches = 0
+    for ours, token, theirs in zip(hf["top_logprobs"], hf["reference"], gguf["argmax"], strict=True):
+        if token == theirs:
+            continue
+        if theirs in ours and ours[token] - ours[theirs] <= TIE_NATS:
+            ties += 1
+        else:
+            mismatches += 1
+    return ties, mismatches
+
+
 def compare_prompt(hf: dict, gguf: dict) -> PromptComparison:
     """transformers' and llama.cpp's view of one prompt, side by side."""
     reference, gguf_answer = hf["reference"], gguf["gguf_answer"]
+    ties, mismatches = near_ties_and_mismatches(hf, gguf)
     divergence = next((index for index, (a, b) in enumerate(zip(reference, gguf_answer)) if a != b), None)
     if divergence is None and len(reference) != len(gguf_answer):
         divergence = min(len(reference), len(gguf_answer))
@@ -265,7 +290,19 @@ def compare_prompt(hf: dict, gguf: dict) -> PromptComparison:
         agreement=float(np.mean(np.array(gguf["argmax"]) == np.array(reference))) if reference else 1.0,
         mean_logprob_gap=float(np.mean(np.abs(np.array(hf["reference_logprobs"]) - np.array(gguf["reference_logprobs"]))))
         if reference else 0.0,
+        near_ties=ties,
+        mismatches=mismatches,
     )
+
+
+def verdict(rows: list[PromptComparison], gguf_type: str) -> bool:
+    """Passed: every prompt tokenises as the kit does (or differs only as a known serving difference), and for an
+    exact type the greedy answers are identical; f16 may differ only by near-ties its rounding flips."""
+    if any(not row.same_prompt_ids and not row.serving_difference for row in rows):
+        return False
+    if gguf_type not in EXACT_TYPES or all(row.first_divergence is None for row in rows):
+        return True
+    return gguf_type in ROUNDED_EXACT_TYPES and all(row.mismatches == 0 for row in rows)
 
 
 def verify_gguf(gguf_file: str, hf_dir: str, records: list[dict], gguf_type: str, max_new_tokens: int = 16,
@@ -302,6 +339,8 @@ def verify_gguf(gguf_file: str, hf_dir: str, records: list[dict], gguf_type: str
         "greedy_answers_identical_count": sum(row.first_divergence is None for row in rows),
         "agreement_rate": float(np.mean([row.agreement for row in rows])),
         "mean_logprob_gap": float(np.mean([row.mean_logprob_gap for row in rows])),
+        "near_ties": sum(row.near_ties for row in rows),
+        "mismatches": sum(row.mismatches for row in rows),
         "exact_type": gguf_type in EXACT_TYPES,
         "kv_cache": "f32",  # llama.cpp's default f16 cache is left out of the comparison
         "per_prompt": [
@@ -309,7 +348,7 @@ def verify_gguf(gguf_file: str, hf_dir: str, records: list[dict], gguf_type: str
             for row in rows
         ],
     }
-    report["passed"] = report["tokenisation_faults"] == 0 and (identical or gguf_type not in EXACT_TYPES)
+    report["passed"] = verdict(rows, gguf_type)
     return report
 
 
@@ -340,6 +379,9 @@ def verification_summary(report: dict) -> str:
         + ("" if report["exact_type"] else f" (expected to differ a little for {report['gguf_type']})"),
         f"agreement on transformers' answer tokens: {report['agreement_rate']:.1%}; mean |log-prob gap|: {report['mean_logprob_gap']:.4f}",
     ]
+    if report["exact_type"] and report.get("near_ties"):
+        lines.append(f"  {report['near_ties']} answer token(s) differ on a near-tie (transformers' top two within {TIE_NATS} nats), "
+                     f"which {report['gguf_type']}'s rounding can flip; {report.get('mismatches', 0)} other difference(s)")
     for index, row in enumerate(report["per_prompt"]):
         if row["first_divergence"] is not None and report["exact_type"]:
             position = row["first_divergence"]
