@@ -216,7 +216,37 @@ def test_tool_call_exact_match_compares_names_and_parsed_arguments():
     assert "tool_call_match" not in scores_by_task(records[1:], ["x"], [[]])[0]  # no tool calls in the test set: no column
 
 
+def test_an_answer_that_calls_the_wrong_tool_is_no_exact_match():
+    """A call-only answer's text is empty on both sides: its exact match must come from the calls."""
+    records = load_records([{"messages": CONVERSATION[:3], "tools": [WEATHER]}, {"messages": CONVERSATION[1:2] + [CONVERSATION[4]]}])
+    wrong_city = [{"name": "get_weather", "arguments": {"city": "上海"}}]
+    (row,) = [row for row in scores_by_task(records, ["", "北京现在3°C。"], [wrong_city, []]) if row["task"] == "all"]
+    assert row["exact_match"] == 50.0 and row["tool_call_match"] == 50.0  # was 100 exact beside 50 calls
+    right = [{"name": "get_weather", "arguments": {"city": "北京"}}]
+    assert [row["exact_match"] for row in scores_by_task(records, ["", "北京现在3°C。"], [right, []])] == [100.0, 100.0]
+
+
 # ------------------------------------------------------------------------------------------ end to end
+
+
+def test_held_out_tool_calls_are_scored_during_training_and_can_pick_the_best(tmp_path, capsys):
+    from qwen_helpers import train_lora
+
+    data = tmp_path / "tools.json"
+    data.write_text(json.dumps(json.loads((DATA / "tools.json").read_text(encoding="utf-8"))[:4], ensure_ascii=False), encoding="utf-8")
+    output = tmp_path / "scored"
+    assert train_lora.main(["--data_path", str(data), "--eval_data_path", str(data), "--output_dir", str(output),
+                            "--eval_strategy", "steps", "--eval_steps", "1", "--eval_generate_records", "4", "--eval_max_new_tokens", "8",
+                            "--metric_for_best_model", "tool_call_match", "--max_steps", "2", "--per_device_train_batch_size", "2",
+                            "--save_strategy", "no", "--disable_tqdm", "True", "--report_to", "none"]) == 0
+    evaluations = [record for record in json.loads((output / "loss_history.json").read_text()) if "eval_loss" in record]
+    assert len(evaluations) == 2 and all(0 <= record["eval_tool_call_match"] <= 100 for record in evaluations)
+    # every one of these answers is a call: exact match needs the calls too, so it cannot exceed the calls' share
+    assert all(record["eval_exact_match"] <= record["eval_tool_call_match"] for record in evaluations)
+    refused = train_lora.main(["--data_path", "data/train.json", "--eval_data_path", "data/test.json", "--output_dir", str(tmp_path / "x"),
+                               "--eval_strategy", "steps", "--metric_for_best_model", "tool_call_match"])
+    assert refused == 2 and "no answer in --eval_data_path data/test.json calls a tool" in capsys.readouterr().err
+
 
 
 def test_memorised_an_adapter_trained_on_tool_calls_makes_a_trained_call_that_inference_parses(tmp_path):

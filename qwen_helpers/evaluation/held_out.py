@@ -19,8 +19,8 @@ from pathlib import Path
 from .classification import classification_metrics, in_sample, predict_by_scoring
 from ..common.files import atomic_write_text
 from ..run.flag_checks import best_metric_name
-from ..models.generation import generate
-from .metrics import generation_scores
+from ..models.generation import generate_answers
+from .metrics import calls_matching, generation_scores
 from ..models.loading import evaluation_mode
 from ..data.records import load_records
 
@@ -71,36 +71,42 @@ class HeldOutScorer:
         )
         return f"held-out metric at each evaluation: {len(self.records)} records ({how})"
 
+    @property
+    def calls_tools(self) -> bool:
+        """Some sampled answer calls a tool: the calls are scored too (exact match needs them; tool_call_match)."""
+        return self.task != "classification" and any(record.get("tool_calls") for record in self.records)
+
     def predict(self, model) -> list[str]:
         """The model's answers to the sample: generated (as ``inference``), or the best-scoring label."""
+        return self.answer(model)[0]
+
+    def answer(self, model) -> tuple[list[str], list[list[dict]] | None]:
+        """The answers' text, and for generation their parsed tool calls (None for classification)."""
         with evaluation_mode(model):
             if self.task == "classification":
-                return predict_by_scoring(model, self.tokenizer, self.records, self.labels, self.batch_size)
-            return generate(
-                model,
-                self.tokenizer,
-                self.records,
-                self.max_new_tokens,
-                self.batch_size,
-                enable_thinking=self.enable_thinking,
-            )
+                return predict_by_scoring(model, self.tokenizer, self.records, self.labels, self.batch_size), None
+            rows = generate_answers(model, self.tokenizer, self.records, self.max_new_tokens, self.batch_size,
+                                    enable_thinking=self.enable_thinking)
+            return [row["text"] for row in rows], [row["tool_calls"] for row in rows]
 
-    def score(self, predictions: list[str]) -> dict[str, float]:
-        """The task's metrics of one set of answers, unprefixed (chrf, bleu, exact_match / accuracy, macro_f1)."""
+    def score(self, predictions: list[str], tool_calls: list[list[dict]] | None = None) -> dict[str, float]:
+        """The task's metrics of one set of answers, unprefixed (chrf, bleu, exact_match and, where the sample calls
+        tools, tool_call_match / accuracy, macro_f1)."""
         references = [record["output"].strip() for record in self.records]
         if self.task == "classification":
             metrics = classification_metrics(references, predictions, self.labels)
             return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
-        scores = generation_scores(predictions, references)
-        return {name: scores[name] for name in ("chrf", "bleu", "exact_match")}
+        judged = self.calls_tools and tool_calls is not None
+        scores = generation_scores(predictions, references, calls_matching(self.records, tool_calls) if judged else None)
+        return {name: scores[name] for name in ("chrf", "bleu", "exact_match", "tool_call_match") if name in scores}
 
     def __call__(self, model, step: int, prefix: str = "eval") -> dict[str, float]:
         """Answer and score the sample now: the metrics named as the Trainer logs them (eval_chrf, ...), their cost."""
         began = time.perf_counter()
-        predictions = self.predict(model)
+        predictions, tool_calls = self.answer(model)
         seconds = time.perf_counter() - began
         self.answers[step] = predictions
-        metrics = {f"{prefix}_{name}": value for name, value in self.score(predictions).items()}
+        metrics = {f"{prefix}_{name}": value for name, value in self.score(predictions, tool_calls).items()}
         return {**metrics, f"{prefix}_scoring_seconds": round(seconds, 3)}
 
     def answers_before_training(self, model) -> list[str]:

@@ -52,24 +52,39 @@ def corpus_chrf(predictions: list[str], references: list[str]) -> float:
     return sacrebleu.corpus_chrf([prediction.strip() for prediction in predictions], [[reference.strip() for reference in references]]).score
 
 
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Share (0-100) of predictions identical to their reference, ignoring surrounding whitespace."""
-    matches = sum(prediction.strip() == reference.strip() for prediction, reference in zip(predictions, references))
+def exact_match(predictions: list[str], references: list[str], calls_match: list[bool] | None = None) -> float:
+    """Share (0-100) of predictions identical to their reference, ignoring surrounding whitespace; with ``calls_match``
+    (one per record: the predicted tool calls equal the answer's), a record matches only if its calls do too."""
+    matches = sum(prediction.strip() == reference.strip() and (calls_match is None or calls_match[index])
+                  for index, (prediction, reference) in enumerate(zip(predictions, references)))
     return 100.0 * matches / len(references)
 
 
-def generation_scores(predictions: list[str], references: list[str]) -> dict:
-    """chrF, BLEU and exact match of one set of predictions (all on a 0-100 scale)."""
+def generation_scores(predictions: list[str], references: list[str], calls_match: list[bool] | None = None) -> dict:
+    """chrF, BLEU and exact match of one set of predictions (all on a 0-100 scale).
+
+    ``calls_match`` (records that may call tools): whether each prediction's parsed calls equal the answer's. Exact
+    match then needs both text and calls, and ``tool_call_match`` is the share of equal calls. The text of an answer
+    that only calls a tool is empty, so without it a wrong call would score as an exact match.
+    """
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references: they must pair up one to one.")
     if not references:
         raise ValueError("No references to score against.")
-    return {
+    scores = {
         "records": len(references),
         "chrf": corpus_chrf(predictions, references),
         "bleu": corpus_bleu(predictions, references),
-        "exact_match": exact_match(predictions, references),
+        "exact_match": exact_match(predictions, references, calls_match),
     }
+    if calls_match is not None:
+        scores["tool_call_match"] = 100.0 * sum(calls_match) / len(calls_match)
+    return scores
+
+
+def calls_matching(records: list[dict], predicted_calls: list[list[dict]]) -> list[bool]:
+    """Per record: the predicted tool calls equal the answer's (none for an answer in text)."""
+    return [tool_calls_match(calls, reference_tool_calls(record)) for record, calls in zip(records, predicted_calls, strict=True)]
 
 
 def tool_call_exact_match(records: list[dict], predicted_calls: list[list[dict]]) -> float:
@@ -77,26 +92,24 @@ def tool_call_exact_match(records: list[dict], predicted_calls: list[list[dict]]
 
     A record answered in text counts as a match when the prediction calls no tool either.
     """
-    matches = sum(tool_calls_match(calls, reference_tool_calls(record)) for record, calls in zip(records, predicted_calls))
-    return 100.0 * matches / len(records)
+    return 100.0 * sum(calls_matching(records, predicted_calls)) / len(records)
 
 
 def scores_by_task(records: list[dict], predictions: list[str], tool_calls: list[list[dict]] | None = None) -> list[dict]:
     """One row of scores per task (the records' "task" field) and one for all records, task "all" last.
 
-    With the predictions' parsed ``tool_calls``, and test records that call tools, each row also has ``tool_call_match``.
+    With the predictions' parsed ``tool_calls``, and test records that call tools, exact match counts the calls too and
+    each row also has ``tool_call_match``.
     """
     groups: dict[str, list[int]] = defaultdict(list)
     for index, record in enumerate(records):
         groups[record.get("task") or "-"].append(index)
+    judged = tool_calls is not None and any(record.get("tool_calls") for record in records)
+    calls = calls_matching(records, tool_calls) if judged else None
     rows = []
-    for task in sorted(groups):
-        indices = groups[task]
-        rows.append({"task": task, **generation_scores([predictions[i] for i in indices], [records[i]["output"] for i in indices])})
-    rows.append({"task": ALL_TASKS, **generation_scores(predictions, [record["output"] for record in records])})
-    if tool_calls is not None and any(record.get("tool_calls") for record in records):
-        for row, indices in zip(rows, [*(groups[task] for task in sorted(groups)), range(len(records))]):
-            row["tool_call_match"] = tool_call_exact_match([records[i] for i in indices], [tool_calls[i] for i in indices])
+    for task, indices in [*((task, groups[task]) for task in sorted(groups)), (ALL_TASKS, range(len(records)))]:
+        rows.append({"task": task, **generation_scores([predictions[i] for i in indices], [records[i]["output"] for i in indices],
+                                                       [calls[i] for i in indices] if calls is not None else None)})
     return rows
 
 

@@ -244,7 +244,8 @@ def check_resume_flags(checkpoint: str | None, method_args) -> None:
                             "with --overwrite_output_dir True.")
 
 
-GENERATION_METRICS = ("chrf", "bleu", "exact_match")  # metrics.generation_scores, 0-100
+GENERATION_METRICS = ("chrf", "bleu", "exact_match", "tool_call_match")  # metrics.generation_scores, 0-100 (the last
+# where held-out answers call tools)
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1")  # classification.classification_metrics, 0-1
 
 
@@ -299,13 +300,13 @@ def check_evaluation_flags(args) -> None:
     if name is not None:
         _require(evaluating, f"--metric_for_best_model {args.metric_for_best_model} picks among evaluations, and this run has "
                  "none: add --eval_data_path HELD_OUT.json --eval_strategy steps --eval_steps 20, or drop the flag.")
-    if name is not None:
         known = ("loss", *GENERATION_METRICS, *CLASSIFICATION_METRICS)
         _require(
             name[len("eval_") :] in known,
             f"--metric_for_best_model {args.metric_for_best_model}: the kit logs "
             f"{', '.join('eval_' + metric for metric in known)} "
-            "(generation data: chrf, bleu, exact_match; classification: accuracy, macro_f1).",
+            "(generation data: chrf, bleu, exact_match, and tool_call_match where answers call tools; classification: "
+            "accuracy, macro_f1).",
         )
         _require(
             name == "eval_loss" or getattr(args, "eval_generate_records", 0) > 0,
@@ -332,6 +333,13 @@ def check_evaluation_data(data_args, training_args, task: str | None = None) -> 
         f"{data_args.data_path} is {task} data, whose held-out metrics are "
         f"{', '.join('eval_' + metric for metric in metrics)} (or eval_loss).",
     )
+    if name == "eval_tool_call_match":
+        from ..data.records import iter_records
+
+        records = iter_records(data_args.eval_data_path, data_args.field_map(), data_args.data_format)
+        _require(any(record.get("tool_calls") for record in records),
+                 f"--metric_for_best_model {training_args.metric_for_best_model}: no answer in --eval_data_path "
+                 f"{data_args.eval_data_path} calls a tool, so there is nothing to match; use eval_exact_match or eval_chrf.")
 
 
 def evaluation_task(data_args, task: str = "auto") -> str:
