@@ -275,6 +275,14 @@ def test_metrics_match_sacrebleu_called_directly():
     assert exact_match(["东京。", " a "], ["东京。", "b"]) == 50.0
 
 
+def test_bleu_of_short_answers_is_not_zero_when_they_are_right():
+    """Answers shorter than four tokens have no 4-grams: standard BLEU is 0 beside exact match 100 (the copy task)."""
+    digits = ["4821", "7305", "1169"]
+    assert sacrebleu.corpus_bleu(digits, [digits]).score == 0.0  # what the kit printed before
+    assert corpus_bleu(digits, digits) == pytest.approx(100.0) and exact_match(digits, digits) == 100.0
+    assert corpus_bleu(["4821", "7305", "0000"], digits) == pytest.approx(100 * 2 / 3)  # unigram precision, all 1-grams
+
+
 def test_comparison_scores_each_model_per_task():
     records = [{"instruction": "q", "output": "东京。", "task": "qa"}, {"instruction": "t", "output": "Good morning.", "task": "translate_zh_en"}]
     comparison = evaluation.Comparison(records)

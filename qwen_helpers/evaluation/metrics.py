@@ -36,13 +36,18 @@ def tokenize_for_bleu(text: str, name: str) -> str:
 
 
 def corpus_bleu(predictions: list[str], references: list[str]) -> float:
-    """Corpus BLEU (0-100), each record tokenised by the script of its reference."""
+    """Corpus BLEU (0-100), each record tokenised by the script of its reference.
+
+    Over the n-gram orders the answers have (sacrebleu's effective order): a set of answers all shorter than four
+    tokens (labels, numbers, one-word answers) has no 4-grams, and standard BLEU would give it 0 even when every
+    answer is right. Where the answers do have 4-grams the score is standard corpus BLEU.
+    """
     import sacrebleu
 
     names = [bleu_tokenizer_for(reference) for reference in references]
     hypotheses = [tokenize_for_bleu(prediction, name) for prediction, name in zip(predictions, names)]
     tokenized_references = [tokenize_for_bleu(reference, name) for reference, name in zip(references, names)]
-    return sacrebleu.corpus_bleu(hypotheses, [tokenized_references], tokenize="none").score
+    return sacrebleu.corpus_bleu(hypotheses, [tokenized_references], tokenize="none", use_effective_order=True).score
 
 
 def corpus_chrf(predictions: list[str], references: list[str]) -> float:
