@@ -2,6 +2,7 @@
 
     python -m qwen_helpers.inspect_data --model_path tiny-qwen3 --data_path data/multiturn.json --index 0 [--json]
     python -m qwen_helpers.inspect_data --data_path data/pretrain.txt --index 1 --max_length 128   # raw text: its packed blocks
+    python -m qwen_helpers.inspect_data --data_path data/preference.json --index 0   # a DPO pair: prompt, chosen, rejected
 
 Trained text is shown between ⟦ and ⟧; the prompt used at inference for the same record follows.
 ``--json`` prints one object with ``text``, ``trained_text``, ``prompt``, ``input_ids`` and ``labels``.
@@ -13,6 +14,7 @@ import contextlib
 import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from .data.encoding import IGNORE_INDEX, build_messages, format_prompt, tokenize_example
@@ -21,8 +23,9 @@ from .common.errors import FlagError, command_boundary
 from .run.flag_checks import RAW_TEXT_IGNORES
 from .run.prompt_settings import field_flag, field_map_of
 from .run.quickflags import dataclass_parser, parse_command_flags
-from .data.raw_text import document_blocks, is_raw_text
-from .data.records import DataValidationError, load_records
+from .data.preference import load_preference_records, tokenize_pair
+from .data.raw_text import document_blocks, first_record, is_raw_text
+from .data.records import DataValidationError, is_preference_pair, load_records
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 
@@ -60,6 +63,16 @@ def inspect_record(tokenizer, record: dict, enable_thinking: bool = False) -> di
         "input_ids": ids,
         "labels": labels,
     }
+
+
+def inspect_preference(tokenizer, pair: dict, enable_thinking: bool = False) -> dict:
+    """What DPO scores in one pair: the prompt (context, never scored), then the chosen and the rejected continuation,
+    each with its closing token, tokenised exactly as ``train_dpo`` tokenises them."""
+    row = tokenize_pair(tokenizer, pair, enable_thinking)
+    view = {"prompt": tokenizer.decode(row["prompt_ids"]), "prompt_tokens": len(row["prompt_ids"])}
+    for key in ("chosen", "rejected"):
+        view |= {key: tokenizer.decode(row[f"{key}_ids"]), f"{key}_tokens": len(row[f"{key}_ids"]), f"{key}_ids": row[f"{key}_ids"]}
+    return view | {"prompt_ids": row["prompt_ids"]}
 
 
 def marked_text(tokenizer, input_ids: list[int], labels: list[int]) -> str:
@@ -122,11 +135,38 @@ def _main_raw_text(args) -> int:
     return 0
 
 
+def _main_preference(args) -> int:
+    for name in ("instruction_field", "input_field", "output_field", "system_field"):
+        if getattr(args, name) is not None:
+            raise FlagError(f"--{name} {getattr(args, name)}: {args.data_path} holds preference pairs, read by their own "
+                            "fields (prompt or messages, chosen, rejected); drop the flag.")
+    check_model_path(args.model_path)
+    pairs = load_preference_records(args.data_path)
+    if not 0 <= args.index < len(pairs):
+        raise DataValidationError(f"--index {args.index}: {args.data_path} has {len(pairs)} pairs (0 to {len(pairs) - 1}).")
+    from .models.loading import load_tokenizer
+
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        tokenizer = load_tokenizer(args.model_path)
+        view = inspect_preference(tokenizer, pairs[args.index], args.enable_thinking)
+    if args.json:
+        print(json.dumps(view, ensure_ascii=False))
+        return 0
+    print(f"pair {args.index} of {args.data_path}, rendered for {args.model_path}: DPO compares how likely the model "
+          f"finds each answer (between {TRAINED_OPEN} and {TRAINED_CLOSE}) after the same prompt, which is context only.\n")
+    print(f"PROMPT ({view['prompt_tokens']} tokens, as at inference):\n{view['prompt']}")
+    for key in ("chosen", "rejected"):
+        print(f"\n{key.upper()} ({view[f'{key}_tokens']} tokens scored):\n{TRAINED_OPEN}{view[key]}{TRAINED_CLOSE}")
+    return 0
+
+
 @command_boundary
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse_command_flags("inspect_data", lambda: dataclass_parser(InspectArguments), argv)
     if is_raw_text(args.data_path, args.data_format, field_map_of(args)):
         return _main_raw_text(args)
+    if args.data_format == "auto" and Path(args.data_path).is_file() and is_preference_pair(first_record(args.data_path)):
+        return _main_preference(args)
     # with --json, stdout holds the one JSON object: every note (a model download, a replica built) goes to stderr
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         tokenizer, record = _load(args)

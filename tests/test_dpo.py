@@ -213,3 +213,22 @@ def test_an_interrupted_run_resumes_and_ends_at_the_same_step(tmp_path):
     assert [record["step"] for record in history if "loss" in record] == [1, 2, 3, 4]  # continued, not restarted
     assert staging_folders(output) == [] and not list(output.glob("checkpoint-*"))  # finished: no checkpoint kept
     assert (output / "adapter_model.safetensors").is_file() and not (output / "ref").exists()
+
+
+def test_inspect_data_shows_what_dpo_scores_in_a_pair(capsys):
+    """A preference file in inspect_data: the prompt, then each answer as train_dpo tokenises it (it said "missing field
+    'instruction'"); other commands name the file as preference pairs."""
+    from qwen_helpers import inference, inspect_data
+
+    assert inspect_data.main(["--data_path", str(DATA / "preference.json"), "--index", "1", "--json", "True"]) == 0
+    view = json.loads(capsys.readouterr().out)
+    pair = json.loads((DATA / "preference.json").read_text(encoding="utf-8"))[1]
+    tokenizer = load_tokenizer("tiny")
+    expected = tokenize_pair(tokenizer, validate_preference(pair, 1, "x"))
+    assert view["chosen_ids"] == expected["chosen_ids"] and view["rejected_ids"] == expected["rejected_ids"]
+    assert view["chosen"] == pair["chosen"] + "<|im_end|>" and view["rejected"] == pair["rejected"] + "<|im_end|>"
+    assert view["prompt"].endswith("<|im_start|>assistant\n") and pair["prompt"] in view["prompt"]
+    assert inspect_data.main(["--data_path", str(DATA / "preference.json"), "--index", "99"]) == 2
+    assert "--index 99: " in (err := capsys.readouterr().err) and f"has {len(json.loads((DATA / 'preference.json').read_text(encoding='utf-8')))} pairs" in err
+    assert inference.main(["--data_path", str(DATA / "preference.json"), "--max_records", "1"]) == 2
+    assert "a preference pair (prompt, chosen, rejected), which only train_dpo trains" in capsys.readouterr().err

@@ -36,7 +36,7 @@ DOCUMENT_END = "<|endoftext|>"
 BLOCKS_PER_BATCH = 64  # blocks per packing batch (a multiple of the block length, so no batch leaves a remainder but the last)
 
 
-def _first_record(path: Path) -> Any:
+def first_record(path: Path) -> Any:
     """The first JSON value of a JSON array or JSON Lines file, from its first 4 MB (None when it is not there)."""
     with open(path, "rb") as handle:
         head = handle.read(1 << 22).removeprefix(codecs.BOM_UTF8).decode("utf-8", "ignore").lstrip()
@@ -54,7 +54,7 @@ def is_raw_text(path, data_format: str = "auto", fields: FieldMap = FieldMap()) 
     file = Path(path)
     if not file.is_file():
         return False
-    return file.suffix.lower() in TEXT_SUFFIXES or detect_format(_first_record(file), fields) == "text"
+    return file.suffix.lower() in TEXT_SUFFIXES or detect_format(first_record(file), fields) == "text"
 
 
 def refuse_raw_text(path, needs: str) -> None:

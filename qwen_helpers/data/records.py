@@ -211,6 +211,11 @@ def validate_record(record: Any, index: int, where: str, file_format: str, field
         raise DataValidationError(
             f"{where}, record {index}: the key '{key}' appears twice, so one of its values would be silently lost. Keep one."
         )
+    if is_preference_pair(record) and fields.output not in record:
+        raise DataValidationError(
+            f"{where}, record {index}: a preference pair (prompt, chosen, rejected), which only train_dpo trains; "
+            f"`python -m qwen_helpers.inspect_data --data_path {where}` shows what DPO scores in it."
+        )
     if file_format == "alpaca":
         return _validate_alpaca(record, index, where, fields)
     return validate_conversation(record, index, where, file_format)
@@ -224,6 +229,11 @@ def _check_mapped_fields_exist(keys_seen: set[str], where: str, fields: FieldMap
             raise DataValidationError(
                 f"{where}: --{flag}_field {name}: no record has a field '{name}'. Fields found: {sorted(keys_seen)}. Fix the flag or drop it."
             )
+
+
+def is_preference_pair(record: Any) -> bool:
+    """A DPO record: ``chosen`` and ``rejected`` answers (after a ``prompt`` or ``messages``)."""
+    return isinstance(record, dict) and "chosen" in record and "rejected" in record
 
 
 def _validate_alpaca(record: Any, index: int, where: str, fields: FieldMap) -> dict:
