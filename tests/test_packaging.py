@@ -53,3 +53,22 @@ def test_first_code_cell_is_the_tagged_parameters_cell(path):
     first_code = next(cell for cell in cells if cell["cell_type"] == "code")
     assert "parameters" in first_code["metadata"].get("tags", [])
     assert "import" not in "".join(first_code["source"])  # literals only
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_cell_ends_on_a_figure_it_would_draw_twice(path):
+    """Jupyter draws a pyplot figure at the end of its cell and again as the cell's value: a cell must not end on a
+    call of qwen_helpers.notebook.plots (end it with plt.show(), or assign the figure)."""
+    import ast
+
+    import qwen_helpers.notebook.plots as plots
+
+    figure_makers = {name for name in dir(plots) if name.startswith("plot_")}
+    for index, cell in enumerate(json.loads(path.read_text(encoding="utf-8"))["cells"]):
+        if cell["cell_type"] != "code" or not "".join(cell["source"]).strip():
+            continue
+        tree = ast.parse("".join(line for line in cell["source"] if not line.lstrip().startswith(("%", "!"))))
+        last = tree.body[-1] if tree.body else None
+        called = last.value.func if isinstance(last, ast.Expr) and isinstance(last.value, ast.Call) else None
+        name = getattr(called, "id", getattr(called, "attr", None))
+        assert name not in figure_makers, f"cell {index} ends on {name}(...): its figure would be drawn twice"
