@@ -19,8 +19,8 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 OVERRIDES = {
     "01_data_prep.ipynb": 'OUTPUT_DIR = {tmp!r} + "/processed"',
     "02_lora_fp16.ipynb": 'OUTPUT_DIR = {tmp!r} + "/lora"',
-    "05_inference.ipynb": ('OUTPUTS = {tmp!r}\nQUICK_ADAPTER = {tmp!r} + "/nb05_lora"\nTOOL_ADAPTER = {tmp!r} + "/nb05_tools"\n'
-                           'MERGED_DIR = {tmp!r} + "/merged"\nTEST_RECORDS = 4'),
+    "05_inference.ipynb": ('ADAPTERS = []\nQUICK_ADAPTER = {tmp!r} + "/nb05_lora"\nTOOL_ADAPTER = {tmp!r} + "/nb05_tools"\n'
+                           'MERGED_DIR = {tmp!r} + "/merged"\nGGUF_DIR = {tmp!r} + "/gguf"\nTEST_RECORDS = 4'),
 }
 
 

@@ -32,15 +32,20 @@ def base_model_path_of(adapter: str | AdapterFolder, model_path: str | None = No
     return model_path or read_adapter_folder(adapter).base()
 
 
-def find_adapter_folders(root: str = "outputs", model_path: str | None = None) -> dict[str, str]:
-    """Adapter folders directly under ``root`` (name -> path); with ``model_path``, only those trained on that base."""
+def named_adapter_folders(paths: list[str], model_path: str) -> dict[str, str]:
+    """The adapter folders among ``paths`` trained on ``model_path`` (name -> path), in order; one line for each
+    path left out (missing, not an adapter, another base), so a comparison holds exactly the adapters it names."""
     folders = {}
-    for folder in sorted(Path(root).iterdir()) if Path(root).is_dir() else []:
+    for path in paths:
+        folder = Path(path)
         if not (folder / ADAPTER_CONFIG).is_file():
+            print(f"{path}: no adapter there (yet); left out")
             continue
         recorded = read_adapter_folder(folder).recorded_base
-        if model_path is None or (recorded and _same_base(recorded, model_path)):
-            folders[folder.name] = str(folder)
+        if not (recorded and _same_base(recorded, model_path)):
+            print(f"{path}: trained on {recorded or 'an unrecorded base'}, not {model_path}; left out")
+            continue
+        folders[folder.name] = str(folder)
     return folders
 
 
