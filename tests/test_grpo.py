@@ -110,7 +110,8 @@ def test_a_short_run_samples_scores_and_saves(tmp_path):
 
 def test_the_toy_mean_reward_rises(tmp_path):
     """What the tiny random model can learn: put Han tokens first among its 5 likeliest (the language reward).
-    Measured (seed 0, 12 steps of 8 completions, shared 2-core CPU): mean reward 0.12 over steps 1-4, 0.27 over 9-12."""
+    Measured with the command (seed 0, 12 steps of 8 completions, 2-core CPU, 2026-12-07): 0.13 at step 1, 0.35 at step 12
+    with two threads, 0.63 with one; the means of steps 1-4 and 9-12 were 0.15 -> 0.39 and 0.25 -> 0.50."""
     from qwen_helpers import train_grpo
 
     output_dir = tmp_path / "grpo"
