@@ -204,6 +204,31 @@ def test_nan_guard_never_keeps_non_finite_weights_although_the_logged_loss_was_f
         assert torch.equal(tensor, broken.good[name])  # the weights after step 1, the last finite ones
 
 
+class BreakWeightsFrom(BreakWeightsAt):
+    """From the end of step ``step`` on, the LoRA B matrices are NaN after every step (a diverged run)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step >= self.step:
+            self.step = state.global_step
+        super().on_step_end(args, state, control, model=model, **kwargs)
+
+
+def test_nan_guard_step_is_not_evaluated_so_no_restored_copy_becomes_the_best(tmp_path, small_train_file):
+    """Weights break from step 3; the guard stops at step 5 (patience 3) and restores step 2's copy. Step 5 is also an
+    evaluation step: evaluating the copy there made it the best checkpoint "of step 5" (it was step 2's weights)."""
+    output = tmp_path / "run"
+    model_args, data_args, training_args = _args(output, small_train_file, max_steps=12, eval_strategy="steps", eval_steps=5,
+                                                 save_strategy="best", load_best_model_at_end=True, metric_for_best_model="eval_loss")
+    data_args = replace(data_args, eval_data_path=small_train_file)
+    broken = BreakWeightsFrom(step=3)
+    result = train(model_args, data_args, training_args, "lora", LoraArguments(), callbacks=[broken])
+    assert result.stopped_by_nan_guard and result.trainer.state.global_step == 5
+    assert not [record for record in result.history if "eval_loss" in record]  # step 5 was not evaluated
+    assert not result.trainer.state.best_global_step  # so no step claims to be the best
+    for name, tensor in _lora_state(result.model).items():
+        assert torch.equal(tensor, broken.good[name])  # the last finite weights, step 2's
+
+
 def test_nan_guard_ignores_fp16_overflow_steps_but_not_a_nan_loss():
     from types import SimpleNamespace
 

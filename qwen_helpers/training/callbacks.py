@@ -73,6 +73,10 @@ class NanGuardCallback(TrainerCallback):
         if self.bad_logs >= self.patience:
             control.should_training_stop = True
             control.should_save = False
+            # No evaluation of this step either: it would score the restored copy of an earlier step under this
+            # step's number, and could make it the "best" checkpoint (saved with --save_strategy best) of a step
+            # whose real weights were NaN.
+            control.should_evaluate = False
             self._restore(model)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
