@@ -47,7 +47,8 @@ def run_training_command(method: str, argv: list[str] | None = None, **defaults)
 
     from .training.callbacks import LossLineProgress, NanGuardCallback
     from .training.plan import plan_run
-    from .notebook.plots import plot_loss, save_figure
+    from .common.files import save_figure
+    from .notebook.plots import plot_loss
     from .training.sft import publish_run, report, train
 
     plan = plan_run(model_args, data_args, training_args, method, method_args)  # every cross-flag check, once

@@ -77,7 +77,8 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     from .data.records import load_records
     from .models.generation import generate
     from .models.loading import load_base_model, load_tokenizer
-    from .notebook.plots import plot_loss, save_figure
+    from .common.files import save_figure
+    from .notebook.plots import plot_loss
     from .training.sft import train
 
     output_dir = Path(args.output_dir) if args.output_dir else REPO / "outputs" / time.strftime("demo-lora-%Y%m%d-%H%M%S")

@@ -279,7 +279,8 @@ def test_a_saved_figure_is_closed(tmp_path):
     """Commands save a plot per run; pyplot would keep every one open (a long-lived process warns past 20)."""
     import matplotlib.pyplot as plt
 
-    from qwen_helpers.notebook.plots import plot_loss, save_figure
+    from qwen_helpers.common.files import save_figure
+    from qwen_helpers.notebook.plots import plot_loss
 
     before = plt.get_fignums()
     save_figure(plot_loss([{"step": 1, "loss": 3.0}]), tmp_path / "loss_plot.png")

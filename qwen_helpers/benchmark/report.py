@@ -239,7 +239,8 @@ def workload(settings: dict) -> str:
 
 def write_results(result) -> None:
     """results.json, results.csv, results.md and the memory and throughput bar charts."""
-    from ..notebook.plots import plot_bars, plot_grouped_bars, save_figure
+    from ..common.files import save_figure
+    from ..notebook.plots import plot_bars, plot_grouped_bars
 
     folder = result.folder
     folder.mkdir(parents=True, exist_ok=True)

@@ -294,3 +294,11 @@ def remove_folders(folders) -> None:
     """Delete folders (stale staging folders of a run the user chose to replace)."""
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def save_figure(figure, path: str | os.PathLike) -> None:
+    """Write a command's matplotlib figure to ``path`` and close it (pyplot keeps every open figure alive otherwise)."""
+    import matplotlib.pyplot as plt
+
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -19,12 +19,6 @@ TASK_METRICS = (
 )  # the held-out metrics, preferred first
 
 
-def save_figure(figure: Figure, path) -> None:
-    """Write a command's figure to ``path`` and close it (pyplot keeps every open figure alive otherwise)."""
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
 def plot_loss(history: list[dict], title: str = "Training loss", metric: str | None = None) -> Figure:
     """Training and evaluation loss against the optimiser step, and a held-out metric on a second axis when logged.
 

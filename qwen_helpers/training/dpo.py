@@ -268,7 +268,7 @@ def finish_command(result: TrainResult, name: str, title: str, plot, summary) ->
 
     if not result.trainer.is_world_process_zero():
         return 0
-    from ..notebook.plots import save_figure
+    from ..common.files import save_figure
 
     save_figure(plot(result.history, title=title), Path(result.output_dir) / f"{name}_plot.png")
     publish(result)
