@@ -463,3 +463,28 @@ def test_preference_and_rl_commands_never_write_into_their_inputs(work, monkeypa
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert code == 2 and len(errors) == 1 and f"({label})" in errors[0], (label, errors)
     assert tree(work) == before, "a refused command changed its inputs"
+
+
+@pytest.mark.parametrize("command, data_file", [("train_dpo", "preference.json"), ("train_grpo", "grpo_toy.json")])
+def test_a_continued_adapter_keeps_its_recorded_base_safe_and_trains_on_it_only(work, monkeypatch, capsys, tmp_path,
+                                                                                 command, data_file):
+    """--adapter_path without --model_path: the base the adapter records is an input (an --output_dir on it, even with
+    --overwrite_output_dir, once deleted its weights), and an adapter recorded on another base is refused, not trained
+    silently on --model_path's default."""
+    import importlib
+
+    main = importlib.import_module(f"qwen_helpers.{command}").main
+    base = work / "models" / "base"
+    flags = ["--data_path", str(DATA / data_file), "--overwrite_output_dir", "True", "--max_steps", "1"]
+    before = tree(work)
+    assert main([*flags, "--adapter_path", str(work / "adapters" / "adapter"), "--output_dir", str(base)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: --output_dir {base} is the folder") and "(the base recorded by" in line, line
+    unrecorded = shutil.copytree(work / "adapters" / "adapter", tmp_path / "adapter")
+    run = json.loads((unrecorded / "run_config.json").read_text())
+    del run["base_fingerprint"]  # as another tool saves it: a path, no fingerprint to prove a copy is that base
+    (unrecorded / "run_config.json").write_text(json.dumps(run))
+    assert main([*flags, "--adapter_path", str(unrecorded), "--output_dir", str(tmp_path / "out")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"was trained on {base}, but this run would train it on --model_path tiny" in line, line
+    assert tree(work) == before and not (tmp_path / "out").exists()

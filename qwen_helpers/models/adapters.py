@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from .adapter_folder import ADAPTER_CONFIG, AdapterError, AdapterFolder, read_adapter_folder
-from .checks import check_adapter
+from .checks import check_adapter, same_base
 from ..run.config import ModelArguments
 from .loading import base_config_of, build_quantization_config, load_base_model, load_tokenizer, release_memory
 from ..run.precision import inference_dtype
@@ -42,15 +42,11 @@ def named_adapter_folders(paths: list[str], model_path: str) -> dict[str, str]:
             print(f"{path}: no adapter there (yet); left out")
             continue
         recorded = read_adapter_folder(folder).recorded_base
-        if not (recorded and _same_base(recorded, model_path)):
+        if not (recorded and same_base(recorded, model_path)):
             print(f"{path}: trained on {recorded or 'an unrecorded base'}, not {model_path}; left out")
             continue
         folders[folder.name] = str(folder)
     return folders
-
-
-def _same_base(recorded: str, model_path: str) -> bool:
-    return recorded == model_path or resolve_model_path(recorded) == resolve_model_path(model_path)
 
 
 def load_base_for_inference(model_path: str = "tiny", load_in_4bit: bool = False, run_config: dict | None = None):

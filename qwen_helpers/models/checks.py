@@ -288,6 +288,28 @@ def adapter_command_inputs(adapter: str | AdapterFolder | None, model_path: str 
     return {"--adapter_path": folder.path, f"the base recorded by {folder.path}": folder.recorded_base}
 
 
+def same_base(recorded: str, model_path: str) -> bool:
+    """Whether a recorded base and a --model_path name the same model (a tiny alias and its cache folder are one)."""
+    from ..common.tiny import resolve_model_path
+
+    return recorded == model_path or resolve_model_path(recorded) == resolve_model_path(model_path)
+
+
+def check_continued_adapter(adapter: str, model_path: str) -> dict[str, str | None]:
+    """A run that trains an adapter further (DPO, GRPO ``--adapter_path``) loads it on ``--model_path``: refuse, in one
+    line, an adapter trained on another base (a different path is that base only if the adapter's fingerprint says
+    so), and return what the run reads, the recorded base included, so that no output folder can replace it."""
+    folder = read_adapter_folder(adapter)
+    recorded = folder.recorded_base
+    if recorded and not folder.fingerprint and not same_base(recorded, model_path):
+        raise AdapterError(
+            f"--adapter_path {folder.path} was trained on {recorded}, but this run would train it on --model_path "
+            f"{model_path} (the default when the flag is not given); pass --model_path {recorded} (or an unchanged copy of it)."
+        )
+    check_adapter_against_base(folder, model_path)  # shapes, architecture and the recorded fingerprint
+    return {"--adapter_path": folder.path, f"the base recorded by {folder.path}": recorded}
+
+
 def check_adapter(adapter: str | AdapterFolder, model_path: str | None) -> tuple[AdapterFolder, str]:
     """Read an adapter folder once and check it and the base it will load on; return (the folder, that base)."""
     folder = read_adapter_folder(adapter)

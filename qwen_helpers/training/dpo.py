@@ -17,7 +17,7 @@ from pathlib import Path
 from trl import DPOConfig, DPOTrainer
 
 from .callbacks import LossHistoryCallback, NanGuardCallback
-from ..models.checks import base_summary, check_model_path
+from ..models.checks import base_summary, check_continued_adapter, check_model_path
 from ..run.config import KitTrainingArguments, LoraArguments, ModelArguments, TemplateOptions, write_run_config
 from ..common.errors import FlagError
 from ..common.files import remove_folders, swap_in
@@ -169,8 +169,9 @@ def train_dpo(
     train_pairs = load_preference_records(data_args.data_path)
     eval_pairs = load_preference_records(data_args.eval_data_path) if data_args.eval_data_path else None
     # the output may be, hold or lie in none of the inputs (the base, the data, the SFT adapter it continues)
-    inputs = {**training_inputs(model_args.model_path, data_args.data_path, data_args.eval_data_path, config.deepspeed),
-              "--adapter_path": data_args.adapter_path}
+    inputs = training_inputs(model_args.model_path, data_args.data_path, data_args.eval_data_path, config.deepspeed)
+    if data_args.adapter_path:  # trained on --model_path, and the base it records is an input too
+        inputs |= check_continued_adapter(data_args.adapter_path, model_args.model_path)
     plan = plan_output_on_main_process(config, staged=True, inputs=inputs)
     target = config.output_dir
     config = copy.copy(config)
@@ -297,3 +298,4 @@ def preference_summary(history: list[dict]) -> list[str]:
                 f"over {len(margins)} logs"
             )
     return lines
+

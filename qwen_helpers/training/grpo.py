@@ -17,7 +17,7 @@ from pathlib import Path
 from trl import GRPOConfig, GRPOTrainer
 
 from .callbacks import LossHistoryCallback, NanGuardCallback
-from ..models.checks import check_model_path
+from ..models.checks import check_continued_adapter, check_model_path
 from ..run.config import KitTrainingArguments, LoraArguments, ModelArguments, TemplateOptions
 from ..data.encoding import format_prompt
 from ..common.errors import FlagError
@@ -148,8 +148,9 @@ def train_grpo(
     check_model_path(model_args.model_path)
     records = load_prompt_records(data_args.data_path, [] if reward_funcs else reward_names(data_args.reward))
     # the output may be, hold or lie in none of the inputs (the base, the prompts, the SFT adapter it continues)
-    inputs = {**training_inputs(model_args.model_path, data_args.data_path, None, config.deepspeed),
-              "--adapter_path": data_args.adapter_path}
+    inputs = training_inputs(model_args.model_path, data_args.data_path, None, config.deepspeed)
+    if data_args.adapter_path:  # trained on --model_path, and the base it records is an input too
+        inputs |= check_continued_adapter(data_args.adapter_path, model_args.model_path)
     plan = plan_output_on_main_process(config, staged=True, inputs=inputs)
     target, config = config.output_dir, copy.copy(config)
     config.output_dir = plan.staging
