@@ -42,7 +42,7 @@ ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 class Family:
     """What the kit does with one ``model_type``."""
 
-    label: str  # for messages and the README's table
+    label: str  # for messages and the table in docs/families.md
     releases: str  # the released checkpoints of this type
     text_class: str  # the class AutoModelForCausalLM loads it as (text data)
     hybrid_linear_attention: bool = False  # Gated DeltaNet layers: state flows along a row, so packing is not exact
