@@ -142,3 +142,34 @@ def test_dora_trains_on_a_4bit_base(tmp_path, four_records):
     assert result.train_losses and all(torch.isfinite(torch.tensor(result.train_losses)))
     weights = load_file(Path(result.output_dir) / "adapter_model.safetensors")
     assert any("lora_magnitude_vector" in name for name in weights)
+
+
+def test_step_ratios_are_paired_within_rounds(monkeypatch):
+    """The variants' step costs are compared round by round: a machine whose speed changes between rounds (here 1x,
+    3x, 0.5x, 2x slower) moves no ratio, and every model is timed once per round after a warm-up round."""
+    import types
+
+    from qwen_helpers.benchmark import paired
+
+    clock = [0.0]
+    machine = [1.0, 1.0, 3.0, 0.5, 2.0]  # round 0 is the untimed warm-up
+    order = []
+
+    class Fake(torch.nn.Module):
+        def __init__(self, name, cost):
+            super().__init__()
+            self.name, self.cost, self.weight = name, cost, torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            order.append(self.name)
+            clock[0] += self.cost * machine[(len(order) - 1) // 3]
+            return types.SimpleNamespace(loss=(self.weight * x).sum())
+
+    monkeypatch.setattr(paired.time, "perf_counter", lambda: clock[0])
+    models = {"LoRA": Fake("LoRA", 1.0), "DoRA": Fake("DoRA", 1.5), "rsLoRA": Fake("rsLoRA", 0.5)}
+    figures = paired.paired_step_ratios(models, {"x": torch.ones(1)}, baseline="LoRA", rounds=4)
+    assert len(order) == 15 and order[:3] != order[3:6]  # 1 warm-up + 4 rounds of 3, the order rotating
+    assert figures["DoRA"]["ratio_min"] == pytest.approx(1.5) == figures["DoRA"]["ratio_max"]
+    assert figures["rsLoRA"]["ratio"] == pytest.approx(0.5) and figures["LoRA"]["ratio"] == 1.0
+    assert paired.shown_ratio(figures["DoRA"]) == "1.50x (1.50-1.50)"
+    assert models["DoRA"].weight.grad is None  # gradients are dropped after each timing: nothing accumulates
