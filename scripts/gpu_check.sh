@@ -8,8 +8,27 @@
 #   scripts/gpu_check.sh                 # CUDA: the real shapes; CPU: the tiny variant (what CI runs)
 #   scripts/gpu_check.sh --device cpu    # force the CPU variant
 #   scripts/gpu_check.sh --folder DIR    # write somewhere else
+#   scripts/gpu_check.sh --bundle DIR    # a machine with no package index: first pip install --no-index from the
+#                                        # bundle scripts/offline_bundle.py made (docs/offline-gpu.md)
 set -euo pipefail
-cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
+args=()
+bundle=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --bundle=*) bundle="${1#--bundle=}"; shift ;;
+        --bundle)
+            if [ $# -lt 2 ] || [ -z "$2" ] || [ "${2#--}" != "$2" ]; then
+                echo "gpu_check.sh: --bundle needs the folder scripts/offline_bundle.py make wrote (docs/offline-gpu.md)" >&2
+                exit 2
+            fi
+            bundle="$2"; shift 2 ;;
+        *) args+=("$1"); shift ;;
+    esac
+done
+if [ -n "$bundle" ]; then  # before the cd: a relative DIR is the caller's; prints the Python to run the check with
+    PYTHON="$("$PYTHON" "$(dirname "$0")/offline_bundle.py" install "$bundle")"
+fi
+cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-exec "$PYTHON" -m qwen_helpers.benchmark.suite "$@"
+exec "$PYTHON" -m qwen_helpers.benchmark.suite ${args[@]+"${args[@]}"}
