@@ -77,8 +77,28 @@ class RunPlan:
         return [*notes, *([self.thinking_notice] if self.thinking_notice else [])]
 
 
+def check_fsdp_on_gpus(training_args: KitTrainingArguments) -> None:
+    """Refuse an FSDP launch on CPU processes: accelerate turns only a world of GPUs (or other accelerators) into FSDP
+    and runs CPU processes without sharding whatever the config says, so the run would not be what was asked."""
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(training_args.fsdp)
+    state = training_args.distributed_state  # accelerate's PartialState, set up with the device (honours --use_cpu)
+    world = state.distributed_type if state is not None else DistributedType.NO
+    instead = {DistributedType.MULTI_CPU: "plain data parallel (MULTI_CPU, each process holding the whole model)",
+               DistributedType.NO: "separate single-process runs"}.get(world)
+    if asked and instead and training_args.device.type == "cpu":
+        raise FlagError(
+            f"FSDP was asked for (an accelerate config with distributed_type: FSDP, or --fsdp), but these processes run "
+            f"on the CPU, where accelerate {accelerate.__version__} shards nothing: it would train them as {instead}. "
+            "FSDP needs GPUs; to try several processes on a CPU, launch with configs/ddp.yaml and --use_cpu True."
+        )
+
+
 def check_distributed_launch(training_args: KitTrainingArguments) -> None:
     """Refuse several launched processes that did not join one run: each would train alone and overwrite the same folder."""
+    check_fsdp_on_gpus(training_args)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and training_args.world_size == 1:
         raise RuntimeError(

@@ -43,6 +43,8 @@ def describe_distributed(trainer: Trainer) -> str:
     strategy = state.distributed_type.value
     if state.deepspeed_plugin is not None:
         strategy += f" ZeRO-{state.deepspeed_plugin.zero_stage}"
+    if getattr(state, "fsdp_plugin", None) is not None:  # FSDP1 (FullyShardedDataParallel) or FSDP2 (fully_shard)
+        strategy += str(state.fsdp_plugin.fsdp_version)
     accumulation, processes = args.gradient_accumulation_steps, args.world_size
     if getattr(args, "token_budget", None):  # --per_device_train_batch_size plays no part: each rank fills its own budget
         budget = args.token_budget
@@ -309,7 +311,9 @@ def save_run(result: TrainResult, model_args, data_args, training_args, method_a
                      stopped_by_nan_guard=result.stopped_by_nan_guard,
                      **{SYSTEM_PROMPT_KEY: system_prompt},  # the one every training record shared, or None
                      base_model=base_summary(base_config_of(result.model)),  # a later load checks the base without it
-                     base_fingerprint=model_fingerprint(model_args.model_path), **paths, **best_and_stop(result))
+                     base_fingerprint=model_fingerprint(model_args.model_path), **paths, **best_and_stop(result),
+                     # the launch's strategy and global batch: neither is a flag (accelerate's config decides them)
+                     **({"distributed": describe_distributed(trainer).removeprefix("distributed: ")} if trainer.args.world_size > 1 else {}))
     if result.held_out is not None:
         best = best_of_run(trainer, result.history)
         last = max(result.held_out.answers, default=None)
