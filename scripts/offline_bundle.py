@@ -109,14 +109,11 @@ def read_requirements(pyproject: Path, profile: str) -> tuple[list[str], dict[st
     if not pyproject.is_file():
         raise BadInput(f"--pyproject {pyproject}: no such file")
     dependencies = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["dependencies"]
-    names = {requirement_name(line) for line in dependencies}
-    unknown = sorted(set(LEFT_OUT_OF_GPU_CHECK) - names)
-    if unknown:  # the list above drifted from pyproject
-        raise BadInput(f"{pyproject}: LEFT_OUT_OF_GPU_CHECK names {', '.join(unknown)}, which the dependencies no longer list")
     if profile == "all":
         return list(dependencies), {}
+    names = {requirement_name(line) for line in dependencies}
     kept = [line for line in dependencies if requirement_name(line) not in LEFT_OUT_OF_GPU_CHECK]
-    return kept, {name: why for name, why in LEFT_OUT_OF_GPU_CHECK.items()}
+    return kept, {name: why for name, why in LEFT_OUT_OF_GPU_CHECK.items() if name in names}
 
 
 def platform_tags(tag: str) -> list[str]:
@@ -209,12 +206,17 @@ def resolve_missing(requirements: list[str], have: dict[str, tuple[str, str]], p
     # The target's torch stays: pip may not pick another one, so a requirement it fails is a resolution error.
     (work / "constraints.txt").write_text("".join(f"{have[name][0]}=={have[name][1]}\n" for name in NEVER_DOWNLOADED), encoding="utf-8")
     report = work / "report.json"
-    command = [str(env_python), "-s", "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report),
+    command = [str(env_python), "-s", "-m", "pip", "install", "--dry-run", "--report", str(report),
                *target_flags(python_version, platforms), "-c", str(work / "constraints.txt"), "-r", str(work / "requirements.txt")]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(pip_only), "PYTHONNOUSERSITE": "1"})
-    if done.returncode != 0:
-        errors = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip() and not line.startswith("WARNING")]
-        raise BadInput("pip cannot resolve the kit's requirements against the target: " + " / ".join(errors[-6:]))
+    if done.returncode != 0:  # pip's reason: its ERROR lines and the conflict it lists under them
+        lines = [line.strip() for line in (done.stdout + done.stderr).splitlines()]
+        cause = lines.index("The conflict is caused by:") if "The conflict is caused by:" in lines else len(lines)
+        reason = [line for line in lines[cause + 1:] if line and not line.startswith(("To fix", "1.", "2.", "WARNING"))][:4]
+        reason += [line for line in lines if line.startswith("ERROR")][:2]
+        hint = ("; the target keeps its torch, so it needs a newer build of its own" if any(
+            f"(constraint) {name}==" in line for line in reason for name in NEVER_DOWNLOADED) else "")
+        raise BadInput("pip cannot resolve the kit's requirements against the target: " + " / ".join(reason) + hint)
     return json.loads(report.read_text(encoding="utf-8"))["install"]
 
 
