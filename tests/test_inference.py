@@ -257,9 +257,34 @@ def test_merged_copy_has_the_logits_of_base_plus_adapter(lora_model):
 
 def test_throughput_table_rows(lora_model, test_records):
     model, tokenizer = lora_model
-    rows = evaluation.throughput_table(model, tokenizer, test_records[:2], batch_sizes=(1, 2), max_new_tokens=3)
+    rows = evaluation.throughput_table(model, tokenizer, test_records[:2], batch_sizes=(1, 2), max_new_tokens=3, repeats=3)
     assert [(row["model"], row["batch_size"]) for row in rows] == [(name, size) for name in ("base", "adapter", "merged") for size in (1, 2)]
-    assert all(0 < row["new_tokens"] <= 2 * 3 and row["tokens_per_second"] > 0 for row in rows)
+    assert all(0 < row["new_tokens"] <= 2 * 3 and row["tokens_per_second"] > 0 and row["repeats"] == 3 for row in rows)
+    assert all(row["vs_base"] == row["vs_base_min"] == row["vs_base_max"] == 1.0 for row in rows if row["model"] == "base")
+    assert all(row["vs_base_min"] <= row["vs_base"] <= row["vs_base_max"] for row in rows)
+
+
+def test_throughput_ratios_are_paired_by_round(lora_model, test_records, monkeypatch):
+    """Each round times every model once (base, adapter, merged) and a ratio divides by the base's figure of the same
+    round: a machine whose speed changes from round to round moves every model alike and no ratio."""
+    from qwen_helpers.evaluation import compare
+
+    model, tokenizer = lora_model
+    machine = [1.0, 0.5, 2.0, 1.0]  # the machine's speed in each round
+    relative = [1.0, 0.8, 1.0]  # base, adapter, merged: the adapter is 20% slower, whatever the machine does
+    calls = []
+
+    def fake(each_model, tokenizer, records, size, max_new_tokens, **kwargs):
+        index = len(calls)
+        calls.append(each_model)
+        speed = 100.0 * machine[index // 3] * relative[index % 3]
+        return {"batch_size": size, "records": len(records), "new_tokens": 3, "seconds": 3 / speed, "tokens_per_second": speed}
+
+    monkeypatch.setattr(compare, "measure_throughput", fake)
+    rows = {row["model"]: row for row in compare.throughput_table(model, tokenizer, test_records[:1], batch_sizes=(1,), repeats=4)}
+    assert len(calls) == 12 and calls[2] is not model  # the third of each round is the merged copy
+    assert rows["adapter"]["vs_base_min"] == pytest.approx(0.8) == rows["adapter"]["vs_base_max"]
+    assert rows["merged"]["vs_base"] == pytest.approx(1.0) and rows["base"]["tokens_per_second"] == pytest.approx(100.0)
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -401,3 +426,20 @@ def test_inference_prompts_in_the_thinking_mode_the_adapter_was_trained_in(tmp_p
     assert InferenceArguments(adapter_path=str(adapter), instruction="hi").generation_kwargs()["enable_thinking"] is True
     assert InferenceArguments(adapter_path=str(adapter), instruction="hi", enable_thinking=False).generation_kwargs()["enable_thinking"] is False
     assert InferenceArguments(instruction="hi").generation_kwargs()["enable_thinking"] is False
+
+
+def test_token_losses_are_the_training_loss_split_by_token(lora_model):
+    """The per-token view adds up to the loss the Trainer computes for the record (same tokens, same shift): a
+    misaligned label or a token counted that training masks would change the mean."""
+    from qwen_helpers.data.encoding import tokenize_example
+    from qwen_helpers.evaluation.token_losses import loss_floor_line, trained_token_losses
+
+    model, tokenizer = lora_model
+    record = json.loads((DATA / "train.json").read_text(encoding="utf-8"))[0]
+    (rows,) = trained_token_losses(model, tokenizer, [record])
+    example = tokenize_example(tokenizer, record)
+    with torch.no_grad():
+        loss = model(input_ids=torch.tensor([example["input_ids"]]), labels=torch.tensor([example["labels"]])).loss.item()
+    assert len(rows) == sum(label != -100 for label in example["labels"]) and rows[-1]["token"] == "<|im_end|>"
+    assert sum(row["loss"] for row in rows) / len(rows) == pytest.approx(loss, rel=1e-4)
+    assert loss_floor_line([rows]).startswith(f"{sum(row['argmax'] for row in rows)} of {len(rows)} trained tokens")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import statistics
 from dataclasses import dataclass, field
 
 from ..models.adapters import AdapterError, merged_copy
@@ -63,21 +64,36 @@ def measure_throughput(model, tokenizer, records: list[dict], batch_size: int, m
     return {"batch_size": min(batch_size, len(records)), "records": len(records), "new_tokens": new_tokens, "seconds": seconds, "tokens_per_second": new_tokens / seconds}
 
 
-def throughput_table(model, tokenizer, records: list[dict], batch_sizes: tuple[int, ...] = (1, 8), max_new_tokens: int = 32, **generate_kwargs) -> list[dict]:
-    """Tokens per second of the base (adapter disabled), the adapter unmerged, and merged (LoRA only), per batch size.
+def throughput_table(model, tokenizer, records: list[dict], batch_sizes: tuple[int, ...] = (1, 8), max_new_tokens: int = 32,
+                     repeats: int = 3, **generate_kwargs) -> list[dict]:
+    """Tokens per second of the base (adapter disabled), the adapter unmerged, and merged (LoRA only), per batch size,
+    as interleaved repeats: each round times every model once, so a machine that slows down or speeds up moves all of
+    them alike. Each row gives the median tokens per second and its speed relative to the base, the median and the
+    range (min-max) of the per-round ratios.
 
     Pass ``min_new_tokens=max_new_tokens`` to compare equal numbers of generated tokens (no early stop).
     """
-    variants = {"base": model.disable_adapter, "adapter": contextlib.nullcontext}
-    rows = []
-    for name, context in variants.items():
-        with context():
-            rows += [{"model": name, **measure_throughput(model, tokenizer, records, size, max_new_tokens, **generate_kwargs)} for size in batch_sizes]
     try:
-        merged = merged_copy(model)
+        merged, note = merged_copy(model), None
     except AdapterError as error:
-        rows.append({"model": "merged", "note": str(error)})
-        return rows
-    rows += [{"model": "merged", **measure_throughput(merged, tokenizer, records, size, max_new_tokens, **generate_kwargs)} for size in batch_sizes]
+        merged, note = None, str(error)
+    variants = {"base": (model, model.disable_adapter), "adapter": (model, contextlib.nullcontext)}
+    if merged is not None:
+        variants["merged"] = (merged, contextlib.nullcontext)
+    timed = {(name, size): [] for name in variants for size in batch_sizes}
+    for _ in range(repeats):
+        for size in batch_sizes:
+            for name, (each_model, context) in variants.items():
+                with context():
+                    timed[name, size].append(measure_throughput(each_model, tokenizer, records, size, max_new_tokens, **generate_kwargs))
     del merged
+    rows = []
+    for (name, size), runs in timed.items():
+        ratios = [run["tokens_per_second"] / base["tokens_per_second"] for run, base in zip(runs, timed["base", size])]
+        rows.append({"model": name, "batch_size": runs[0]["batch_size"], "records": runs[0]["records"],
+                     "new_tokens": runs[0]["new_tokens"], "repeats": len(runs),
+                     "tokens_per_second": statistics.median(run["tokens_per_second"] for run in runs),
+                     "vs_base": statistics.median(ratios), "vs_base_min": min(ratios), "vs_base_max": max(ratios)})
+    if note:
+        rows.append({"model": "merged", "note": note})
     return rows
