@@ -48,6 +48,7 @@ class DemoResult:
     held_out_after: list[str]
     output_dir: Path
     train_result: object
+    loss_floor: str = ""  # what the last loss is made of (every answer right, yet the loss is not 0)
 
     @property
     def exact(self) -> int:
@@ -80,6 +81,7 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     from .common.files import save_figure
     from .notebook.plots import plot_loss
     from .training.sft import train
+    from .evaluation.token_losses import loss_floor_line, trained_token_losses
 
     output_dir = Path(args.output_dir) if args.output_dir else REPO / "outputs" / time.strftime("demo-lora-%Y%m%d-%H%M%S")
     trained = load_records(REPO / "data" / "train.json")[: args.records]
@@ -107,7 +109,8 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     save_figure(plot_loss(result.history, title=f"LoRA on {args.model_path}"), output_dir / "loss_plot.png")
     model = result.model.eval()
     after, held_out_after = generate(model, result.tokenizer, trained, max_new_tokens=24), generate(model, result.tokenizer, held_out, max_new_tokens=24)
-    return DemoResult(trained, held_out, before, after, held_out_before, held_out_after, output_dir, result)
+    loss_floor = loss_floor_line(trained_token_losses(model, result.tokenizer, trained))
+    return DemoResult(trained, held_out, before, after, held_out_before, held_out_after, output_dir, result, loss_floor)
 
 
 def print_report(demo: DemoResult, model_path: str) -> None:
@@ -118,6 +121,9 @@ def print_report(demo: DemoResult, model_path: str) -> None:
     for record, old, new in zip(demo.trained, demo.before, demo.after):
         mark = "exact" if new == record["output"] else "differs"
         print(f"{record['instruction']} {record['input']}\n  before: {old!r}\n  after:  {new!r}  ({mark}; trained answer {record['output']!r})")
+    if demo.loss_floor:
+        print(f"Why the last loss is not 0: {demo.loss_floor}. The tiny model's output layer is random and frozen, "
+              "which caps how sure it can be of any token (notebook 02 shows it token by token).")
     print("\n=== held-out prompts, never trained: not learned (noise, or a memorised answer); "
           "generalising needs a real Qwen ===")
     for record, old, new in zip(demo.held_out, demo.held_out_before, demo.held_out_after):

@@ -24,6 +24,10 @@ def test_demo_memorises_its_records_and_prints_clean_loss_lines(tmp_path, capsys
     loss_lines = re.findall(r"^step +\d+/30  loss +(\d+\.\d{4})  learning rate", printed, flags=re.MULTILINE)
     assert len(loss_lines) == 6, printed  # one line per log (logging_steps=5 over 30 steps)
     assert float(loss_lines[-1]) < float(loss_lines[0])
+    floor = re.search(r"Why the last loss is not 0: (\d+) of (\d+) trained tokens are the model's first choice, yet they "
+                      r"cost (\d+\.\d+) nats each on average; <\|im_end\|> alone costs", printed)
+    assert floor and float(floor[3]) > 0.1, printed  # the loss is real...
+    assert floor[1] == floor[2] or result.exact < len(result.trained), printed  # ...while every trained token is right
     assert "'loss'" not in printed and "{'" not in printed, "the Trainer's raw log dicts leaked into the demo's output"
     assert f"{result.exact} answered word for word" in printed
 
