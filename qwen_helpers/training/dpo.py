@@ -299,3 +299,24 @@ def preference_summary(history: list[dict]) -> list[str]:
             )
     return lines
 
+
+def answer_logps(model, tokenizer, pairs: list[dict], enable_thinking: bool = False) -> list[dict]:
+    """Per pair, the summed log-probability of its chosen and of its rejected answer after the prompt: the tokens DPO
+    scores (:func:`tokenize_pair`'s, ``<|im_end|>`` included). Run it with the adapter off and on: ``beta`` times
+    the change of each is TRL's reward, and their difference its margin."""
+    import torch
+
+    from ..data.preference import tokenize_pair
+
+    rows = []
+    with torch.no_grad():
+        for pair in pairs:
+            ids = tokenize_pair(tokenizer, pair, enable_thinking)
+            start = len(ids["prompt_ids"])
+            sums = {}
+            for key in ("chosen", "rejected"):
+                tokens = torch.tensor([ids["prompt_ids"] + ids[f"{key}_ids"]], device=model.device)
+                logps = model(input_ids=tokens).logits[0, start - 1 : -1].float().log_softmax(-1)
+                sums[key] = logps.gather(-1, tokens[0, start:, None]).sum().item()
+            rows.append(sums)
+    return rows
