@@ -153,3 +153,23 @@ def test_an_interrupted_run_resumes_and_ends_at_the_same_step(tmp_path):
     assert [record["step"] for record in history if "reward" in record] == [1, 2, 3, 4]  # continued, not restarted
     assert staging_folders(output) == [] and not list(output.glob("checkpoint-*"))  # finished: no checkpoint kept
     assert (output / "adapter_model.safetensors").is_file() and not (output / "ref").exists()
+
+
+def test_shown_completions_are_reproducible_and_leave_the_random_state_alone():
+    """Notebook 08 shows a group before and after training and after a reload: the same weights and seed must give
+    the same completions, another seed others, and showing them must not move the random state a run samples from."""
+    import torch
+
+    from qwen_helpers.models.loading import load_base_model, load_tokenizer
+    from qwen_helpers.training.grpo import load_prompt_records, prompt_dataset, sample_completions
+
+    tokenizer = load_tokenizer("tiny")
+    model = load_base_model("tiny")
+    prompts = prompt_dataset(tokenizer, load_prompt_records(DATA / "grpo_toy.json", ["language"]), False)[:2]["prompt"]
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first = sample_completions(model, tokenizer, prompts, num_generations=3, max_new_tokens=4, top_k=5, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert [len(group) for group in first] == [3, 3] and len({text for group in first for text in group}) > 1
+    assert sample_completions(model, tokenizer, prompts, 3, 4, top_k=5, seed=0) == first
+    assert sample_completions(model, tokenizer, prompts, 3, 4, top_k=5, seed=1) != first

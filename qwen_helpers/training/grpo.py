@@ -211,3 +211,30 @@ def reward_summary(history: list[dict]) -> list[str]:
         for key in keys
         if key in first
     ]
+
+
+def sample_completions(model, tokenizer, prompts: list[str], num_generations: int, max_new_tokens: int,
+                       top_k: int | None = None, temperature: float = 1.0, seed: int = 0) -> list[list[str]]:
+    """``num_generations`` sampled completions per rendered prompt, as GRPO samples a group (its stop tokens, top-k and
+    temperature), from a fixed seed: the same weights and seed give the same completions, before or after a reload,
+    and the global random state is untouched, so showing completions does not change what a later run samples."""
+    import torch
+
+    from ..models.generation import stop_token_ids
+
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(model.device)
+    with torch.no_grad(), torch.random.fork_rng():  # the caller's random state (a training run's) is left as it was
+        torch.manual_seed(seed)
+        output = model.generate(**batch, do_sample=True, top_k=top_k or None, temperature=temperature,
+                                max_new_tokens=max_new_tokens, num_return_sequences=num_generations,
+                                eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [texts[index : index + num_generations] for index in range(0, len(texts), num_generations)]
+
+
+def zero_spread_lines(history: list[dict]) -> list[str]:
+    """Per logged step, the share of prompt groups whose completions all scored the same (TRL's
+    ``frac_reward_zero_std``): their advantages are 0, so those prompts teach nothing at that step."""
+    logs = [record for record in history if "frac_reward_zero_std" in record]
+    return [f"step {record['step']}: reward {record['reward']:.3f}, spread (std) {record.get('reward_std', float('nan')):.3f}, "
+            f"groups with no spread {record['frac_reward_zero_std']:.0%}" for record in logs]
