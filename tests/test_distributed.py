@@ -17,6 +17,10 @@ from pathlib import Path
 
 import pytest
 
+# one worker runs the whole module under --dist loadgroup: its module fixture (three launches) then runs once, not
+# once per worker that happens to get one of its tests
+pytestmark = pytest.mark.xdist_group("distributed")
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 WORLD_SIZE = 2
