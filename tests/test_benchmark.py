@@ -320,3 +320,86 @@ def test_dpo_and_grpo_rows_run_the_kits_trl_path_on_cpu(tmp_path):
     assert grpo["generation_seconds_per_step"] + grpo["optimisation_seconds_per_step"] == pytest.approx(grpo["step_seconds"])
     assert grpo["optimisation_tokens_per_second"] > grpo["tokens_per_second"]
     assert "generation s/step" in (folder / "results.md").read_text() and "generation" in process.stdout
+
+
+# ---------------------------------------------------------------- the TRL SFTTrainer reference and interleaved rounds
+
+
+def test_compare_names_its_references_and_repeats_are_checked():
+    from qwen_helpers.benchmark.plan import plan_rows
+
+    assert BenchmarkArguments(compare="trl,plain").references() == ["plain", "trl"]  # run order: plain, then TRL
+    assert BenchmarkArguments().references() == []
+    with pytest.raises(ValueError, match="--compare tlr: use 'none', 'plain', 'trl' or 'plain,trl'"):
+        BenchmarkArguments(compare="tlr")
+    with pytest.raises(ValueError, match="--repeats must be at least 1"):
+        BenchmarkArguments(repeats=0)
+    rows = plan_rows(BenchmarkArguments(methods="lora_bf16,dpo_lora", checkpointing="off", compare="plain,trl"), [32])
+    assert [(row["side"], row["method"]) for row in rows] == [("kit", "lora_bf16"), ("plain", "lora_bf16"), ("trl", "lora_bf16"),
+                                                              ("kit", "dpo_lora")]  # TRL's DPO trainer is its own reference
+    varlen = plan_rows(BenchmarkArguments(methods="lora_bf16", data="lognormal", batching="dynamic,padding_free", compare="trl"), [32])
+    assert [(row["side"], row["batching"]) for row in varlen] == [("kit", "dynamic"), ("plain", "dynamic"), ("kit", "padding_free"),
+                                                                  ("trl", "padding_free")]  # TRL's own padding-free batches
+
+
+def test_run_order_interleaves_rounds_and_rotates_the_sides():
+    from qwen_helpers.benchmark.plan import plan_rows, run_order
+
+    rows = plan_rows(BenchmarkArguments(methods="lora_bf16,full", checkpointing="off", compare="plain,trl"), [32])
+    order = [(rows[index]["method"], rows[index]["side"], round_index) for index, round_index in run_order(rows, 3)]
+    assert [side for method, side, _ in order if method == "lora_bf16"] == ["kit", "plain", "trl", "plain", "trl", "kit",
+                                                                           "trl", "kit", "plain"]
+    assert [method for method, _, _ in order] == ["lora_bf16"] * 9 + ["full"] * 9  # a method's rounds back to back
+    assert [index for index, _ in run_order(rows, 1)] == list(range(len(rows)))  # one round: the planned order
+
+
+def test_rounds_merge_into_medians_and_ratios_divide_figures_of_the_same_round():
+    """The machine is 1x, 2.5x and 0.6x as fast in rounds 0-2: a ratio of medians across rounds (100 / 50 = 2.0) would
+    pool different moments; the per-round ratios are 2.5, 3.0 and 1.2, so the reported ratio is their median, 2.5."""
+    from qwen_helpers.benchmark.report import add_reference_ratios, markdown_table, merge_rounds
+
+    def rounds(side, speeds, peak):
+        return [{"side": side, "method": "lora_bf16", "gradient_checkpointing": False, "batching": "kit default" if side == "kit" else None,
+                 "run": side, "status": "ok", "round": index, "tokens_per_second": speed, "tokens_per_cpu_second": speed / 2,
+                 "peak_bytes": peak, "trainable": 1, "trainable_percent": 1.0, "estimate_bytes": GIB, "trained_tokens_per_step": 34}
+                for index, speed in enumerate(speeds)]
+
+    kit, plain = merge_rounds(rounds("kit", [100.0, 300.0, 60.0], GIB)), merge_rounds(rounds("plain", [40.0, 100.0, 50.0], 2 * GIB))
+    trl = merge_rounds(rounds("trl", [100.0, 300.0, 60.0], GIB))
+    assert kit["tokens_per_second"] == 100.0 and kit["repeats"] == 3 and [run["round"] for run in kit["runs"]] == [0, 1, 2]
+    assert plain["tokens_per_second"] == 50.0 and "round" not in kit
+    rows = [kit, plain, trl]
+    add_reference_ratios(rows, "plain")
+    add_reference_ratios(rows, "trl")
+    assert kit["speed_vs_plain"] == pytest.approx(2.5) and (kit["speed_vs_plain_min"], kit["speed_vs_plain_max"]) == pytest.approx((1.2, 3.0))
+    assert kit["cpu_time_speed_vs_plain"] == pytest.approx(2.5) and kit["memory_vs_plain"] == pytest.approx(0.5)
+    assert kit["speed_vs_trl"] == kit["speed_vs_trl_min"] == kit["speed_vs_trl_max"] == pytest.approx(1.0)
+    assert "speed_vs_plain" not in plain and "speed_vs_trl" not in trl  # references get no ratio to themselves
+    table = markdown_table(rows)
+    assert "kit / TRL tokens/s" in table and "**2.50x** (1.20-3.00)" in table and "**1.00x** (1.00-1.00)" in table
+    failed = merge_rounds([*rounds("kit", [100.0], GIB), {"status": "OOM", "error": "out of memory", "round": 1}])
+    assert failed["status"] == "OOM" and failed["repeats"] == 2  # a failed round is never hidden by a median
+
+
+def test_trl_reference_tokenises_exactly_the_kits_examples(tokenizer, tiny_path, tmp_path):
+    """TRL's SFTTrainer, as the TRL row builds it, on synthetic and real records: the same input ids and the same
+    trained labels as the kit's tokenisation (the answer and <|im_end|>; not the newlines TRL's conversational paths add)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer
+
+    from qwen_helpers.benchmark.trl_reference import completion_records, trl_sft_config
+    from qwen_helpers.data.encoding import tokenize_example
+
+    records = records_of_length(tokenizer, [40, 90]) + json.loads((Path(__file__).parent.parent / "data" / "train.json").read_text())[:3]
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(records, ensure_ascii=False))
+    spec = {"args": {"warmup_steps": 1, "steps": 1, "batch_size": 2, "use_liger_kernel": False, "torch_compile": False},
+            "work_dir": str(tmp_path), "precision": "fp32", "gradient_checkpointing": False, "device": "cpu",
+            "method_spec": {"prepends_virtual_tokens": False}}
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_path), args=trl_sft_config(spec),
+                         train_dataset=Dataset.from_list(completion_records(tokenizer, str(path))), processing_class=tokenizer)
+    assert trainer.args.padding_free and trainer.args.completion_only_loss
+    for record, example in zip(records, trainer.train_dataset, strict=True):
+        kit = tokenize_example(tokenizer, record)
+        assert example["input_ids"] == kit["input_ids"] and example["labels"] == kit["labels"]

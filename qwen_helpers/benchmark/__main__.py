@@ -1,6 +1,7 @@
 """``python -m qwen_helpers.benchmark``: parse the flags, run the benchmark, print the table.
 
     python -m qwen_helpers.benchmark --preset tiny --compare plain                     # CPU: kit vs plain Trainer
+    python -m qwen_helpers.benchmark --methods lora_bf16 --compare plain,trl --repeats 3  # kit vs plain vs TRL's SFTTrainer
     python -m qwen_helpers.benchmark --data data/train.json --seq_len 512 --batch_size 8  # batching modes
     python -m qwen_helpers.benchmark --preset qwen2.5-7b --methods all --compare plain   # GPU
 """

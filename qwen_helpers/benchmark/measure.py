@@ -38,8 +38,12 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def step_timer(warmup_steps: int):
-    """A ``TrainerCallback`` timing whole Trainer steps after the warm-up, with real tokens and the training peak."""
+def step_timer(warmup_steps: int, count_trained_tokens: bool = False):
+    """A ``TrainerCallback`` timing whole Trainer steps after the warm-up, with real tokens and the training peak.
+
+    ``count_trained_tokens``: also count the tokens the loss trains on (SFT rows), so rows trained by different
+    trainers can be shown to train the same tokens.
+    """
     import torch
     from transformers import TrainerCallback
 
@@ -51,14 +55,24 @@ def step_timer(warmup_steps: int):
         A Trainer step here is everything a user waits for: fetching and collating the batch, the
         host-to-device copy, forward, backward, clipping, the optimiser, the scheduler and logging.
         Real tokens come from ``state.num_input_tokens_seen`` (``include_num_input_tokens_seen="non_padding"``).
+        Trained tokens are the ``labels`` the model's forward passes with gradients receive, other than -100,
+        after the one-position shift every causal LM loss makes (a label at a sequence start is never a target).
         """
 
         def __init__(self):
-            self.marks: list[tuple[int, float, int, float]] = []  # (step, wall time, tokens seen, process CPU time)
+            self.marks: list[tuple[int, float, int, float, int]] = []  # (step, wall time, tokens seen, process CPU time, trained)
             self.cuda = torch.cuda.is_available()
             self.rss_at_train_begin = 0
+            self.trained = torch.zeros((), dtype=torch.long)  # summed on the labels' device; read only after a sync
 
-        def on_train_begin(self, args, state, control, **kwargs):
+        def count_labels(self, module, positional, keywords):
+            labels = keywords.get("labels")
+            if labels is not None and torch.is_grad_enabled():  # training forwards, not a reference's no-grad pass
+                self.trained = self.trained.to(labels.device) + (labels[..., 1:] != -100).sum()
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if count_trained_tokens and model is not None:
+                model.register_forward_pre_hook(self.count_labels, with_kwargs=True)
             synchronize()
             if self.cuda:
                 torch.cuda.reset_peak_memory_stats()  # the peak of training, not of loading
@@ -69,16 +83,20 @@ def step_timer(warmup_steps: int):
         def on_step_end(self, args, state, control, **kwargs):
             synchronize()
             if state.global_step >= warmup_steps:
-                self.marks.append((state.global_step, time.perf_counter(), state.num_input_tokens_seen, time.process_time()))
+                self.marks.append((state.global_step, time.perf_counter(), state.num_input_tokens_seen, time.process_time(),
+                                   int(self.trained)))
 
         def figures(self) -> dict:
-            (first_step, first_time, first_tokens, first_cpu), (last_step, last_time, last_tokens, last_cpu) = self.marks[0], self.marks[-1]
+            (first_step, first_time, first_tokens, first_cpu, first_trained) = self.marks[0]
+            (last_step, last_time, last_tokens, last_cpu, last_trained) = self.marks[-1]
             steps, seconds, tokens = last_step - first_step, last_time - first_time, last_tokens - first_tokens
             if steps < 1:
                 raise RuntimeError("no timed step: --steps must be at least 1 after --warmup_steps")
             # CPU time of this process: on a shared machine it moves less with other processes' load than wall time
             row = {"timed_steps": steps, "step_seconds": seconds / steps, "tokens_per_second": tokens / seconds,
                    "real_tokens_per_step": tokens / steps, "tokens_per_cpu_second": tokens / max(last_cpu - first_cpu, 1e-9)}
+            if count_trained_tokens:
+                row["trained_tokens_per_step"] = (last_trained - first_trained) / steps
             if self.cuda:
                 row.update(peak_bytes=torch.cuda.max_memory_allocated(), reserved_bytes=torch.cuda.max_memory_reserved(),
                            peak_kind="CUDA max_memory_allocated during training")

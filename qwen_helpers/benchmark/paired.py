@@ -11,6 +11,18 @@ import statistics
 import time
 
 
+def rotated(names: list, round_index: int) -> list:
+    """``names`` in round ``round_index``'s order: rotated by one each round, so no side is always first after a pause."""
+    shift = round_index % len(names) if names else 0
+    return names[shift:] + names[:shift]
+
+
+def round_ratios(mine: list[float], base: list[float]) -> dict:
+    """The median and range of per-round ratios ``mine[i] / base[i]`` (each pair measured in the same round)."""
+    ratios = [value / reference for value, reference in zip(mine, base)]
+    return {"ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios), "rounds": len(ratios)}
+
+
 def paired_step_ratios(models: dict, batch: dict, baseline: str, rounds: int = 5) -> dict[str, dict]:
     """Seconds of one training step's forward and backward (no optimiser step, so no weight changes) for each model
     on the same ``batch``, in ``rounds`` interleaved rounds after one untimed warm-up round.
@@ -25,8 +37,7 @@ def paired_step_ratios(models: dict, batch: dict, baseline: str, rounds: int = 5
     names = list(models)
     seconds = {name: [] for name in names}
     for round_index in range(rounds + 1):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:  # a rotating order: no model is always first after a pause
+        for name in rotated(names, round_index):
             model = models[name]
             model.train()
             if torch.cuda.is_available():
@@ -39,12 +50,8 @@ def paired_step_ratios(models: dict, batch: dict, baseline: str, rounds: int = 5
             model.zero_grad(set_to_none=True)
             if round_index:  # round 0 warms up (first-call allocations, kernel choices)
                 seconds[name].append(elapsed)
-    figures = {}
-    for name in names:
-        ratios = [mine / base for mine, base in zip(seconds[name], seconds[baseline])]
-        figures[name] = {"seconds": statistics.median(seconds[name]), "ratio": statistics.median(ratios),
-                         "ratio_min": min(ratios), "ratio_max": max(ratios), "rounds": rounds}
-    return figures
+    return {name: {"seconds": statistics.median(seconds[name]), **round_ratios(seconds[name], seconds[baseline])}
+            for name in names}
 
 
 def shown_ratio(figures: dict) -> str:

@@ -11,33 +11,60 @@ times both, and the CPU allocator setting is applied to both or neither.
 from __future__ import annotations
 
 
-def load_plain_model(spec: dict):
-    """The model as a plain script loads it, with the method's peft wrapper."""
+def load_plain_base(spec: dict):
+    """The base model as a plain script loads it: ``from_pretrained`` in the row's precision, or NF4 for QLoRA."""
     import torch
-    from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    args, method, precision = spec["args"], spec["method_spec"], spec["precision"]
+    method, precision = spec["method_spec"], spec["precision"]
     compute = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if method["load_in_4bit"]:
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                           bnb_4bit_compute_dtype=compute)
-        model = AutoModelForCausalLM.from_pretrained(spec["model_path"], quantization_config=quantization, dtype=compute, device_map={"": device})
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["gradient_checkpointing"])
-    else:
-        dtype = torch.float32 if method["fp32_master_weights"] else compute
-        model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=dtype).to(device)
+        return AutoModelForCausalLM.from_pretrained(spec["model_path"], quantization_config=quantization, dtype=compute,
+                                                    device_map={"": device})
+    dtype = torch.float32 if method["fp32_master_weights"] else compute
+    return AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=dtype).to(device)
+
+
+def plain_peft_config(spec: dict):
+    """The row's peft config as a plain script writes it (LoRA and its variants, or prompt tuning; None for full FT)."""
+    from peft import LoraConfig, PromptTuningConfig, TaskType
+
+    args, method = spec["args"], spec["method_spec"]
     if method["adapts_linear_layers"]:
         targets = args["target_modules"] if args["target_modules"] == "all-linear" else args["target_modules"].split(",")
         options = dict(method["lora_options"])  # a variant as a plain script writes it (LoRA+: its optimiser, below)
-        model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=args["lora_r"], lora_alpha=32, lora_dropout=0.05,
-                                                 target_modules=targets, use_dora=options.get("use_dora", False),
-                                                 use_rslora=options.get("use_rslora", False),
-                                                 init_lora_weights=options.get("init_lora_weights", True)))
-    elif method["prepends_virtual_tokens"]:
-        model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args["num_virtual_tokens"]))
-    return model
+        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=args["lora_r"], lora_alpha=32, lora_dropout=0.05,
+                          target_modules=targets, use_dora=options.get("use_dora", False),
+                          use_rslora=options.get("use_rslora", False),
+                          init_lora_weights=options.get("init_lora_weights", True))
+    if method["prepends_virtual_tokens"]:
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args["num_virtual_tokens"])
+    return None
+
+
+def load_plain_model(spec: dict):
+    """The model as a plain script loads it, with the method's peft wrapper."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model = load_plain_base(spec)
+    if spec["method_spec"]["load_in_4bit"]:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["gradient_checkpointing"])
+    config = plain_peft_config(spec)
+    return get_peft_model(model, config) if config is not None else model
+
+
+def loraplus_optimizer(model, spec: dict, learning_rate: float):
+    """LoRA+'s optimiser (peft's ``create_loraplus_optimizer``) for a LoRA+ row, else None (the Trainer's own AdamW)."""
+    ratio = dict(spec["method_spec"]["lora_options"]).get("loraplus_lr_ratio")
+    if not ratio:
+        return None
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=learning_rate, loraplus_lr_ratio=ratio)
 
 
 def run_plain(spec: dict) -> dict:
@@ -61,18 +88,10 @@ def run_plain(spec: dict) -> dict:
     padding = {"pad_max": "max_length"}.get(spec["batching"], "longest")
     collator = DataCollatorForSeq2Seq(tokenizer, padding=padding, max_length=args["seq_len"] if padding == "max_length" else None,
                                       label_pad_token_id=IGNORE_INDEX)
-    timer = step_timer(args["warmup_steps"])
+    timer = step_timer(args["warmup_steps"], count_trained_tokens=True)
     training_args = TrainingArguments(**training_arguments(spec, logging_steps=1, use_cpu=spec["device"] == "cpu"))
-    ratio = dict(spec["method_spec"]["lora_options"]).get("loraplus_lr_ratio")
-    optimizer = None
-    if ratio:
-        import torch
-        from peft.optimizers import create_loraplus_optimizer
-
-        optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=training_args.learning_rate,
-                                              loraplus_lr_ratio=ratio)
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer,
-                      callbacks=[timer], optimizers=(optimizer, None))
+                      callbacks=[timer], optimizers=(loraplus_optimizer(model, spec, training_args.learning_rate), None))
     trainer.train()
     losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
     return finish({"examples_per_step": float(args["batch_size"])}, timer, losses, count_parameters(model), rss_start)

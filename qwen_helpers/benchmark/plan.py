@@ -4,9 +4,11 @@ Fixed-shape mode (``--data synthetic``, the default) trains every method on exam
 ``--seq_len`` tokens, ``--batch_size`` per step. Variable-length mode (``--data FILE`` or ``--data
 lognormal``) trains LoRA on examples of different lengths and compares the batching modes in one run:
 pad to max, dynamic padding (plain HF and the kit), padding-free and token-budget batches (the kit).
-``--compare plain`` runs the plain transformers + peft reference right after each kit row, in its own
-process on the same data and settings, so the pair shares the machine's state; the table reports
-kit/plain ratios.
+``--compare plain`` runs the plain transformers + peft reference right after each kit row, ``--compare trl``
+TRL's SFTTrainer (``plain,trl``: both), each in its own process on the same data and settings, so they share the
+machine's state; the table reports kit / reference ratios. ``--repeats N`` runs each kit row and its references
+N times in interleaved rounds (the order rotating each round): rows show medians, ratios the median and range of
+the per-round ratios.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..common.files import unused_path
 from .estimate import RUNS, device_precision, estimate_memory, parse_methods, run_id
 
 BATCHING_MODES = ("pad_max", "dynamic", "padding_free", "token_budget")
+REFERENCES = ("plain", "trl")  # --compare: plain transformers + peft Trainer; TRL's SFTTrainer
 
 
 @dataclass
@@ -42,7 +45,12 @@ class BenchmarkArguments:
     data_seed: int = field(default=0, metadata={"help": "Seed of the synthetic data."})
     batching: str = field(default="auto", metadata={"help": f"Variable-length data: 'auto' (all) or a comma list of {', '.join(BATCHING_MODES)}."})
     token_budget: int | None = field(default=None, metadata={"help": "Tokens per step of the token_budget row (default: --batch_size x the mean example length)."})
-    compare: Literal["none", "plain"] = field(default="none", metadata={"help": "'plain': run the plain transformers+peft reference beside each kit row."})
+    compare: str = field(default="none", metadata={
+        "help": "References beside each kit SFT row: 'plain' (transformers + peft Trainer), 'trl' (TRL's SFTTrainer), "
+                "'plain,trl' or 'none'."})
+    repeats: int = field(default=1, metadata={
+        "help": "Interleaved rounds: each kit row and its references run this many times, the order rotating each "
+                "round (medians; kit / reference ratios as the median and range of the per-round ratios)."})
     cpu_allocator_tuning: bool = field(default=True, metadata={"help": "On a CPU, the glibc setting for both sides (kit and plain) alike."})
     use_liger_kernel: bool = field(default=False, metadata={"help": "Liger's fused Triton kernels (GPU only; pip install liger-kernel)."})
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model (GPU only)."})
@@ -56,7 +64,7 @@ class BenchmarkArguments:
     timeout: int = field(default=1800, metadata={"help": "Seconds before one row's process is stopped."})
 
     def __post_init__(self):
-        for name in ("seq_len", "batch_size", "steps"):
+        for name in ("seq_len", "batch_size", "steps", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.warmup_steps < 0:
@@ -80,6 +88,8 @@ class BenchmarkArguments:
         modes = self.batching_modes()
         if any(mode not in BATCHING_MODES for mode in modes):
             raise ValueError(f"--batching {self.batching}: use 'auto' or a comma list of {', '.join(BATCHING_MODES)}.")
+        if self.compare.strip() != "none" and any(name not in REFERENCES for name in self.references()):
+            raise ValueError(f"--compare {self.compare}: use 'none', 'plain', 'trl' or 'plain,trl'.")
 
     @property
     def model_name(self) -> str:
@@ -88,6 +98,11 @@ class BenchmarkArguments:
     @property
     def variable_length(self) -> bool:
         return self.data != "synthetic"
+
+    def references(self) -> list[str]:
+        """The reference sides ``--compare`` asks for, in run order (plain, then TRL)."""
+        named = {name.strip() for name in self.compare.split(",")} - {"none", ""}
+        return [name for name in REFERENCES if name in named] + sorted(named - set(REFERENCES))
 
     def batching_modes(self) -> list[str]:
         if self.batching.strip() == "auto":
@@ -157,22 +172,38 @@ def prepare_data(args: BenchmarkArguments, model_path: str, folder: Path) -> tup
 
 
 def plan_rows(args: BenchmarkArguments, lengths: list[int]) -> list[dict]:
-    """The rows in run order: each kit row followed by its plain reference when ``--compare plain``."""
+    """The rows, each once: every kit row followed by the references ``--compare`` names (see :func:`run_order`)."""
     rows = []
+    references = args.references()
     if not args.variable_length:
         for name, checkpointing in parse_methods(args.methods, args.checkpointing):
             rows.append({"side": "kit", "method": name, "gradient_checkpointing": checkpointing, "batching": "kit default"})
-            if args.compare == "plain" and RUNS[name].objective == "sft":  # TRL's trainers are their own reference
-                rows.append({"side": "plain", "method": name, "gradient_checkpointing": checkpointing, "batching": None})
+            if RUNS[name].objective == "sft":  # TRL's DPO and GRPO trainers are their own reference
+                rows += [{"side": side, "method": name, "gradient_checkpointing": checkpointing, "batching": None}
+                         for side in references]
         return rows
     methods = [name for name, _ in parse_methods(args.methods if args.methods != "all" else "lora_bf16", "off")]
     checkpointing = args.checkpointing == "on"
+    trl = ["trl"] if "trl" in references else []  # TRL's padding-free batches, beside the kit's (plain rows: always)
     for name in methods:
         for mode in args.batching_modes():
-            sides = {"pad_max": ["plain"], "dynamic": ["kit", "plain"], "padding_free": ["kit"], "token_budget": ["kit"]}[mode]
+            sides = {"pad_max": ["plain"], "dynamic": ["kit", "plain"], "padding_free": ["kit", *trl], "token_budget": ["kit"]}[mode]
             for side in sides:
                 rows.append({"side": side, "method": name, "gradient_checkpointing": checkpointing, "batching": mode})
     return rows
+
+
+def run_order(rows: list[dict], repeats: int) -> list[tuple[int, int]]:
+    """(row index, round) in the order to run: each method's rows (kit and references) ``repeats`` times in a row,
+    their order rotating each round (kit, plain, TRL; plain, TRL, kit; ...), so every kit / reference pair of a round
+    ran minutes apart on the same machine state and no side is always first."""
+    from .paired import rotated
+
+    groups: dict[tuple, list[int]] = {}
+    for index, row in enumerate(rows):
+        groups.setdefault((row["method"], row["gradient_checkpointing"]), []).append(index)
+    return [(index, round_index) for indices in groups.values() for round_index in range(repeats)
+            for index in rotated(indices, round_index)]
 
 
 def default_token_budget(args: BenchmarkArguments, lengths: list[int]) -> int:
@@ -211,7 +242,8 @@ def tokens_per_step(row: dict, args: BenchmarkArguments, lengths: list[int], bud
         return 1, budget
     if row["batching"] == "pad_max":
         return args.batch_size, args.seq_len
-    if row["batching"] == "padding_free" or (row["batching"] == "kit default" and row["side"] == "kit"):
+    trl_flat = row["side"] == "trl" and not RUNS[row["method"]].method.prepends_virtual_tokens  # TRL's padding_free=True
+    if row["batching"] == "padding_free" or (row["batching"] == "kit default" and row["side"] == "kit") or trl_flat:
         return 1, round(args.batch_size * mean)
     return args.batch_size, longest  # dynamic padding: the longest example bounds the peak
 

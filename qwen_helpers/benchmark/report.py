@@ -4,23 +4,34 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from pathlib import Path
 
 from .estimate import GIB, RUNS, causal_context, model_flops_per_token, run_id
+from .paired import round_ratios
 
 WEIGHTS_NOTE = "Weights are random (presets) or as loaded; memory and speed do not depend on weight values."
 CPU_NOTE = "CPU run: peak memory is the process's peak RSS and speeds are CPU speeds; they are not GPU figures."
 REFERENCE_METHOD_NAMES = {"full": "full_bf16_amp", "prompt_tuning": "prompt_fp16"}  # plain_hf_baseline.py's names
 REFERENCE_SIZES = {"qwen2.5-0.5b": "0.5B", "qwen2.5-7b": "7B"}  # the sizes the committed reference data measured
 REFERENCE_BATCHING = {"pad_max": "pad_max", "dynamic": "dynamic", "padding_free": "packed_flat"}
+SIDE_NAMES = {"plain": " (plain)", "trl": " (TRL)"}
+# The batching of the row each kit row is compared with (fixed shapes: None; variable lengths: what a user of that
+# reference writes, the same reference for every kit batching mode)
+COMPARED_BATCHING = {"plain": ("dynamic", None), "trl": ("padding_free", None)}
+# Figures measured anew in each round: a row of several rounds shows their median
+ROUND_FIGURES = ("step_seconds", "tokens_per_second", "tokens_per_cpu_second", "peak_bytes", "reserved_bytes",
+                 "peak_above_start_bytes", "estimate_ratio", "mfu", "generation_seconds_per_step",
+                 "optimisation_seconds_per_step", "optimisation_tokens_per_second", "process_seconds")
+ROUND_KEPT = ("round", "status", "tokens_per_second", "tokens_per_cpu_second", "peak_bytes", "trained_tokens_per_step")
 
 
 def row_name(row: dict) -> str:
-    """A row's name: method (+gc), the batching mode on variable-length data, and '(plain)' for the reference."""
+    """A row's name: method (+gc), the batching mode on variable-length data, and '(plain)' or '(TRL)' for a reference."""
     name = run_id(row["method"], row["gradient_checkpointing"])
     if row.get("batching") not in (None, "kit default"):
         name += f" {row['batching']}"
-    return name + (" (plain)" if row.get("side") == "plain" else "")
+    return name + SIDE_NAMES.get(row.get("side"), "")
 
 
 def measured_peak(row: dict) -> int | None:
@@ -78,26 +89,61 @@ def add_speed_relative_to_lora(rows: list[dict]) -> None:
         row["memory_vs_lora"] = measured_peak(row) / measured_peak(reference) if measured_peak(reference) else None
 
 
-def add_plain_ratios(rows: list[dict]) -> None:
-    """Kit / plain ratios of tokens/s and peak memory for each kit row, against the plain row of the same method.
+def merge_rounds(runs: list[dict]) -> dict:
+    """One row from its interleaved rounds: the median of each figure measured per round, each round under ``runs``.
 
-    Fixed shapes: the plain row run right after it. Variable lengths: the plain dynamic-padding row
-    (what a user writes), so every kit batching mode is compared with the same reference.
+    A round that failed (OOM, crash, timeout) makes the row that round's, so a failure is never hidden by a median.
     """
-    plain = {}
+    failed = next((run for run in runs if run.get("status") != "ok"), None)
+    row = dict(failed or runs[0])
+    row.pop("round", None)
+    row["runs"] = [{key: run[key] for key in ROUND_KEPT if key in run} for run in runs]
+    row["repeats"] = len(runs)
+    if failed is None and len(runs) > 1:
+        for key in ROUND_FIGURES:
+            values = [run.get(key) for run in runs]
+            if all(value is not None for value in values):
+                row[key] = statistics.median(values)
+    return row
+
+
+def _rounds_of(row: dict) -> dict:
+    """A row's successful rounds by round number (a row built without rounds is its own round 0)."""
+    return {run.get("round", 0): run for run in row.get("runs", [row]) if run.get("status", "ok") == "ok"}
+
+
+def add_reference_ratios(rows: list[dict], side: str) -> None:
+    """Kit / reference ratios of tokens/s and peak memory for each kit row, against ``side``'s row of the same method.
+
+    Each ratio divides two figures of the same round (kit and reference ran back to back); the row gets their
+    median and range (``speed_vs_plain``, ``speed_vs_plain_min``, ``speed_vs_plain_max``; ``..._trl`` for TRL).
+    Fixed shapes: the reference row run beside it. Variable lengths: plain's dynamic-padding row, TRL's padding-free
+    row (what a user of each writes), so every kit batching mode is compared with the same reference.
+    """
+    references = {(row["method"], row["gradient_checkpointing"]): row for row in rows
+                  if row.get("side") == side and row["status"] == "ok" and row.get("batching") in COMPARED_BATCHING[side]}
     for row in rows:
-        if row.get("side") == "plain" and row["status"] == "ok" and row.get("batching") in ("dynamic", None):
-            plain[(row["method"], row["gradient_checkpointing"])] = row
-    for row in rows:
-        reference = plain.get((row["method"], row["gradient_checkpointing"]))
+        reference = references.get((row["method"], row["gradient_checkpointing"]))
         if row.get("side") != "kit" or row["status"] != "ok" or reference is None:
             continue
-        row["plain_tokens_per_second"] = reference["tokens_per_second"]
-        row["plain_peak_bytes"] = measured_peak(reference)
-        row["speed_vs_plain"] = row["tokens_per_second"] / reference["tokens_per_second"]
-        if row.get("tokens_per_cpu_second") and reference.get("tokens_per_cpu_second"):
-            row["cpu_time_speed_vs_plain"] = row["tokens_per_cpu_second"] / reference["tokens_per_cpu_second"]
-        row["memory_vs_plain"] = measured_peak(row) / measured_peak(reference) if measured_peak(reference) else None
+        mine, theirs = _rounds_of(row), _rounds_of(reference)
+        common = sorted(set(mine) & set(theirs))
+        if not common:
+            continue
+        row[f"{side}_tokens_per_second"] = reference["tokens_per_second"]
+        row[f"{side}_peak_bytes"] = measured_peak(reference)
+        for figure, name in (("tokens_per_second", "speed"), ("tokens_per_cpu_second", "cpu_time_speed"), ("peak_bytes", "memory")):
+            if all(mine[index].get(figure) and theirs[index].get(figure) for index in common):
+                ratios = round_ratios([mine[index][figure] for index in common], [theirs[index][figure] for index in common])
+                row[f"{name}_vs_{side}"] = ratios["ratio"]
+                if name == "speed":
+                    row[f"speed_vs_{side}_min"], row[f"speed_vs_{side}_max"] = ratios["ratio_min"], ratios["ratio_max"]
+                    row[f"speed_vs_{side}_rounds"] = [mine[index][figure] / theirs[index][figure] for index in common]
+
+
+def add_plain_ratios(rows: list[dict]) -> None:
+    """Kit / plain ratios (median and range over rounds) of tokens/s and peak memory: :func:`add_reference_ratios`."""
+    add_reference_ratios(rows, "plain")
 
 
 def add_baseline(rows: list[dict], args) -> None:
@@ -143,6 +189,8 @@ CSV_FIELDS = [
     "speed_vs_lora", "memory_vs_lora",
     "generation_seconds_per_step", "optimisation_seconds_per_step", "optimisation_tokens_per_second",
     "tokens_per_cpu_second", "plain_tokens_per_second", "plain_peak_bytes", "speed_vs_plain", "cpu_time_speed_vs_plain", "memory_vs_plain",
+    "speed_vs_plain_min", "speed_vs_plain_max", "trl_tokens_per_second", "trl_peak_bytes", "speed_vs_trl", "speed_vs_trl_min",
+    "speed_vs_trl_max", "cpu_time_speed_vs_trl", "memory_vs_trl", "trained_tokens_per_step", "repeats",
     "baseline_peak_bytes", "baseline_tokens_per_second", "memory_vs_baseline", "speed_vs_baseline",
     "loss_first", "loss_last", "process_seconds", "error",
 ]
@@ -151,6 +199,7 @@ CSV_FIELDS = [
 def markdown_table(rows: list[dict]) -> str:
     """The performance table: run, trainable parameters, peak memory, real tokens/s, ratios (vs full, vs plain, vs reference)."""
     with_plain = any("speed_vs_plain" in row for row in rows)
+    with_trl = any("speed_vs_trl" in row for row in rows)
     with_baseline = any("baseline_tokens_per_second" in row for row in rows)
     with_variants = any("speed_vs_lora" in row for row in rows)
     with_generation = any("generation_seconds_per_step" in row for row in rows)  # GRPO: sampling, then the step
@@ -159,6 +208,7 @@ def markdown_table(rows: list[dict]) -> str:
     header += ["tokens/s vs LoRA", "peak vs LoRA"] if with_variants else []
     header += ["generation s/step", "optimisation s/step", "optimisation tokens/s"] if with_generation else []
     header += ["kit / plain tokens/s", "kit / plain peak"] if with_plain else []
+    header += ["kit / TRL tokens/s", "kit / TRL peak", "trained tokens/step"] if with_trl else []
     header += ["reference peak (GiB)", "reference tokens/s", "speed vs reference"] if with_baseline else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -182,12 +232,25 @@ def markdown_table(rows: list[dict]) -> str:
                       _number(row.get("optimisation_seconds_per_step"), "{:.3f}"),
                       _number(row.get("optimisation_tokens_per_second"), "{:,.0f}")]
         if with_plain:
-            cells += [_number(row.get("speed_vs_plain"), "**{:.2f}x**"), _number(row.get("memory_vs_plain"), "{:.2f}x")]
+            cells += [_ratio(row, "plain"), _number(row.get("memory_vs_plain"), "{:.2f}x")]
+        if with_trl:
+            cells += [_ratio(row, "trl"), _number(row.get("memory_vs_trl"), "{:.2f}x"),
+                      _number(row.get("trained_tokens_per_step"), "{:,.0f}")]
         if with_baseline:
             cells += [_gib(row.get("baseline_peak_bytes")), _number(row.get("baseline_tokens_per_second"), "{:,.0f}"),
                       _number(row.get("speed_vs_baseline"), "{:.2f}x")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _ratio(row: dict, side: str) -> str:
+    """``**1.23x** (1.10-1.31)``: the kit / reference median ratio, and its range when several rounds were run."""
+    ratio = row.get(f"speed_vs_{side}")
+    if ratio is None:
+        return ""
+    if len(row.get(f"speed_vs_{side}_rounds", [])) < 2:
+        return f"**{ratio:.2f}x**"
+    return f"**{ratio:.2f}x** ({row[f'speed_vs_{side}_min']:.2f}-{row[f'speed_vs_{side}_max']:.2f})"
 
 
 def _gib(value) -> str:
@@ -206,14 +269,17 @@ def results_markdown(result) -> str:
         f"# Benchmark: {settings['model_path'] or settings['preset']} on {env['device_name']}",
         "",
         f"{'Several parts, each listed under Parts below (the first: ' + workload(settings) + ')' if settings.get('parts') else workload(settings)}; {settings['steps']} timed Trainer steps after {settings['warmup_steps']} warm-up steps; "
-        f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, bitsandbytes {env['bitsandbytes']}.",
+        f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, trl {env.get('trl')}, bitsandbytes {env['bitsandbytes']}.",
         f"Command: `{settings.get('command', 'python -m qwen_helpers.benchmark')}`",
         "",
         markdown_table(result.rows),
         "",
         f"- {WEIGHTS_NOTE}",
         "- Every kit row runs `train.train` (the training commands' path: the kit's collator, batching and Trainer); every "
-        "'(plain)' row runs `AutoModelForCausalLM` + peft + `Trainer` + `DataCollatorForSeq2Seq` in its own process, right after the kit row it pairs with.",
+        "'(plain)' row runs `AutoModelForCausalLM` + peft + `Trainer` + `DataCollatorForSeq2Seq`, and every '(TRL)' row TRL's "
+        "`SFTTrainer` + `SFTConfig` with the same model loading and peft config (`padding_free=True`, `completion_only_loss` on "
+        "prompt/completion records: TRL trains the answer and the eos it appends, the kit's tokens, as trained tokens/step "
+        "shows), each in its own process beside the kit row it pairs with.",
         "- DPO and GRPO rows run the kit's `train_dpo` / `train_grpo` (TRL's DPOTrainer / GRPOTrainer on LoRA; the reference "
         "is the same weights with the adapter off). A DPO step trains --batch_size pairs (2 x --batch_size sequences); a GRPO "
         "step samples --batch_size completions (generation s/step) and then trains on them (optimisation s/step).",
@@ -222,8 +288,13 @@ def results_markdown(result) -> str:
                              else "`torch.cuda.max_memory_allocated` during training (reset after loading); reserved memory is in results.csv."),
         "- real tokens/s counts non-pad tokens over whole Trainer steps (data, copy, forward, backward, optimiser, logging), "
         "device synchronised, warm-up excluded. MFU counts model FLOPs with causal attention against the card's dense bf16 rate.",
-        f"- CPU allocator tuning (glibc mallopt): {'on for both sides' if settings.get('cpu_allocator_tuning') else 'off for both sides'}.",
+        f"- CPU allocator tuning (glibc mallopt): {'on for every side' if settings.get('cpu_allocator_tuning') else 'off for every side'}.",
     ]
+    rounds = max((row.get("repeats", 1) for row in result.rows), default=1)
+    if rounds > 1:
+        lines.append(f"- Up to {rounds} interleaved rounds per row (kit and references back to back, the order rotating each "
+                     "round): a row shows the median of its rounds; a kit / reference ratio is the median of the per-round "
+                     "ratios, with their range in brackets. Each round's figures are in results.json (`runs`).")
     if cpu:
         lines.append(f"- {CPU_NOTE} The memory estimate targets CUDA and is shown here for reference only.")
     return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""Run a benchmark: check the options, plan the rows, run each in its own process (kit and plain interleaved), report."""
+"""Run a benchmark: check the options, plan the rows, run each in its own process (kit and references interleaved), report."""
 
 from __future__ import annotations
 
@@ -19,16 +19,18 @@ from .plan import (
     prepare_data,
     result_folder,
     row_spec,
+    run_order,
 )
 from .report import (
     CPU_NOTE,
     WEIGHTS_NOTE,
     add_baseline,
-    add_plain_ratios,
+    add_reference_ratios,
     add_speed_relative_to_full,
     add_speed_relative_to_lora,
     finish_row,
     measured_peak,
+    merge_rounds,
     write_results,
 )
 from .worker import run_in_subprocess, worker_env
@@ -40,7 +42,7 @@ def environment_info() -> dict:
     from ..models.loading import device_type
 
     versions = {}
-    for package in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel"):
+    for package in ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "liger-kernel"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -102,7 +104,8 @@ def check_options(args: BenchmarkArguments, device: str) -> None:
 
 
 def run_benchmark(args: BenchmarkArguments, echo=print, command: str | None = None) -> BenchmarkResult:
-    """Estimate, then run every row in its own process (each kit row beside its plain reference), then write the files."""
+    """Estimate, then run every row in its own process (each kit row beside its references, in interleaved rounds), then
+    write the files."""
     from ..models.loading import device_type
 
     from ..common.files import check_not_an_input
@@ -124,17 +127,21 @@ def run_benchmark(args: BenchmarkArguments, echo=print, command: str | None = No
     echo(WEIGHTS_NOTE + ("\n" + CPU_NOTE if device != "cuda" else ""))
     echo(f"data: {data_path}: {len(lengths)} examples, mean {sum(lengths) / len(lengths):.0f} tokens, longest {max(lengths)}")
     echo(f"Memory estimate before training ({args.model_name}):\n" + _estimate_summary(planned, estimates))
-    rows = []
-    for row, estimate in zip(planned, estimates):
+    runs = [[] for _ in planned]
+    for index, round_index in run_order(planned, args.repeats):
+        row, estimate = planned[index], estimates[index]
         spec = row_spec(row, args, model_path, data_path, device, bf16, budget)
         skip = skip_reason(row, estimate, device)
-        echo(f"running {_name(row)} ...")
+        echo(f"running {_name(row)}{f' (round {round_index + 1} of {args.repeats})' if args.repeats > 1 else ''} ...")
         measured = {"status": "skipped", "error": skip} if skip else run_in_subprocess(spec, args.timeout)
-        rows.append(finish_row(measured, row, estimate, config, environment, lengths, args.num_virtual_tokens))
-        echo(f"  {rows[-1]['run']}: {status_line(rows[-1])}")
+        runs[index].append(finish_row({**measured, "round": round_index}, row, estimate, config, environment, lengths,
+                                      args.num_virtual_tokens))
+        echo(f"  {runs[index][-1]['run']}: {status_line(runs[index][-1])}")
+    rows = [merge_rounds(row_runs) for row_runs in runs]
     add_speed_relative_to_full(rows)
     add_speed_relative_to_lora(rows)
-    add_plain_ratios(rows)
+    for side in ("plain", "trl"):
+        add_reference_ratios(rows, side)
     if args.compare_baseline:
         add_baseline(rows, args)
     settings = {**asdict(args), "model_path_resolved": model_path, "data_path_resolved": data_path, "device": device,

@@ -1,9 +1,10 @@
 """One benchmark row in its own process: the kit's real training path (``train.train``), timed by a callback.
 
 The parent writes a spec (JSON) and starts ``python -m qwen_helpers.benchmark --_worker SPEC``; the
-worker runs either the kit (``side: kit``, here) or the plain transformers + peft reference
-(``side: plain``, plain.py) and writes its row back, an out-of-memory error or a crash included, so
-one failure costs one row, not the table. Both sides share ``StepTimer``, so they are timed alike.
+worker runs the kit (``side: kit``, here), the plain transformers + peft reference (``side: plain``,
+plain.py) or TRL's SFTTrainer (``side: trl``, trl_reference.py) and writes its row back, an out-of-memory
+error or a crash included, so one failure costs one row, not the table. Every side shares ``StepTimer``,
+so they are timed alike.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def worker_main(spec_path: str) -> int:
 
 
 def run_row(spec: dict) -> dict:
-    """The kit's or the plain reference's run, as the spec says (DPO and GRPO rows: TRL's trainers, trl_rows.py)."""
+    """The kit's, the plain reference's or TRL's SFT run, as the spec says (DPO and GRPO rows: TRL's trainers, trl_rows.py)."""
     if spec["method_spec"]["objective"] != "sft":
         from .trl_rows import run_trl
 
@@ -79,6 +80,10 @@ def run_row(spec: dict) -> dict:
         from .plain import run_plain
 
         return run_plain(spec)
+    if spec["side"] == "trl":
+        from .trl_reference import run_trl_sft
+
+        return run_trl_sft(spec)
     return run_kit(spec)
 
 
@@ -90,7 +95,7 @@ def run_kit(spec: dict) -> dict:
 
     args, method = spec["args"], spec["method_spec"]
     rss_start = rss_bytes()
-    timer = step_timer(args["warmup_steps"])
+    timer = step_timer(args["warmup_steps"], count_trained_tokens=True)
     training_args = KitTrainingArguments(**training_arguments(
         spec, padding_free=spec["padding_free"], token_budget=spec.get("token_budget"),
         cpu_allocator_tuning=spec["cpu_allocator_tuning"]))
