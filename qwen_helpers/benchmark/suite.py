@@ -1,4 +1,4 @@
-"""The GPU check in one command: the 7B-shape table, kit vs plain ratios, variable-length batching, batch-1 decode.
+"""The GPU check in one command: the 7B-shape table, kit vs plain and TRL ratios, variable-length batching, batch-1 decode.
 
     python -m qwen_helpers.benchmark.suite --folder docs/benchmarks/2026-12-01-H200     # CUDA: real shapes
     python -m qwen_helpers.benchmark.suite --folder /tmp/check --device cpu             # CPU: the same steps on the tiny model
@@ -24,15 +24,19 @@ from ..run.quickflags import dataclass_parser, parse_command_flags
 REFERENCE = "docs/benchmarks/reference-h200-2026-11-28"
 
 
-def gpu_parts(folder: Path) -> list[tuple[str, dict]]:
-    """The parts sized for under 8 minutes on one H200 (about 10 processes load the 7B shape; few timed steps each)."""
+def gpu_parts(folder: Path, repeats: int) -> list[tuple[str, dict]]:
+    """The parts, first sized for under 8 minutes on one H200 (about 10 processes load the 7B shape; few timed steps
+    each); the TRL rows add 2 processes of the 7B shape and 3 x ``repeats`` - 2 of the 0.5B one. Not yet run on a GPU."""
     common = dict(steps=5, warmup_steps=2, seq_len=512, batch_size=8, timeout=240)
     table = f"{REFERENCE}/plain_hf_h200_2026-11-28.json"
     return [
-        ("0.5B: full FT (the 1x row) and LoRA, kit vs plain", dict(common, preset="qwen2.5-0.5b", methods="full,lora_bf16", checkpointing="off",
-                                                                  compare="plain", compare_baseline=table)),
-        ("7B: LoRA bf16 with and without checkpointing, kit vs plain", dict(common, preset="qwen2.5-7b", methods="lora_bf16", checkpointing="both",
-                                                                             compare="plain", compare_baseline=table)),
+        ("0.5B: full FT (the 1x row), kit vs plain", dict(common, preset="qwen2.5-0.5b", methods="full", checkpointing="off",
+                                                        compare="plain", compare_baseline=table)),
+        (f"0.5B: LoRA, kit vs plain vs TRL, {repeats} interleaved rounds", dict(
+            common, preset="qwen2.5-0.5b", methods="lora_bf16", checkpointing="off", compare="plain,trl", repeats=repeats,
+            compare_baseline=table)),
+        ("7B: LoRA bf16 with and without checkpointing, kit vs plain vs TRL", dict(
+            common, preset="qwen2.5-7b", methods="lora_bf16", checkpointing="both", compare="plain,trl", compare_baseline=table)),
         ("7B: QLoRA NF4 with checkpointing, kit vs plain", dict(common, preset="qwen2.5-7b", methods="qlora_nf4", checkpointing="on",
                                                                  compare="plain", compare_baseline=table)),
         ("7B: LoRA fp16 and prompt tuning", dict(common, preset="qwen2.5-7b", methods="lora_fp16,prompt_tuning", checkpointing="off",
@@ -47,11 +51,12 @@ def gpu_parts(folder: Path) -> list[tuple[str, dict]]:
     ]
 
 
-def cpu_parts(folder: Path) -> list[tuple[str, dict]]:
+def cpu_parts(folder: Path, repeats: int) -> list[tuple[str, dict]]:
     """The same kinds of part on the tiny model, few and short, for CI."""
     common = dict(preset="tiny", steps=2, warmup_steps=1, seq_len=32, batch_size=2, timeout=600)
     return [
-        ("tiny: LoRA, kit vs plain", dict(common, methods="lora_bf16", checkpointing="off", compare="plain")),
+        (f"tiny: LoRA, kit vs plain vs TRL, {repeats} interleaved rounds", dict(
+            common, methods="lora_bf16", checkpointing="off", compare="plain,trl", repeats=repeats)),
         ("tiny: variable-length data, dynamic vs padding-free", dict(common, methods="lora_bf16", checkpointing="off", data="lognormal",
                                                                      mean_length=24, seq_len=64, batching="dynamic,padding_free")),
     ]
@@ -64,6 +69,13 @@ class SuiteArguments:
     folder: str = field(default="", metadata={"help": "Output folder (default: docs/benchmarks/<date>-<gpu> on CUDA, outputs/gpu_check_cpu on a CPU)."})
     device: str = field(default="auto", metadata={"help": "auto, cuda or cpu: which plan to run (cpu = the tiny CI variant)."})
     decode_tokens: int = field(default=128, metadata={"help": "New tokens per decode measurement (CPU variant: 8)."})
+    repeats: int = field(default=3, metadata={
+        "help": "Interleaved rounds of the LoRA kit vs plain vs TRL part (each round runs the three in a rotating order, "
+                "each in a fresh process; medians, and ratios with their range). 1: one run each."})
+
+    def __post_init__(self):
+        if self.repeats < 1:
+            raise ValueError(f"--repeats must be at least 1, got {self.repeats}.")
 
 
 def default_folder(device: str) -> Path:
@@ -122,7 +134,7 @@ def run_suite(args: SuiteArguments, echo=print) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows, parts, results = [], [], []
-    for title, settings in (gpu_parts if device == "cuda" else cpu_parts)(folder):
+    for title, settings in (gpu_parts if device == "cuda" else cpu_parts)(folder, args.repeats):
         echo(f"== {title}")
         part = BenchmarkArguments(**settings, folder=str(folder / f"part{len(parts) + 1}"))
         result = run_benchmark(part, echo=echo, command=_command(part))
