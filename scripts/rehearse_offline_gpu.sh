@@ -74,7 +74,7 @@ run_check() {
     grep -E "offline_bundle: installed|written to" "$WORK/check.log"
 }
 verify() {
-    local venv_python="$WORK/target/qwen-helpers/outputs/offline-venv/bin/python"
+    local venv_python="$WORK/target/qwen-helpers/outputs/offline-venv/bin/python" name
     for name in results.json results.csv results.md decode.json memory.png throughput.png; do
         test -s "$WORK/check/$name" || { echo "missing $WORK/check/$name" >&2; return 1; }
     done
