@@ -2,7 +2,7 @@
 # Rehearse docs/offline-gpu.md on a CPU: an "image" Python 3.12 with only torch, transformers and accelerate, a bundle
 # made for it by scripts/offline_bundle.py, then scripts/gpu_check.sh --bundle --device cpu run with no network.
 #
-#   BASE_PYTHON=python3.12 PYTHON=.venv/bin/python scripts/rehearse_offline_gpu.sh     # ~10 min on 2 cores, ~3 GB
+#   BASE_PYTHON=python3.12 PYTHON=.venv/bin/python scripts/rehearse_offline_gpu.sh     # 4 to 9 min on 2 cores, ~3 GB
 #
 # 1. the image: a copy of a CPython 3.12 installation (not a venv: a CUDA image's Python is a base interpreter, and
 #    the check's --system-site-packages venv is made from it), with torch 2.11.0 (PyPI's build for Python 3.12, CUDA

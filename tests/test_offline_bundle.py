@@ -2,7 +2,7 @@
 
 The fake index is a folder of wheels built here (pip --no-index --find-links), so nothing reaches the network. The whole
 path (a Python 3.12 image, a real bundle, the CPU check run in a network namespace) is scripts/rehearse_offline_gpu.sh:
-4 to 7 minutes and ~3 GB of downloads, too slow for CI; the last test runs it when QWEN_HELPERS_REHEARSE_OFFLINE=1.
+4 to 9 minutes and ~3 GB of downloads, too slow for CI; the last test runs it when QWEN_HELPERS_REHEARSE_OFFLINE=1.
 """
 
 import importlib.util
@@ -164,7 +164,7 @@ def test_gpu_check_refuses_a_bundle_made_for_another_python(tmp_path):
 
 
 @pytest.mark.skipif(os.environ.get("QWEN_HELPERS_REHEARSE_OFFLINE") != "1",
-                    reason="the full offline rehearsal takes 4 to 7 minutes and ~3 GB of downloads (torch for Python 3.12): "
+                    reason="the full offline rehearsal takes 4 to 9 minutes and ~3 GB of downloads (torch for Python 3.12): "
                            "QWEN_HELPERS_REHEARSE_OFFLINE=1 BASE_PYTHON=python3.12 runs it")
 def test_the_offline_rehearsal_passes(tmp_path):
     done = subprocess.run(["bash", str(REPO / "scripts" / "rehearse_offline_gpu.sh")], capture_output=True, text=True, timeout=3600,
