@@ -173,3 +173,37 @@ def test_shown_completions_are_reproducible_and_leave_the_random_state_alone():
     assert [len(group) for group in first] == [3, 3] and len({text for group in first for text in group}) > 1
     assert sample_completions(model, tokenizer, prompts, 3, 4, top_k=5, seed=0) == first
     assert sample_completions(model, tokenizer, prompts, 3, 4, top_k=5, seed=1) != first
+
+
+@pytest.mark.parametrize("value, says", [(None, "returned None"), ("1.0", "returned '1.0'"),
+                                         (float("nan"), "returned nan"), (float("inf"), "returned inf")])
+def test_a_reward_that_is_not_a_finite_number_is_named_with_its_completion(value, says):
+    from qwen_helpers.training.grpo import RewardError, checked_reward
+
+    def shaky(prompts, completions, **kwargs):
+        return [1.0, value]
+
+    checked = checked_reward(shaky)
+    assert checked.__name__ == "shaky"  # TRL logs rewards/<name>/mean
+    with pytest.raises(RewardError, match=rf"reward function shaky {says} for the completion 'second'"):
+        checked(["p", "p"], ["first", "second"])
+    with pytest.raises(RewardError, match="returned list of 1 values for 2 completions"):
+        checked_reward(lambda prompts, completions, **kwargs: [1.0])(["p", "p"], ["a", "b"])
+    assert checked_reward(lambda prompts, completions, **kwargs: [True, 0])(["p", "p"], ["a", "b"]) == [True, 0]
+
+
+def test_an_all_nan_reward_stops_the_run_in_one_line_and_saves_nothing(tmp_path):
+    """Before, an all-NaN reward trained 'successfully' and saved an unchanged adapter."""
+    from qwen_helpers.training.grpo import RewardError, train_grpo
+    from qwen_helpers.train_grpo import parse_grpo_args
+
+    def broken(prompts, completions, **kwargs):
+        return [float("nan")] * len(completions)
+
+    flags = ["--model_path", "tiny", "--data_path", str(DATA / "grpo_toy.json"), "--max_steps", "1",
+             "--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "2",
+             "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True",
+             "--output_dir", str(tmp_path / "grpo")]  # fmt: skip
+    with pytest.raises(RewardError, match="reward function broken returned nan"):
+        train_grpo(*parse_grpo_args(flags), reward_funcs=[broken])
+    assert not (tmp_path / "grpo").exists() and [path.name for path in tmp_path.iterdir()] == []

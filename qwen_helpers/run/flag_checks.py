@@ -97,12 +97,18 @@ def check_raw_text_flags(args, metric_for_best_model: str | None = None, task: s
              "to score; use eval_loss (the held-out text's loss).")
     _require(task == "auto" and labels is None, f"--task {task} / --labels {labels}: raw text has no answers to "
              "classify or generate; drop them (or train on instruction records without --data_format text).")
-    for name, (harmless, why) in RAW_TEXT_IGNORES.items():
-        holder = next((source for source in (args, *more_args) if source is not None and hasattr(source, name)), None)
+    refuse_ignored(RAW_TEXT_IGNORES, (args, *more_args), "it applies to instruction or chat records, not --data_format text")
+    return True
+
+
+def refuse_ignored(table: dict, sources, advice: str) -> None:
+    """Refuse any flag of ``table`` (name -> (values that change nothing, why it would be ignored)) that one of
+    ``sources`` sets to another value: a flag the run would not use is an error, not a silent no-op."""
+    for name, (harmless, why) in table.items():
+        holder = next((source for source in sources if source is not None and hasattr(source, name)), None)
         value = getattr(holder, name, harmless[0])
         _require(any(value is choice or (type(value) is type(choice) and value == choice) for choice in harmless),
-                 f"--{name} {value}: {why}; drop the flag (it applies to instruction or chat records, not --data_format text).")
-    return True
+                 f"--{name} {value}: {why}; drop the flag ({advice}).")
 
 
 def refuse_data_format_flag(argv: list[str] | None, command: str, reads: str) -> None:

@@ -18,6 +18,8 @@ from trl import DPOConfig, DPOTrainer
 
 from .callbacks import LossHistoryCallback, NanGuardCallback
 from ..models.checks import base_summary, check_continued_adapter, check_model_path
+from ..run.flag_checks import refuse_ignored
+from ..run.objective_checks import PREFERENCE_IGNORES, check_dpo_config, check_preference_flags
 from ..run.config import KitTrainingArguments, LoraArguments, ModelArguments, TemplateOptions, write_run_config
 from ..common.errors import FlagError
 from ..common.files import remove_folders, swap_in
@@ -77,6 +79,11 @@ class KitDPOConfig(KitTrainingArguments, DPOConfig):
     max_length: int | None = field(
         default=1024, metadata={"help": "Longest prompt + answer in tokens; longer pairs are dropped and counted."}
     )
+
+    def __post_init__(self):
+        refuse_ignored(PREFERENCE_IGNORES, (self,), "train_dpo does not use it")  # before the SFT checks' advice
+        super().__post_init__()
+        check_dpo_config(self)  # before any model loads: TRL would refuse these after it, or train on them silently
 
 
 class AdapterTrainerMixin:
@@ -165,6 +172,7 @@ def train_dpo(
     Every record is checked before the model loads; the run writes into a staging folder that replaces
     output_dir only once everything is saved (:mod:`qwen_helpers.training.run_folder`).
     """
+    check_preference_flags("train_dpo", config, lora_args)
     check_model_path(model_args.model_path)
     train_pairs = load_preference_records(data_args.data_path)
     eval_pairs = load_preference_records(data_args.eval_data_path) if data_args.eval_data_path else None

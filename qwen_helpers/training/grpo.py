@@ -18,9 +18,11 @@ from trl import GRPOConfig, GRPOTrainer
 
 from .callbacks import LossHistoryCallback, NanGuardCallback
 from ..models.checks import check_continued_adapter, check_model_path
+from ..run.flag_checks import refuse_ignored
+from ..run.objective_checks import PREFERENCE_IGNORES, check_grpo_config, check_preference_flags
 from ..run.config import KitTrainingArguments, LoraArguments, ModelArguments, TemplateOptions
 from ..data.encoding import format_prompt
-from ..common.errors import FlagError
+from ..common.errors import FlagError, KitError
 from ..run.prompt_settings import apply_template_options
 from ..models.loading import count_parameters, load_tokenizer
 from ..data.preference import prompt_messages
@@ -86,6 +88,11 @@ class KitGRPOConfig(KitTrainingArguments, GRPOConfig):
         default=False, metadata={"help": "Keep the data's columns: reward functions read them (answer, language)."}
     )
 
+    def __post_init__(self):
+        refuse_ignored(PREFERENCE_IGNORES, (self,), "train_grpo does not use it")  # before the SFT checks' advice
+        super().__post_init__()
+        check_grpo_config(self)  # before any model loads: TRL would refuse these after it, or train on them silently
+
 
 def load_prompt_records(path: str | Path, rewards: list[str]) -> list[dict]:
     """The prompt records, each checked: a prompt (text or messages) and every column the chosen rewards read."""
@@ -127,7 +134,43 @@ def prompt_dataset(tokenizer, records: list[dict], enable_thinking: bool):
 
 
 class KitGRPOTrainer(AdapterTrainerMixin, GRPOTrainer):
-    """TRL's GRPOTrainer with a complete "ref" copy (``--beta`` > 0 from an SFT adapter), saving only the trained adapter."""
+    """TRL's GRPOTrainer with a complete "ref" copy (``--beta`` > 0 from an SFT adapter), saving only the trained
+    adapter, and reward functions whose every value is checked (:func:`checked_reward`)."""
+
+    def __init__(self, *args, reward_funcs=None, **kwargs):
+        funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+        super().__init__(*args, reward_funcs=[checked_reward(f) if callable(f) and not isinstance(f, str) and
+                                              not hasattr(f, "config") else f for f in funcs], **kwargs)
+
+
+class RewardError(KitError, ValueError):
+    """A reward function returned something that is not one finite number per completion."""
+
+
+def checked_reward(function):
+    """``function`` with its values checked at every call: one finite number per completion, or a :class:`RewardError`
+    naming the function and the completion. TRL would turn None into NaN and average NaN/inf away (an all-NaN reward
+    trains "successfully" and saves an unchanged adapter), and a string would be a traceback deep in the trainer."""
+    import functools
+    import math
+    import numbers
+
+    name = getattr(function, "__name__", type(function).__name__)
+
+    @functools.wraps(function)
+    def checked(prompts, completions, **kwargs):
+        values = function(prompts, completions, **kwargs)
+        if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+            raise RewardError(f"reward function {name} returned {type(values).__name__} of "
+                              f"{len(values) if hasattr(values, '__len__') else 'no'} values for {len(completions)} "
+                              "completions: return a list with one number per completion.")
+        for value, completion in zip(values, completions):
+            if not (isinstance(value, numbers.Real) and math.isfinite(value)):
+                raise RewardError(f"reward function {name} returned {value!r} for the completion {str(completion)[:80]!r}: "
+                                  "a reward must be a finite number (0.0 for 'no credit'); fix the function.")
+        return values
+
+    return checked
 
 
 def train_grpo(
@@ -145,6 +188,7 @@ def train_grpo(
     """
     from ..models.generation import stop_token_ids
 
+    check_preference_flags("train_grpo", config, lora_args)
     check_model_path(model_args.model_path)
     records = load_prompt_records(data_args.data_path, [] if reward_funcs else reward_names(data_args.reward))
     # the output may be, hold or lie in none of the inputs (the base, the prompts, the SFT adapter it continues)
