@@ -488,3 +488,22 @@ def test_a_continued_adapter_keeps_its_recorded_base_safe_and_trains_on_it_only(
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert f"was trained on {base}, but this run would train it on --model_path tiny" in line, line
     assert tree(work) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command, data_file", [("train_dpo", "preference.json"), ("train_grpo", "grpo_toy.json")])
+def test_preference_and_rl_runs_record_what_sft_records(work, monkeypatch, tmp_path, command, data_file):
+    """A relative --model_path is recorded absolute (inference from another folder loaded another model, or tried the
+    hub), with the base's fingerprint, and output_dir is the published folder, not the deleted staging folder."""
+    import importlib
+
+    main = importlib.import_module(f"qwen_helpers.{command}").main
+    monkeypatch.chdir(work)
+    output = tmp_path / "run"
+    assert main(["--model_path", "models/base", "--data_path", str(DATA / data_file), "--output_dir", str(output),
+                 "--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations" if command == "train_grpo"
+                 else "--beta", "4" if command == "train_grpo" else "0.1", "--max_completion_length" if command == "train_grpo"
+                 else "--seed", "2" if command == "train_grpo" else "0", "--save_strategy", "no", "--report_to", "none",
+                 "--disable_tqdm", "True"]) == 0
+    run = json.loads((output / "run_config.json").read_text())
+    assert run["model_path"] == str(work / "models" / "base") and run["data_path"] == str(DATA / data_file)
+    assert run["output_dir"] == str(output) and run["base_fingerprint"] == model_fingerprint(work / "models" / "base")

@@ -186,14 +186,14 @@ def train_dpo(
     config.output_dir = plan.staging
     with keep_only_what_resumes(plan.staging, target, config.process_index == 0):
         result = _train_into(
-            model_args, data_args, lora_args, config, train_pairs, eval_pairs, callbacks, plan.resume_from
+            model_args, data_args, lora_args, config, train_pairs, eval_pairs, callbacks, plan.resume_from, target
         )
     result.target_dir, result.stale_runs = target, plan.stale
     return result
 
 
 def _train_into(
-    model_args, data_args, lora_args, config, train_pairs, eval_pairs, callbacks, resume_from
+    model_args, data_args, lora_args, config, train_pairs, eval_pairs, callbacks, resume_from, target
 ) -> TrainResult:
     """Tokenise, load, train with TRL's DPO loss and save into the staging folder (``config.output_dir``)."""
     from transformers import set_seed
@@ -241,19 +241,30 @@ def _train_into(
     )
     # export and inference ask as training did
     save_adapter_run(trainer, tokenizer, "dpo", result.history, nan_guard.triggered, model_args, data_args, lora_args,
-                     shared_system_prompt(pair["chosen"] for pair in train_pairs))
+                     shared_system_prompt(pair["chosen"] for pair in train_pairs), target)
     return result
 
 
 def save_adapter_run(trainer, tokenizer, method: str, history: list[dict], stopped_by_nan_guard: bool, model_args, data_args,
-                     lora_args, system_prompt: str | None) -> None:
-    """The adapter, its tokenizer and run_config.json into ``trainer.args.output_dir`` (the staging folder): DPO's and GRPO's."""
+                     lora_args, system_prompt: str | None, target_dir: str) -> None:
+    """The adapter, its tokenizer and run_config.json into ``trainer.args.output_dir`` (the staging folder): DPO's and GRPO's.
+
+    The record is SFT's: paths absolute (a relative --model_path means the same from any folder), the base's
+    fingerprint, and ``target_dir`` as the output folder (the staging folder is gone once the run is published)."""
+    import os
+
+    from ..common.files import model_fingerprint, recorded_path
+
     config = trainer.args
     trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
+        paths = {key: recorded_path(getattr(data_args, key)) for key in ("data_path", "eval_data_path", "adapter_path")
+                 if hasattr(data_args, key)}
         write_run_config(config.output_dir, model_args, data_args, lora_args, config, method=method, history=history,
                          stopped_by_nan_guard=stopped_by_nan_guard, base_model=base_summary(base_config_of(trainer.model)),
+                         base_fingerprint=model_fingerprint(model_args.model_path),
+                         model_path=recorded_path(model_args.model_path), output_dir=os.path.abspath(target_dir), **paths,
                          **{SYSTEM_PROMPT_KEY: system_prompt})
 
 

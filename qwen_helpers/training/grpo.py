@@ -223,7 +223,7 @@ def train_grpo(
         trainer.train(resume_from_checkpoint=plan.resume_from)
         history.history[:0] = earlier_history  # a resumed run's history covers every step
         save_adapter_run(trainer, tokenizer, "grpo", history.history, nan_guard.triggered, model_args, data_args, lora_args,
-                         shared_system_prompt(records))  # export and inference ask as training did
+                         shared_system_prompt(records), target)  # export and inference ask as training did
     return TrainResult(
         model=trainer.model,
         tokenizer=tokenizer,
