@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from test_distributed import TRAIN_FLAGS as DDP_TRAIN_FLAGS
 from test_distributed import Launch, adapter_config, child_env, trained
 
 # One worker runs this module (pytest-xdist --dist loadgroup), so its launches start once, not once per worker.
@@ -29,18 +30,7 @@ pytestmark = pytest.mark.xdist_group("fsdp")
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "fsdp2_lora.yaml"
 WORLD_SIZE = 2
-TRAIN_FLAGS = [
-    "--max_steps", "3",
-    "--max_length", "128",
-    "--lora_dropout", "0",  # no dropout: the ranks' forward passes are deterministic
-    "--optim", "sgd",  # SGD keeps the update linear in the gradient, so rounding differences stay at rounding size
-    "--learning_rate", "0.5",
-    "--lr_scheduler_type", "constant",
-    "--warmup_steps", "0",
-    "--save_strategy", "no",
-    "--report_to", "none",
-    "--use_cpu", "True",  # the processes form a gloo group, which the probe makes an FSDP world
-]
+TRAIN_FLAGS = DDP_TRAIN_FLAGS  # the DDP test's run (3 SGD steps, no dropout); --use_cpu True makes a gloo group, which the probe makes an FSDP world
 # fp32 has a 1.2e-7 relative step. The 1-process run sums each step's loss over one padding-free row of 4 examples,
 # the FSDP run over two rows of 2 and then reduce-scatters; the same terms in another order differ by a few
 # rounding steps per sum, compounded over 3 steps. Measured here (2 CPU cores): 1.3e-7, with lora_B moved to 6.6e-2;
