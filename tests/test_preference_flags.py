@@ -70,3 +70,18 @@ def test_the_loss_names_are_trls_own():
 
     assert documented(DPOConfig, "loss_type") == set(objective_checks.DPO_LOSS_TYPES)
     assert documented(GRPOConfig, "loss_type") == set(objective_checks.GRPO_LOSS_TYPES)
+
+
+def test_dpo_is_judged_by_its_own_held_out_metrics(tmp_path, capsys):
+    """--metric_for_best_model takes what DPOTrainer logs (SFT's eval_chrf was accepted and crashed after the first
+    evaluation; eval_rewards/margins was refused), and a run kept at its best margin finishes and reloads."""
+    flags = ["--model_path", "tiny", "--data_path", str(DATA / "preference.json"), "--eval_data_path",
+             str(DATA / "preference_test.json"), "--eval_strategy", "steps", "--eval_steps", "1", "--max_steps", "2",
+             "--per_device_train_batch_size", "4", "--learning_rate", "2e-3", "--report_to", "none",
+             "--disable_tqdm", "True"]  # fmt: skip
+    assert train_dpo.main([*flags, "--metric_for_best_model", "eval_chrf", "--output_dir", str(tmp_path / "a")]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert "this run logs eval_loss, eval_rewards/margins, eval_rewards/accuracies" in line, line
+    assert train_dpo.main([*flags, "--metric_for_best_model", "eval_rewards/margins", "--save_strategy", "best",
+                           "--load_best_model_at_end", "True", "--output_dir", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "adapter_model.safetensors").is_file() and not list((tmp_path / "b").glob("checkpoint-*"))

@@ -306,16 +306,17 @@ def check_evaluation_flags(args) -> None:
     if name is not None:
         _require(evaluating, f"--metric_for_best_model {args.metric_for_best_model} picks among evaluations, and this run has "
                  "none: add --eval_data_path HELD_OUT.json --eval_strategy steps --eval_steps 20, or drop the flag.")
-        known = ("loss", *GENERATION_METRICS, *CLASSIFICATION_METRICS)
+        scored = (*GENERATION_METRICS, *CLASSIFICATION_METRICS)  # SFT's, from answers generated or labels scored
+        known = getattr(args, "LOGGED_EVAL_METRICS", None) or ("loss", *scored)  # DPO: TRL's reward metrics instead
         _require(
             name[len("eval_") :] in known,
-            f"--metric_for_best_model {args.metric_for_best_model}: the kit logs "
-            f"{', '.join('eval_' + metric for metric in known)} "
-            "(generation data: chrf, bleu, exact_match, and tool_call_match where answers call tools; classification: "
-            "accuracy, macro_f1).",
+            f"--metric_for_best_model {args.metric_for_best_model}: this run logs "
+            f"{', '.join('eval_' + metric for metric in known)}"
+            + (" (generation data: chrf, bleu, exact_match, and tool_call_match where answers call tools; classification: "
+               "accuracy, macro_f1)." if known[1:] == scored else "."),
         )
         _require(
-            name == "eval_loss" or getattr(args, "eval_generate_records", 0) > 0,
+            name[len("eval_") :] not in scored or getattr(args, "eval_generate_records", 0) > 0,
             f"--metric_for_best_model {args.metric_for_best_model} is computed on --eval_generate_records records, "
             "and that is 0: give it a sample size such as 16, or use eval_loss.",
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 from trl import DPOConfig, DPOTrainer
@@ -79,6 +80,10 @@ class KitDPOConfig(KitTrainingArguments, DPOConfig):
     max_length: int | None = field(
         default=1024, metadata={"help": "Longest prompt + answer in tokens; longer pairs are dropped and counted."}
     )
+
+    # what TRL's DPOTrainer logs at an evaluation, the choices of --metric_for_best_model (not SFT's answer scores)
+    LOGGED_EVAL_METRICS: ClassVar[tuple[str, ...]] = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen",
+                                                      "rewards/rejected")
 
     def __post_init__(self):
         refuse_ignored(PREFERENCE_IGNORES, (self,), "train_dpo does not use it")  # before the SFT checks' advice
