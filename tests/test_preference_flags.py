@@ -24,6 +24,7 @@ DPO_ROWS = [
     (["--token_budget", "512"], "--token_budget 512: DPO and GRPO batch with --per_device_train_batch_size"),
     (["--eval_generate_records", "4"], "--eval_generate_records 4: DPO is judged on held-out pairs"),
     (["--init_lora_weights", "pissa"], "--init_lora_weights pissa: train_dpo would save an adapter that fits only"),
+    (["--eval_strategy", "steps"], "--eval_strategy steps evaluates held-out pairs, and none were given"),
 ]
 GRPO_ROWS = [
     (["--beta", "-0.1"], "--beta -0.1: the KL penalty cannot be negative"),
@@ -35,6 +36,7 @@ GRPO_ROWS = [
     (["--loraplus_lr_ratio", "16"], "--loraplus_lr_ratio 16.0"),
     (["--early_stopping_patience", "2", "--metric_for_best_model", "reward"], "--early_stopping_patience 2: DPO and GRPO runs do not stop early"),
     (["--init_lora_weights", "olora"], "--init_lora_weights olora: train_grpo would save"),
+    (["--eval_strategy", "steps"], "--eval_strategy steps: train_grpo has no held-out set"),
 ]
 
 

@@ -20,10 +20,17 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16's GRPOConfig
 
 
-def check_preference_flags(command: str, config, lora_args) -> None:
-    """What train_dpo and train_grpo refuse before a model loads: flags they would ignore, and PiSSA/OLoRA starts
-    (their adapter fits only the base they rewrote: the conversion to plain LoRA is SFT's)."""
+def check_preference_flags(command: str, config, lora_args, eval_data_path: str | None = None) -> None:
+    """What train_dpo and train_grpo refuse before a model loads: flags they would ignore, evaluations with nothing
+    to evaluate, and PiSSA/OLoRA starts (their adapter fits only the base they rewrote: the conversion to plain LoRA
+    is SFT's)."""
     refuse_ignored(PREFERENCE_IGNORES, (config, lora_args), f"{command} does not use it")
+    strategy = getattr(config.eval_strategy, "value", config.eval_strategy)
+    if strategy != "no":
+        _require(command == "train_dpo", f"--eval_strategy {strategy}: {command} has no held-out set (its measure is the "
+                 "rewards it logs every step); drop the flag.")
+        _require(bool(eval_data_path), f"--eval_strategy {strategy} evaluates held-out pairs, and none were given: add "
+                 "--eval_data_path PAIRS.json (e.g. data/preference_test.json), or drop the flag.")
     init = str(getattr(lora_args, "init_lora_weights", "true")).strip().lower()
     _require(not init.startswith(("pissa", "olora")),
              f"--init_lora_weights {init}: {command} would save an adapter that fits only the base PiSSA/OLoRA rewrote "

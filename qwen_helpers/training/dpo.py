@@ -177,7 +177,7 @@ def train_dpo(
     Every record is checked before the model loads; the run writes into a staging folder that replaces
     output_dir only once everything is saved (:mod:`qwen_helpers.training.run_folder`).
     """
-    check_preference_flags("train_dpo", config, lora_args)
+    check_preference_flags("train_dpo", config, lora_args, data_args.eval_data_path)
     check_model_path(model_args.model_path)
     train_pairs = load_preference_records(data_args.data_path)
     eval_pairs = load_preference_records(data_args.eval_data_path) if data_args.eval_data_path else None
