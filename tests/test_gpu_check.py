@@ -40,3 +40,17 @@ def test_gpu_check_cpu_variant_writes_the_table_and_decode(tmp_path):
     for name in ("results.csv", "memory.png", "throughput.png"):
         assert (folder / name).stat().st_size > 0
     assert "LoRA merged" in process.stdout and "| run |" in process.stdout
+
+
+def test_a_check_with_a_failed_row_exits_1_naming_it(tmp_path, monkeypatch, capsys):
+    """The table shows a failed row's status, but the exit code said 0 (a rehearsal's own check caught it)."""
+    from qwen_helpers.benchmark import suite
+
+    rows = [{"method": "lora_bf16", "side": "kit", "status": "ok"}, {"method": "lora_bf16", "side": "trl", "status": "error: boom"}]
+    (tmp_path / "results.json").write_text(json.dumps({"rows": rows}))
+    monkeypatch.setattr(suite, "run_suite", lambda args: tmp_path)
+    assert suite.main(["--device", "cpu"]) == 1
+    assert "1 of 2 rows did not complete: lora_bf16 (trl): error: boom" in capsys.readouterr().err
+    rows[1]["status"] = "ok"
+    (tmp_path / "results.json").write_text(json.dumps({"rows": rows}))
+    assert suite.main(["--device", "cpu"]) == 0

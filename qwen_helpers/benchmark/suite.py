@@ -177,7 +177,13 @@ def _command(args) -> str:
 @command_boundary
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse_command_flags("benchmark.suite", lambda: dataclass_parser(SuiteArguments), argv)
-    run_suite(args)
+    folder = run_suite(args)
+    rows = json.loads((folder / "results.json").read_text(encoding="utf-8"))["rows"]
+    failed = [f"{row.get('method')} ({row.get('side', 'kit')}): {row.get('status')}" for row in rows if row.get("status") != "ok"]
+    if failed:  # a check with a failed row is a failed check, whatever the table shows
+        print(f"error: {len(failed)} of {len(rows)} rows did not complete: {'; '.join(failed)}. Each row's error is in "
+              f"{folder}/results.json.", file=sys.stderr)
+        return 1
     return 0
 
 
