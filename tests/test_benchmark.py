@@ -403,3 +403,15 @@ def test_trl_reference_tokenises_exactly_the_kits_examples(tokenizer, tiny_path,
     for record, example in zip(records, trainer.train_dataset, strict=True):
         kit = tokenize_example(tokenizer, record)
         assert example["input_ids"] == kit["input_ids"] and example["labels"] == kit["labels"]
+
+
+def test_the_estimate_ratio_can_be_checked_from_the_table():
+    """On a CPU the ratio divides by the peak RSS above the start, not the peak column beside it: the cell says what
+    it divided, so estimate / measured is derivable from what the table shows (notebook 06 printed 0.31 beside
+    columns whose quotient was another number)."""
+    from qwen_helpers.benchmark.report import MIB, estimate_ratio_cell
+
+    cpu = {"estimate_ratio": 0.5, "estimate_bytes": 100 * MIB, "estimate_measured_bytes": 200 * MIB, "peak_bytes": 900 * MIB}
+    assert estimate_ratio_cell(cpu) == "0.50 (100 / 200 MiB above start)"
+    gpu = {**cpu, "estimate_measured_bytes": 900 * MIB}
+    assert estimate_ratio_cell(gpu) == "0.50" and estimate_ratio_cell({"estimate_ratio": None}) == ""

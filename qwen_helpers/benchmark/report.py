@@ -34,6 +34,9 @@ def row_name(row: dict) -> str:
     return name + SIDE_NAMES.get(row.get("side"), "")
 
 
+MIB = 2**20
+
+
 def measured_peak(row: dict) -> int | None:
     """The peak the tables report: CUDA max_memory_allocated during training, or on a CPU the process's peak RSS during training."""
     return row.get("peak_bytes")
@@ -49,6 +52,7 @@ def finish_row(row: dict, planned: dict, estimate: dict, config, environment: di
     row["estimate_bytes"] = estimate["total_bytes"]
     measured = row.get("peak_above_start_bytes", measured_peak(row)) if environment["device"] != "cuda" else measured_peak(row)
     row["estimate_ratio"] = estimate["total_bytes"] / measured if measured and row.get("status") == "ok" else None
+    row["estimate_measured_bytes"] = measured  # what the ratio divides by (on a CPU: the peak RSS above the start)
     row["mfu"] = None
     if estimate.get("unmodelled"):
         row["estimate_bytes"] = row["estimate_ratio"] = None
@@ -219,7 +223,7 @@ def markdown_table(rows: list[dict]) -> str:
             f"{row['trainable']:,} ({row['trainable_percent']:.3f}%)" if ok else "",
             _gib(measured_peak(row)) if ok else row["status"],
             _gib(row["estimate_bytes"]),
-            _number(row.get("estimate_ratio"), "{:.2f}"),
+            estimate_ratio_cell(row),
             _number(row.get("tokens_per_second"), "{:,.0f}"),
             _number(row.get("examples_per_step"), "{:.1f}"),
             _number(row.get("speed_vs_full"), "{:.2f}x"),
@@ -251,6 +255,17 @@ def _ratio(row: dict, side: str) -> str:
     if len(row.get(f"speed_vs_{side}_rounds", [])) < 2:
         return f"**{ratio:.2f}x**"
     return f"**{ratio:.2f}x** ({row[f'speed_vs_{side}_min']:.2f}-{row[f'speed_vs_{side}_max']:.2f})"
+
+
+def estimate_ratio_cell(row: dict) -> str:
+    """The estimate / measured ratio, with what it divides when that is not the peak column beside it (on a CPU the
+    peak RSS above what the process held at the start), so the ratio can be checked from the table."""
+    ratio, basis = row.get("estimate_ratio"), row.get("estimate_measured_bytes")
+    if ratio is None:
+        return ""
+    if basis and basis != measured_peak(row):
+        return f"{ratio:.2f} ({row['estimate_bytes'] / MIB:,.0f} / {basis / MIB:,.0f} MiB above start)"
+    return f"{ratio:.2f}"
 
 
 def _gib(value) -> str:
