@@ -141,7 +141,8 @@ def adapter_config(folder: Path) -> dict:
     return {**config, "target_modules": sorted(config["target_modules"])}
 
 
-def test_distributed_adapter_loads_with_plain_peft_like_a_single_process_one(launches, tiny_path):
+def assert_same_logits_as(adapter_dir: Path, reference_dir: Path, tiny_path) -> None:
+    """Both adapters load on one tiny base with plain peft and give the same logits, and not the base's."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -150,17 +151,21 @@ def test_distributed_adapter_loads_with_plain_peft_like_a_single_process_one(lau
     base = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32).eval()
     with torch.no_grad():
         base_logits = base(input_ids).logits
-    model = PeftModel.from_pretrained(base, str(trained(launches["ddp"]).output_dir), adapter_name="distributed")
-    model.load_adapter(str(trained(launches["single"]).output_dir), adapter_name="single")
+    model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name="trained")
+    model.load_adapter(str(reference_dir), adapter_name="reference")
 
     def logits(adapter_name: str):
         model.set_adapter(adapter_name)
         with torch.no_grad():
             return model(input_ids).logits
 
-    distributed = logits("distributed")
-    assert torch.allclose(distributed, logits("single"), atol=1e-4)
-    assert not torch.allclose(distributed, base_logits, atol=1e-4)  # the adapter is applied, not ignored
+    trained_logits = logits("trained")
+    assert torch.allclose(trained_logits, logits("reference"), atol=1e-4)
+    assert not torch.allclose(trained_logits, base_logits, atol=1e-4)  # the adapter is applied, not ignored
+
+
+def test_distributed_adapter_loads_with_plain_peft_like_a_single_process_one(launches, tiny_path):
+    assert_same_logits_as(trained(launches["ddp"]).output_dir, trained(launches["single"]).output_dir, tiny_path)
 
 
 def test_every_rank_refuses_a_non_empty_output_dir(launches):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from test_distributed import TRAIN_FLAGS as DDP_TRAIN_FLAGS
-from test_distributed import Launch, adapter_config, child_env, trained
+from test_distributed import Launch, adapter_config, assert_same_logits_as, child_env, trained
 
 # One worker runs this module (pytest-xdist --dist loadgroup), so its launches start once, not once per worker.
 pytestmark = pytest.mark.xdist_group("fsdp")
@@ -129,31 +129,13 @@ def test_fsdp_run_folder_is_published_once_like_a_one_process_run(launches):
 
 
 def test_fsdp_adapter_loads_for_inference_like_a_one_process_one(launches, tiny_path, capsys):
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     from qwen_helpers import inference
 
     fsdp, single = trained(launches["fsdp"]), trained(launches["single"])
     assert inference.main(["--adapter_path", str(fsdp.output_dir), "--instruction", "Name a colour.", "--max_new_tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()  # one answer printed (its text is a random model's)
 
-    input_ids = torch.tensor([[9707, 1879, 151645, 151643]])  # "Hello world<|im_end|><|endoftext|>"
-    base = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        base_logits = base(input_ids).logits
-    model = PeftModel.from_pretrained(base, str(fsdp.output_dir), adapter_name="fsdp")
-    model.load_adapter(str(single.output_dir), adapter_name="single")
-
-    def logits(adapter_name: str):
-        model.set_adapter(adapter_name)
-        with torch.no_grad():
-            return model(input_ids).logits
-
-    sharded = logits("fsdp")
-    assert torch.allclose(sharded, logits("single"), atol=1e-4)
-    assert not torch.allclose(sharded, base_logits, atol=1e-4)  # the adapter is applied, not ignored
+    assert_same_logits_as(fsdp.output_dir, single.output_dir, tiny_path)
 
 
 def test_fsdp2_config_shards_qwen_decoder_layers_with_fully_shard():
