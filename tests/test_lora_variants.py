@@ -149,7 +149,7 @@ def test_step_ratios_are_paired_within_rounds(monkeypatch):
     3x, 0.5x, 2x slower) moves no ratio, and every model is timed once per round after a warm-up round."""
     import types
 
-    from qwen_helpers.benchmark import paired
+    from qwen_helpers.evaluation import paired
 
     clock = [0.0]
     machine = [1.0, 1.0, 3.0, 0.5, 2.0]  # round 0 is the untimed warm-up

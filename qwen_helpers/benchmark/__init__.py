@@ -5,8 +5,7 @@
     worker.py    one row in its own process: the kit's ``train.train`` (or ``train_dpo`` / ``train_grpo``) timed by a TrainerCallback
     plain.py     the plain transformers + peft reference, same data, settings and timer
     trl_reference.py  TRL's SFTTrainer as a TRL user writes it, same records, peft config, settings and timer
-    paired.py    interleaved rounds: the rotating order and the median and range of per-round ratios
-    report.py    ratios, results.md/json/csv and charts
+    report.py    ratios (interleaved rounds: qwen_helpers/evaluation/paired.py), results.md/json/csv and charts
     run.py       run_benchmark: plan, run every row in its own process, report
 
 Every row runs in a fresh Python process, so its peak memory is its own and a crash or an

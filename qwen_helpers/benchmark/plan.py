@@ -197,7 +197,7 @@ def run_order(rows: list[dict], repeats: int) -> list[tuple[int, int]]:
     """(row index, round) in the order to run: each method's rows (kit and references) ``repeats`` times in a row,
     their order rotating each round (kit, plain, TRL; plain, TRL, kit; ...), so every kit / reference pair of a round
     ran minutes apart on the same machine state and no side is always first."""
-    from .paired import rotated
+    from ..evaluation.paired import rotated
 
     groups: dict[tuple, list[int]] = {}
     for index, row in enumerate(rows):

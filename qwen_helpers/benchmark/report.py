@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 
 from .estimate import GIB, RUNS, causal_context, model_flops_per_token, run_id
-from .paired import round_ratios
+from ..evaluation.paired import round_ratios
 
 WEIGHTS_NOTE = "Weights are random (presets) or as loaded; memory and speed do not depend on weight values."
 CPU_NOTE = "CPU run: peak memory is the process's peak RSS and speeds are CPU speeds; they are not GPU figures."

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from ..models.adapters import AdapterError, merged_copy
 from ..models.generation import generate, generate_ids, generate_timed, total_seconds
 from .metrics import scores_by_task
+from .paired import round_ratios
 
 
 @dataclass
@@ -89,11 +90,11 @@ def throughput_table(model, tokenizer, records: list[dict], batch_sizes: tuple[i
     del merged
     rows = []
     for (name, size), runs in timed.items():
-        ratios = [run["tokens_per_second"] / base["tokens_per_second"] for run, base in zip(runs, timed["base", size])]
+        speeds = [run["tokens_per_second"] for run in runs]
+        ratios = round_ratios(speeds, [base["tokens_per_second"] for base in timed["base", size]])
         rows.append({"model": name, "batch_size": runs[0]["batch_size"], "records": runs[0]["records"],
-                     "new_tokens": runs[0]["new_tokens"], "repeats": len(runs),
-                     "tokens_per_second": statistics.median(run["tokens_per_second"] for run in runs),
-                     "vs_base": statistics.median(ratios), "vs_base_min": min(ratios), "vs_base_max": max(ratios)})
+                     "new_tokens": runs[0]["new_tokens"], "repeats": len(runs), "tokens_per_second": statistics.median(speeds),
+                     "vs_base": ratios["ratio"], "vs_base_min": ratios["ratio_min"], "vs_base_max": ratios["ratio_max"]})
     if note:
         rows.append({"model": "merged", "note": note})
     return rows
