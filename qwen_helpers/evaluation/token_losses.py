@@ -17,17 +17,16 @@ def trained_token_losses(model, tokenizer, records: list[dict], enable_thinking:
     import torch
 
     from ..data.encoding import tokenize_example
+    from ..models.generation import token_logprobs
 
     rows = []
-    with torch.no_grad():
-        for record in records:
-            example = tokenize_example(tokenizer, record, enable_thinking=enable_thinking)
-            ids = torch.tensor([example["input_ids"]], device=model.device)
-            labels = torch.tensor(example["labels"][1:], device=model.device)
-            logps = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
-            trained = (labels != -100).nonzero().flatten()
-            rows.append([{"token": tokenizer.decode([labels[i].item()]), "loss": -logps[i, labels[i]].item(),
-                          "argmax": bool(logps[i].argmax().item() == labels[i].item())} for i in trained.tolist()])
+    for record in records:
+        example = tokenize_example(tokenizer, record, enable_thinking=enable_thinking)
+        logps = token_logprobs(model, example["input_ids"])  # row i predicts token i + 1
+        labels = torch.tensor(example["labels"][1:], device=logps.device)
+        trained = (labels != -100).nonzero().flatten()
+        rows.append([{"token": tokenizer.decode([labels[i].item()]), "loss": -logps[i, labels[i]].item(),
+                      "argmax": bool(logps[i].argmax().item() == labels[i].item())} for i in trained.tolist()])
     return rows
 
 

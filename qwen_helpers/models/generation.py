@@ -68,6 +68,14 @@ def generate_new_tokens(model, batch, **generate_kwargs):
     return output[:, prompt_length:]
 
 
+@torch.no_grad()
+def token_logprobs(model, token_ids: list[int], start: int = 1) -> torch.Tensor:
+    """The model's fp32 log-probabilities at the positions that predict ``token_ids[start:]`` (rows: those tokens,
+    columns: the vocabulary), from one forward pass over ``token_ids`` in the model's current mode."""
+    ids = torch.tensor([token_ids], device=model.device)
+    return model(input_ids=ids).logits[0, start - 1 : -1].float().log_softmax(-1)
+
+
 def prompt_batch(tokenizer, records: list[dict], enable_thinking: bool = False):
     """The records' prompts as one left-padded batch of ids, tokenised exactly as training tokenises them."""
     ids = [tokenize_prompt(tokenizer, record, enable_thinking) for record in records]

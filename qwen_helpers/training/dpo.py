@@ -28,7 +28,8 @@ from ..run.prompt_settings import apply_template_options
 from ..models.loading import base_config_of, count_parameters, load_tokenizer
 from ..data.preference import load_preference_records, tokenize_preference
 from ..run.prompt_settings import SYSTEM_PROMPT_KEY, shared_system_prompt
-from .run_folder import drop_checkpoints, keep_only_what_resumes, plan_output_on_main_process, resumed_history, training_inputs
+from .run_folder import (drop_checkpoints, keep_only_what_resumes, plan_output_on_main_process, recorded_run_paths, resumed_history,
+                         training_inputs)
 from .sft import TrainResult, attach_adapter, evaluate_once_at_the_end, load_model_for_training
 
 
@@ -256,21 +257,14 @@ def save_adapter_run(trainer, tokenizer, method: str, history: list[dict], stopp
 
     The record is SFT's: paths absolute (a relative --model_path means the same from any folder), the base's
     fingerprint, and ``target_dir`` as the output folder (the staging folder is gone once the run is published)."""
-    import os
-
-    from ..common.files import model_fingerprint, recorded_path
-
     config = trainer.args
     trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
-        paths = {key: recorded_path(getattr(data_args, key)) for key in ("data_path", "eval_data_path", "adapter_path")
-                 if hasattr(data_args, key)}
+        inputs = {key: getattr(data_args, key) for key in ("data_path", "eval_data_path", "adapter_path") if hasattr(data_args, key)}
         write_run_config(config.output_dir, model_args, data_args, lora_args, config, method=method, history=history,
                          stopped_by_nan_guard=stopped_by_nan_guard, base_model=base_summary(base_config_of(trainer.model)),
-                         base_fingerprint=model_fingerprint(model_args.model_path),
-                         model_path=recorded_path(model_args.model_path), output_dir=os.path.abspath(target_dir), **paths,
-                         **{SYSTEM_PROMPT_KEY: system_prompt})
+                         **recorded_run_paths(model_args.model_path, target_dir, **inputs), **{SYSTEM_PROMPT_KEY: system_prompt})
 
 
 def publish(result: TrainResult) -> None:
@@ -331,16 +325,15 @@ def answer_logps(model, tokenizer, pairs: list[dict], enable_thinking: bool = Fa
     import torch
 
     from ..data.preference import tokenize_pair
+    from ..models.generation import token_logprobs
 
     rows = []
-    with torch.no_grad():
-        for pair in pairs:
-            ids = tokenize_pair(tokenizer, pair, enable_thinking)
-            start = len(ids["prompt_ids"])
-            sums = {}
-            for key in ("chosen", "rejected"):
-                tokens = torch.tensor([ids["prompt_ids"] + ids[f"{key}_ids"]], device=model.device)
-                logps = model(input_ids=tokens).logits[0, start - 1 : -1].float().log_softmax(-1)
-                sums[key] = logps.gather(-1, tokens[0, start:, None]).sum().item()
-            rows.append(sums)
+    for pair in pairs:
+        ids = tokenize_pair(tokenizer, pair, enable_thinking)
+        sums = {}
+        for key in ("chosen", "rejected"):
+            logps = token_logprobs(model, ids["prompt_ids"] + ids[f"{key}_ids"], start=len(ids["prompt_ids"]))
+            answer = torch.tensor(ids[f"{key}_ids"], device=logps.device)
+            sums[key] = logps.gather(-1, answer[:, None]).sum().item()
+        rows.append(sums)
     return rows

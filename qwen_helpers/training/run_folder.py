@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from ..models.adapter_folder import safetensors_shapes
 from ..common.errors import KitError, RunInterrupted
-from ..common.files import (OutputExistsError, check_not_an_input, is_nonempty_folder, new_staging_folder, remove_folders,
+from ..common.files import (OutputExistsError, check_not_an_input, is_nonempty_folder, model_fingerprint, new_staging_folder,
+                    recorded_path, remove_folders,
                     staging_folders)
 
 if TYPE_CHECKING:
@@ -38,6 +39,14 @@ def training_inputs(model_path: str | None, data_path: str | None, eval_data_pat
     """What a training run reads, by flag: its output folder may be none of them, hold none and lie in none."""
     return {"--model_path": model_path, "--data_path": data_path, "--eval_data_path": eval_data_path,
             "--deepspeed": deepspeed if isinstance(deepspeed, str) else None}
+
+
+def recorded_run_paths(model_path: str, output_dir: str, **inputs: str | None) -> dict:
+    """How every run records where it read and wrote, for run_config.json: absolute paths (they mean the same from any
+    working folder; a tiny alias or hub id as typed), the published output folder, and the base's fingerprint (so a
+    later load can tell a folder that is not that base)."""
+    return {"model_path": recorded_path(model_path), **{flag: recorded_path(path) for flag, path in inputs.items()},
+            "output_dir": os.path.abspath(output_dir), "base_fingerprint": model_fingerprint(model_path)}
 
 
 def check_output_dir(output_dir: str, overwrite: bool, resuming: bool, inputs: dict | None = None) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from ..models.checks import base_summary
 from ..run.config import KitTrainingArguments, ModelArguments, PromptTuningArguments, write_run_config
 from ..data.encoding import chat_tokens_to_train
 from ..data.loading import load_dataset_for_training
-from ..common.files import base_weights_size, folder_size, human_bytes, model_fingerprint, recorded_path, remove_folders, swap_in
+from ..common.files import base_weights_size, folder_size, human_bytes, remove_folders, swap_in
 from ..evaluation.held_out import HeldOutScorer, best_and_stop, best_of_run, held_out_scorer, judged_by, stop_reason
 from .lora_variants import describe_variants, loraplus_optimizer, save_as_plain_lora, save_initial_adapter
 from ..run.methods import Method, get_method
@@ -31,7 +30,7 @@ from ..models.loading import (base_config_of, build_quantization_config, check_t
 from .plan import RunPlan, plan_from_arguments
 from ..run.precision import base_dtype
 from ..run.prompt_settings import SYSTEM_PROMPT_KEY, training_system_prompt
-from .run_folder import drop_checkpoints, keep_only_what_resumes, resumed_history
+from .run_folder import drop_checkpoints, keep_only_what_resumes, recorded_run_paths, resumed_history
 from .speed import apply_cpu_allocator_setting
 
 logger = logging.getLogger("qwen_helpers")
@@ -304,14 +303,13 @@ def save_run(result: TrainResult, model_args, data_args, training_args, method_a
     result.tokenizer.save_pretrained(result.output_dir)  # the final folder carries the tokenizer; checkpoints do not
     configs = [model_args, data_args, training_args] + ([method_args] if method_args is not None else [])
     # absolute paths mean the same from any folder; the base's fingerprint catches a folder that is not that base
-    paths = dict(model_path=recorded_path(model_args.model_path), data_path=recorded_path(data_args.data_path),
-                 eval_data_path=recorded_path(data_args.eval_data_path),
-                 output_dir=os.path.abspath(training_args.output_dir))
+    paths = recorded_run_paths(model_args.model_path, training_args.output_dir, data_path=data_args.data_path,
+                               eval_data_path=data_args.eval_data_path)
     write_run_config(result.output_dir, *configs, method=method, history=result.history,
                      stopped_by_nan_guard=result.stopped_by_nan_guard,
                      **{SYSTEM_PROMPT_KEY: system_prompt},  # the one every training record shared, or None
                      base_model=base_summary(base_config_of(result.model)),  # a later load checks the base without it
-                     base_fingerprint=model_fingerprint(model_args.model_path), **paths, **best_and_stop(result),
+                     **paths, **best_and_stop(result),
                      # the launch's strategy and global batch: neither is a flag (accelerate's config decides them)
                      **({"distributed": describe_distributed(trainer).removeprefix("distributed: ")} if trainer.args.world_size > 1 else {}))
     if result.held_out is not None:
