@@ -75,12 +75,18 @@ def torchrun(log_dir: Path) -> list[str]:
             "--monitor-interval", "2", "--log_dir", str(log_dir), "--redirects", "3"]
 
 
+def sixteen_records(root: Path) -> Path:
+    """The first 16 records of data/train.json in a file of the launches' own: 4 steps of 2 x 2 examples."""
+    data = root / "train16.json"
+    records = json.loads((REPO / "data" / "train.json").read_text(encoding="utf-8"))[:16]
+    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return data
+
+
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
-    records = json.loads((REPO / "data" / "train.json").read_text(encoding="utf-8"))[:16]
-    data = root / "train16.json"
-    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    data = sixteen_records(root)
     train_lora = ["-m", "qwen_helpers.train_lora", "--data_path", str(data), *TRAIN_FLAGS]
     occupied = root / "occupied"
     occupied.mkdir()

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from test_distributed import TRAIN_FLAGS as DDP_TRAIN_FLAGS
-from test_distributed import Launch, adapter_config, assert_same_logits_as, child_env, trained
+from test_distributed import Launch, adapter_config, assert_same_logits_as, child_env, sixteen_records, trained
 
 # One worker runs this module (pytest-xdist --dist loadgroup), so its launches start once, not once per worker.
 pytestmark = pytest.mark.xdist_group("fsdp")
@@ -54,9 +54,7 @@ def start(command: list[str], output_dir: Path, log_dir: Path | None = None, **e
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    records = json.loads((REPO / "data" / "train.json").read_text(encoding="utf-8"))[:16]
-    data = root / "train16.json"
-    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    data = sixteen_records(root)
     flags = ["--data_path", str(data), *TRAIN_FLAGS]
     probe = root / "probe"
     probe.mkdir()
